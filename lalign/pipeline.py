@@ -85,15 +85,20 @@ def run(config, workdir: str) -> dict:
 
 
 def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
-    """Probes the frozen teacher and the aligned student (best checkpoint) on the held-out probe splits."""
+    """Probes the frozen teacher and the aligned student (best checkpoint) on the held-out probe splits.
+
+    Each backbone's result is saved as it finishes (`probe/teacher.json`, `probe/aligned.json`, with the probe
+    config and seed they were computed with) and reused when both match: an interrupted probe stage resumes, and
+    runs that share a teacher (ablations) can share its probe by copying `teacher/` and `probe/teacher.json`."""
     path = os.path.join(workdir, "probe", "results.json")
     if epath.Path(path).exists():
         info(f"[probe] reusing {path}")
         return json.loads(epath.Path(path).read_text())
     pcfg = config.probe
+    key = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
+    key = json.loads(json.dumps(key))  # tuples -> lists, as they come back from the file
     sizes = {"probe_train": pcfg.num_train, "probe_val": pcfg.num_val, "probe_test": pcfg.num_test}
-    splits = {name: data_lib.image_source(config.data, name, seed=config.seed).examples(0, n)
-              for name, n in sizes.items()}
+    splits = None
     backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
     model = aligned["model"]
     backbones = {
@@ -102,12 +107,23 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     }
     out = {"probe": {}, "image": {}}
     for name, fn in backbones.items():
-        t0 = time.time()
-        res = probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens, teacher.num_heads, splits, pcfg)
+        saved = epath.Path(os.path.join(workdir, "probe", f"{name}.json"))
+        res = json.loads(saved.read_text()) if saved.exists() else None
+        if res is not None and res.get("key") == key:
+            info(f"[probe] {name}: reusing {saved}")
+        else:
+            if splits is None:
+                splits = {split: data_lib.image_source(config.data, split, seed=config.seed).examples(0, n)
+                          for split, n in sizes.items()}
+            t0 = time.time()
+            res = {"key": key, **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens, teacher.num_heads,
+                                                             splits, pcfg)}
+            res["seconds"] = time.time() - t0
+            _write(str(saved), json.dumps(res, indent=2))
         out["probe"][name], out["image"][name] = res["patch"], res["image"]
         info(f"[probe] {name}: patch macro recall {res['patch']['macro_recall']:.4f} "
              f"(seeds {np.round(res['patch']['macro_recall_per_seed'], 4).tolist()}), "
-             f"image mAP {res['image']['map']:.4f}  [{time.time() - t0:.0f}s]")
+             f"image mAP {res['image']['map']:.4f}  [{res['seconds']:.0f}s]")
     _write(path, json.dumps(out, indent=2))
     return out
 

@@ -116,3 +116,28 @@ def test_bad_config_arg_is_a_clear_error(name):
 
 def test_devices_in_tests():
     assert len(jax.devices()) == 8
+
+
+def test_ablation_configs_change_one_maskembed_setting_from_the_demo():
+    from configs.demo_ablations import SETTINGS
+
+    demo = load_config("configs/demo.py", "full")
+    for name, change in SETTINGS.items():
+        c = load_config("configs/demo_ablations.py", name)
+        assert c.ablation == name and c.probe.seeds == (0,)
+        differs = {k for k, v in c.maskembed.items() if demo.maskembed[k] != v}
+        assert differs == {k for k, v in change.items() if demo.maskembed[k] != v}, name
+        c.ablation, c.probe.seeds = demo.get("ablation"), demo.probe.seeds
+        assert {k: v for k, v in c.items() if k not in ("maskembed", "ablation")} == \
+            {k: v for k, v in demo.items() if k not in ("maskembed", "ablation")}
+    assert load_config("configs/demo_ablations.py", "block,tiny").data.image_size == 16
+    with pytest.raises(ValueError, match="unknown setting 'bernoulli'"):
+        load_config("configs/demo_ablations.py", "bernoulli")
+
+
+@pytest.mark.parametrize("name", ("bernoulli_p25", "block", "loss_masked", "no_ones"))
+def test_ablation_settings_train(name, tmp_path):
+    c = load_config("configs/demo_ablations.py", f"{name},tiny")
+    c.stages = ("pretrain", "maskembed")
+    summary = pipeline.run(c, str(tmp_path))
+    assert summary["maskembed"]["step"] == c.total_steps and np.isfinite(summary["maskembed"]["best_val_loss"])

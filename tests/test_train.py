@@ -1,6 +1,7 @@
 """The training loop: learning, determinism, resume == uninterrupted, NaN guard, clear errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,30 @@ def test_pipeline_end_to_end_writes_summary_and_reuses_stages(tiny_config, tmp_p
     assert summary["probe"]["teacher"]["macro_recall"] == on_disk["probe"]["teacher"]["macro_recall"]
     again = pipeline.run(tiny_config, str(tmp_path))  # every stage is reused: identical numbers
     assert again["probe"] == summary["probe"] and again["maskembed"]["step"] == tiny_config.total_steps
+
+
+def test_teacher_probe_is_shared_between_runs_only_when_probe_config_matches(tiny_config, tmp_path, monkeypatch):
+    first = tmp_path / "first"
+    summary = pipeline.run(tiny_config, str(first))
+    second = tmp_path / "second"  # an ablation: same teacher and probe, another MaskEmbed setting
+    (second / "probe").mkdir(parents=True)
+    shutil.copytree(first / "teacher", second / "teacher")
+    shutil.copy(first / "probe" / "teacher.json", second / "probe" / "teacher.json")
+    probed = []
+    real = pipeline.probe_lib.evaluate_backbone
+    monkeypatch.setattr(pipeline.probe_lib, "evaluate_backbone",
+                        lambda *a, **k: probed.append(1) or real(*a, **k))
+    tiny_config.maskembed.decoder_depth = 1
+    again = pipeline.run(tiny_config, str(second))
+    assert len(probed) == 1  # the aligned student only
+    assert again["probe"]["teacher"] == summary["probe"]["teacher"]
+    third = tmp_path / "third"  # another probe config: the teacher's probe is not reused
+    (third / "probe").mkdir(parents=True)
+    shutil.copytree(first / "teacher", third / "teacher")
+    shutil.copy(first / "probe" / "teacher.json", third / "probe" / "teacher.json")
+    tiny_config.probe.seeds = (1,)
+    pipeline.run(tiny_config, str(third))
+    assert len(probed) == 3
 
 
 def _main(*args, timeout=240):

@@ -1,0 +1,54 @@
+"""The reviewers' ablations on the embedded demo: one MaskEmbed setting changed at a time from the demo default.
+
+    python -m lalign.main --config=configs/demo_ablations.py:bernoulli_p25 --workdir=DIR --config.seed=0
+    python scripts/run_ablations.py --out=/tmp/ablations --teachers=/tmp/runs/final_last_s{seed}   # all x 3 seeds
+    python -m lalign.report --workdirs /tmp/ablations/*_s? --group-by ablation --out docs/ablations
+
+Settings (the arg; `baseline` is configs/demo.py unchanged):
+  sampler:      baseline (uniform antithetic), bernoulli_p25 / _p50 / _p75 (keep probability), block (one kept
+                rectangle per mask, + complement)
+  target layer: target_penultimate (the paper's default: penultimate block output + final norm)
+  loss:         loss_cosine, loss_masked (MSE over masked-out patch tokens only)
+  decoder:      decoder_depth1, decoder_depth4 (baseline 2)
+  all-ones:     no_ones (no all-ones mask; masks and complements only)
+
+Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
+a demo run of the same seed (the runner copies them). Deviation from configs/demo.py for cost: the patch probe runs
+one probe seed (0) instead of three; baseline and teacher are probed the same way, so comparisons are like for like.
+Results: docs/results.md ("Ablations").
+"""
+import importlib.util
+import os
+
+SETTINGS = {
+    "baseline": {},
+    "bernoulli_p25": dict(sampler="bernoulli", keep_prob=0.25),
+    "bernoulli_p50": dict(sampler="bernoulli", keep_prob=0.5),
+    "bernoulli_p75": dict(sampler="bernoulli", keep_prob=0.75),
+    "block": dict(sampler="block", num_blocks=1),
+    "target_penultimate": dict(target_layer="penultimate"),
+    "loss_cosine": dict(loss="cosine"),
+    "loss_masked": dict(loss="mse_masked"),
+    "decoder_depth1": dict(decoder_depth=1),
+    "decoder_depth4": dict(decoder_depth=4),
+    "no_ones": dict(include_ones=False),
+}
+
+
+def _demo_config(arg: str):
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def get_config(arg: str = "baseline"):
+    """`NAME` or `NAME,smoke` / `NAME,tiny` (a small size of the same setting, for tests)."""
+    name, _, size = (arg or "baseline").partition(",")
+    if name not in SETTINGS:
+        raise ValueError(f"configs/demo_ablations.py: unknown setting {name!r}; choose from {sorted(SETTINGS)}.")
+    c = _demo_config(size or "full")
+    c.ablation = name  # what `lalign.report --group-by ablation` groups by
+    c.maskembed.update(SETTINGS[name])
+    c.probe.seeds = (0,)
+    return c
