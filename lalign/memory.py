@@ -180,6 +180,22 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     }
 
 
+def shardings(config, devices: int | None = None) -> dict:
+    """{'mesh': sizes, 'specs': {path: PartitionSpec as text}} for every parameter a run places on the mesh: the
+    student, projection and decoder (`state/params/...`; optimizer moments follow the same rules), the target
+    teacher and the full teacher. What the golden-sharding test pins for the real configs."""
+    est = dict(config.get("estimate", {}) or {})
+    mesh = _abstract_mesh(config.get("mesh", {}), int(devices or est.get("devices") or 256))
+    rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
+    _, full, target, state = abstract_state(config)
+    specs = {}
+    for prefix, tree in (("state/params", state["params"]), ("target_teacher", target), ("full_teacher", full)):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            name = f"{prefix}/{sharding.path_str(path)}"
+            specs[name] = str(tuple(sharding.spec_for(name, tuple(leaf.shape), mesh, rules))) + f" {list(leaf.shape)}"
+    return {"mesh": dict(zip(mesh.axis_names, mesh.devices.shape)), "specs": specs}
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / GIB:7.2f} GiB" if n >= GIB else f"{n / MIB:7.1f} MiB"
 
@@ -236,6 +252,11 @@ def main(argv):
     from ml_collections import config_flags
 
     FLAGS = flags.FLAGS
+    if FLAGS.shardings:
+        import json
+
+        print(json.dumps(shardings(FLAGS.config, FLAGS.devices), indent=1))
+        return
     table = report(FLAGS.config, FLAGS.devices, FLAGS.chip)
     print(table)
     if FLAGS.update_docstring:
@@ -251,6 +272,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
     flags.DEFINE_integer("devices", None, "Number of devices (default: config.estimate.devices, else 256).")
     flags.DEFINE_string("chip", None, "Chip kind for HBM and peak FLOP/s (default: config.estimate.chip).")
+    flags.DEFINE_bool("shardings", False, "Print the PartitionSpec and shape of every parameter instead (JSON).")
     flags.DEFINE_bool("update_docstring", False, "Rewrite the estimate block in the config file's docstring.")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,4 +1,8 @@
 """Sharding: mesh sizing, PartitionSpec rules, and sharded training == single-device training."""
+import json
+import os
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -78,3 +82,53 @@ def test_sharded_training_equals_single_device(teacher, single_device_params, tm
     sharded = _run(teacher, tmp_path, dict(zip(("data", "fsdp", "tensor"), mesh)))
     for a, b in zip(jax.tree.leaves(single_device_params), jax.tree.leaves(sharded)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- golden sharding
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "siglip_so400m_shardings.json")
+GOLDEN_MESHES = {  # name: (config.mesh, devices)
+    "default_mesh_256": (None, 256),  # the config's own mesh on a v4-256: data=16, fsdp=16
+    "tensor_parallel_256": (dict(data=-1, fsdp=8, tensor=4, num_devices=0), 256),
+}
+
+
+def so400m_shardings() -> dict:
+    from conftest import load_config
+
+    from lalign import memory
+
+    out = {}
+    for name, (mesh, devices) in GOLDEN_MESHES.items():
+        c = load_config("configs/siglip_so400m.py", "full")
+        if mesh is not None:
+            c.mesh = mesh
+        out[name] = memory.shardings(c, devices)
+    return out
+
+
+def test_golden_sharding_so400m():
+    """Every So400m parameter's PartitionSpec under the default rules, as pinned in tests/golden: a rule change
+    that silently replicates a big weight (or moves an axis) fails here."""
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    actual = so400m_shardings()
+    for name in GOLDEN_MESHES:
+        want, got = golden[name]["specs"], actual[name]["specs"]
+        assert golden[name]["mesh"] == actual[name]["mesh"], name
+        assert sorted(want) == sorted(got), f"{name}: parameters added/removed: {set(want) ^ set(got)}"
+        changed = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+        assert not changed, f"{name}: PartitionSpecs changed (golden, now): {changed}"
+    for path, spec in actual["default_mesh_256"]["specs"].items():  # no big weight is replicated
+        shape = json.loads(spec[spec.index("["):])
+        if np.prod(shape) >= 2**20:
+            assert "fsdp" in spec, f"{path} {spec} is replicated on every device"
+
+
+if __name__ == "__main__" and "--regenerate-golden" in sys.argv:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    data = {"_about": "PartitionSpec [shape] of every So400m parameter under lalign.sharding.DEFAULT_RULES, pinned "
+                      "by tests/test_sharding.py::test_golden_sharding_so400m. After an intended change of the "
+                      "rules, regenerate: python tests/test_sharding.py --regenerate-golden", **so400m_shardings()}
+    with open(GOLDEN, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    print(f"wrote {GOLDEN}")
