@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 tar czf /tmp/lalign.tgz --exclude=.git --exclude=.venv --exclude=runs .
 gcloud compute tpus tpu-vm scp /tmp/lalign.tgz "$NAME":~/ --project="$PROJECT" --zone="$ZONE" --worker=all
 gcloud compute tpus tpu-vm ssh "$NAME" --project="$PROJECT" --zone="$ZONE" --worker=all --command \
-  'mkdir -p ~/lalign && tar xzf ~/lalign.tgz -C ~/lalign && cd ~/lalign && pip install -q -e ".[tpu]" gcsfs'
+  'mkdir -p ~/lalign && tar xzf ~/lalign.tgz -C ~/lalign && cd ~/lalign && pip install -q -e ".[tpu,gcs]"'
