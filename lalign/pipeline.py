@@ -44,7 +44,7 @@ def get_teacher(config, workdir: str):
     model, params = load_any(config.init_from, config.get("init_format") or None, fields)
     if scan is not None and scan != model.scan:  # e.g. a per-block npz into a scanned (memory-lean) model
         model, params = model.clone(scan=scan), to_layout(params, scan)
-    for field in ("remat_policy",):  # compute choices no checkpoint records
+    for field in ("remat_policy", "attention_impl"):  # compute choices no checkpoint records
         if fields.get(field) not in (None, "") and getattr(model, field) != fields[field]:
             model = model.clone(**{field: fields[field]})
     info(f"[teacher] {config.init_from}: ViT width {model.width}, depth {model.depth}, pool {model.pool_type}")

@@ -94,6 +94,27 @@ def test_attention_softcap_bounds_logits_and_changes_output():
     assert not np.allclose(plain.apply(p, x)[0], capped.apply(p, x)[0])
 
 
+@pytest.mark.parametrize("pool_type", ("map", "tok"))
+def test_fused_attention_computes_the_same_outputs_and_gradients(pool_type):
+    kw = dict(width=16, depth=2, mlp_dim=24, num_heads=2, patch_size=4, pool_type=pool_type, num_classes=3)
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    xla, fused = make_vit(**kw), make_vit(**kw, attention_impl="fused")
+    p = xla.init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, fused.init(jax.random.key(0), x)["params"]) == jax.tree.map(jnp.shape, p)
+    np.testing.assert_allclose(xla.apply({"params": p}, x)[0], fused.apply({"params": p}, x)[0], atol=1e-5)
+    grads = [jax.grad(lambda q, m=m: jnp.sum(m.apply({"params": q}, x)[0] ** 2))(p) for m in (xla, fused)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), *grads)
+    dec = [MaskEmbedDecoder(out_dim=8, num_heads=2, attention_impl=impl) for impl in ("xla", "fused")]
+    tokens = jax.random.normal(jax.random.key(2), (2, 3, 5, 16))  # extra leading axis: (batch, masks, T, D)
+    dp = dec[0].init(jax.random.key(0), tokens[:, 0])
+    np.testing.assert_allclose(jax.vmap(lambda t: dec[0].apply(dp, t), 1, 1)(tokens),
+                               jax.vmap(lambda t: dec[1].apply(dp, t), 1, 1)(tokens), atol=1e-5)
+    with pytest.raises(ValueError, match="attention_impl='fused' has no logit soft-cap"):
+        make_vit(**kw, attention_impl="fused", attn_softcap=30.0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="Unknown attention_impl 'flash'"):
+        make_vit(**kw, attention_impl="flash").init(jax.random.key(0), x)
+
+
 def test_truncate_params_both_layouts_compute_the_target_block():
     kw = dict(width=16, depth=3, mlp_dim=24, num_heads=2, patch_size=4, pool_type="map", num_classes=3)
     x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))

@@ -24,6 +24,7 @@ class TokenHead(nn.Module):
     posemb: bool = True
     ln_eps: float = 1e-6
     act: str = "gelu"
+    attention_impl: str = "xla"
     dtype: Any = None
 
     @nn.compact
@@ -35,7 +36,8 @@ class TokenHead(nn.Module):
         for i in range(self.depth):
             x = Encoder1DBlock(
                 mlp_dim=int(self.mlp_ratio * d), num_heads=self.num_heads, act=self.act, ln_eps=self.ln_eps,
-                layerscale_init=self.layerscale_init, dtype=self.dtype, name=f"encoderblock_{i}",
+                layerscale_init=self.layerscale_init, attention_impl=self.attention_impl, dtype=self.dtype,
+                name=f"encoderblock_{i}",
             )(x)
         x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="decoder_norm")(x)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x)

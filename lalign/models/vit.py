@@ -96,6 +96,36 @@ def attention(query, key, value, bias=None, mask=None, dtype=None, precision=Non
     return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
 
 
+def fused_attention(query, key, value, bias=None, mask=None, dtype=None, precision=None):
+    """`jax.nn.dot_product_attention`: XLA's attention, or a fused kernel (cuDNN flash attention) where the backend
+    has one for these shapes and dtypes. Same result as `attention` (float32 softmax)."""
+    del dtype, precision
+    batch = query.shape[:-3]
+    flat = lambda x: x.reshape((-1,) + x.shape[-3:])  # noqa: E731 - (B, T, H, hd) as the function wants
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, batch + bias.shape[-3:]).reshape((-1,) + bias.shape[-3:])
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, batch + mask.shape[-3:]).reshape((-1,) + mask.shape[-3:])
+    out = jax.nn.dot_product_attention(flat(query), flat(key), flat(value), bias=bias, mask=mask)
+    return out.reshape(query.shape[:-1] + value.shape[-1:])
+
+
+ATTENTION_IMPLS = ("xla", "fused")
+
+
+def attention_fn(impl: str = "xla", softcap: Optional[float] = None):
+    """The attention function of a block: 'xla' (einsum + float32 softmax, supports the soft-cap) or 'fused'
+    (`jax.nn.dot_product_attention`; cuDNN flash attention on GPUs). docs/performance.md has the measurements."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"Unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}.")
+    if impl == "fused":
+        if softcap is not None:
+            raise ValueError("attention_impl='fused' has no logit soft-cap; use attention_impl='xla' with "
+                             "attn_softcap.")
+        return fused_attention
+    return functools.partial(attention, softcap=softcap)
+
+
 class MlpBlock(nn.Module):
     mlp_dim: Optional[int] = None  # Defaults to 4x input dim.
     act: str = "gelu"
@@ -121,6 +151,7 @@ class Encoder1DBlock(nn.Module):
     act: str = "gelu"
     ln_eps: float = 1e-6
     attn_softcap: Optional[float] = None
+    attention_impl: str = "xla"
     layerscale_init: Optional[float] = None
     dtype: Any = None
 
@@ -136,7 +167,7 @@ class Encoder1DBlock(nn.Module):
         y = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             kernel_init=nn.initializers.xavier_uniform(),
-            attention_fn=functools.partial(attention, softcap=self.attn_softcap),
+            attention_fn=attention_fn(self.attention_impl, self.attn_softcap),
             dtype=self.dtype,
             deterministic=deterministic,
             name="MultiHeadDotProductAttention_0",
@@ -179,6 +210,7 @@ class Encoder(nn.Module):
     act: str = "gelu"
     ln_eps: float = 1e-6
     attn_softcap: Optional[float] = None
+    attention_impl: str = "xla"
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = None
@@ -188,7 +220,7 @@ class Encoder(nn.Module):
         out = {}
         kw = dict(
             mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, act=self.act,
-            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, dtype=self.dtype,
+            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
         )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}.")
@@ -224,6 +256,7 @@ class MAPHead(nn.Module):
     num_heads: int = 12
     act: str = "gelu"
     ln_eps: float = 1e-6
+    attention_impl: str = "xla"
     dtype: Any = None
 
     @nn.compact
@@ -232,7 +265,8 @@ class MAPHead(nn.Module):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
         probe = jnp.tile(probe, [n, 1, 1]).astype(x.dtype)
         x = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(), attention_fn=attention,
+            num_heads=self.num_heads, kernel_init=nn.initializers.xavier_uniform(),
+            attention_fn=attention_fn(self.attention_impl),
             dtype=self.dtype,
         )(probe, x)
         y = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)(x)
@@ -264,6 +298,7 @@ class ViT(nn.Module):
     cls_posemb: bool = False  # CLIP: the class token has its own position row (N+1 rows).
     patch_bias: bool = True  # CLIP: False.
     attn_softcap: Optional[float] = None
+    attention_impl: str = "xla"  # 'xla' | 'fused' (jax.nn.dot_product_attention): a compute choice, no params
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = None  # Compute dtype (e.g. jnp.bfloat16); parameters stay float32.
@@ -317,15 +352,15 @@ class ViT(nn.Module):
 
         x, blocks = Encoder(
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, act=self.act,
-            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, scan=self.scan, remat_policy=self.remat_policy,
-            dtype=self.dtype, name="Transformer",
+            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, scan=self.scan,
+            remat_policy=self.remat_policy, dtype=self.dtype, name="Transformer",
         )(x, deterministic=not train)
         out.update(blocks)
         out["encoded"] = x
 
         if self.pool_type == "map":
             x = MAPHead(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
-                        dtype=self.dtype)(x)
+                        attention_impl=self.attention_impl, dtype=self.dtype)(x)
         elif self.pool_type == "gap":
             x = jnp.mean(x[:, self.num_prefix_tokens:], axis=1)
         elif self.pool_type == "tok":
