@@ -67,7 +67,8 @@ def get_config(arg: str = "full"):
                   val_crop_fraction=1.0, num_workers=0, prefetch=True)
     # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
     c.model = dict(variant="B/16", pool_type="tok", pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5,
-                   patch_bias=False, posemb="learn", scan=True, remat_policy="none")
+                   patch_bias=False, posemb="learn", scan=True, remat_policy="none",
+                   attention_impl="xla")
 
     c.maskembed = dict(
         sampler="uniform",  # uniform | bernoulli | block
@@ -107,7 +108,8 @@ def get_config(arg: str = "full"):
                       num_colours=1, min_patch_pixels=4, max_overlap=0.2)
         c.model = dict(variant=None, width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8, pool_type="tok",
                        pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5, patch_bias=False,
-                       posemb="learn", scan=True, remat_policy="none")
+                       posemb="learn", scan=True, remat_policy="none",
+                       attention_impl="xla")
         c.maskembed.target_std_batches = 1
         c.total_steps = 2
         c.batch_size = 8

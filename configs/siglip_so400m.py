@@ -65,7 +65,8 @@ def get_config(arg: str = "full"):
                   normalization="siglip", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
                   val_crop_fraction=1.0, num_workers=0, prefetch=True)
     # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
-    c.model = dict(variant="So400m/14", pool_type="map", posemb="learn", scan=True, remat_policy="nothing_saveable")
+    c.model = dict(variant="So400m/14", pool_type="map", posemb="learn", scan=True, remat_policy="nothing_saveable",
+    attention_impl="xla")
 
     c.maskembed = dict(
         sampler="uniform",  # uniform | bernoulli | block
@@ -104,7 +105,8 @@ def get_config(arg: str = "full"):
         c.data = dict(name="scenes", image_size=30, patch_size=7, min_objects=1, max_objects=2, digit_size=(8, 12),
                       num_colours=1, min_patch_pixels=4, max_overlap=0.2)
         c.model = dict(variant=None, width=32, depth=2, mlp_dim=72, num_heads=2, patch_size=7, pool_type="map",
-                       posemb="learn", scan=True, remat_policy="nothing_saveable")
+                       posemb="learn", scan=True, remat_policy="nothing_saveable",
+                       attention_impl="xla")
         c.maskembed.target_std_batches = 1
         c.total_steps = 2
         c.batch_size = 8
