@@ -255,18 +255,34 @@ def maskembed_loss(pred, target, token_masks, kind: str = "mse", num_prefix_toke
     raise ValueError(f"Unknown maskembed.loss {kind!r}; choose from {LOSSES}.")
 
 
-def make_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callable:
-    """loss_fn(params, teacher_params, images, key, target_std, train) -> (loss, aux) for one batch: sample
-    masks, teacher targets on the masked copies (divided by `target_std`), predictions, loss."""
+def draw_masks(key, images_shape, patch_size, cfg) -> tuple[jax.Array, jax.Array]:
+    """(masks (B, M, N), dropout key) for a batch of images: the step's randomness, drawn once per batch so that
+    gradient accumulation splits the same masks into micro-batches."""
+    mask_key, dropout_key = jax.random.split(key)
+    return sample_masks(mask_key, images_shape[0], patch_grid(images_shape[1:3], patch_size), cfg), dropout_key
 
-    def loss_fn(params, teacher_params, images, key, target_std, train: bool = True):
-        grid = patch_grid(images.shape[1:3], model.student.patch_size)
-        mask_key, dropout_key = jax.random.split(key)
-        masks = sample_masks(mask_key, images.shape[0], grid, cfg)
+
+def make_masked_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callable:
+    """masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train) -> (loss, aux): teacher
+    targets on the masked copies (divided by `target_std`), predictions, loss."""
+
+    def masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train: bool = True):
         targets = teacher(teacher_params, images, masks) / target_std
         tm = token_masks(masks, model.student.num_prefix_tokens)
         pred = model.apply({"params": params}, images, tm, train=train, rngs={"dropout": dropout_key})
         loss = maskembed_loss(pred, targets, tm, cfg.loss, model.student.num_prefix_tokens)
         return loss, {"loss": loss}
+
+    return masked_loss
+
+
+def make_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callable:
+    """loss_fn(params, teacher_params, images, key, target_std, train) -> (loss, aux) for one batch: sample
+    masks (`draw_masks`), then `make_masked_loss_fn`'s loss."""
+    masked_loss = make_masked_loss_fn(model, teacher, cfg)
+
+    def loss_fn(params, teacher_params, images, key, target_std, train: bool = True):
+        masks, dropout_key = draw_masks(key, images.shape, model.student.patch_size, cfg)
+        return masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train)
 
     return loss_fn

@@ -154,7 +154,8 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     if config.batch_size % batch_shards:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {batch_shards} batch shards of a "
                          f"{devices}-device mesh {sizes}.")
-    per_device_images = config.batch_size // batch_shards
+    accum = int(config.get("grad_accum_steps", 1) or 1)
+    per_device_images = config.batch_size // batch_shards // accum  # live at once: one micro-batch
     act = activation_bytes_per_image(config, teacher, sizes)
     act_local = act["total"] * per_device_images
     total = train_local * 2 + opt_local + rows["teacher"][1] + rows["full_teacher"][1] + act_local
@@ -202,6 +203,7 @@ def _fmt_bytes(n: float) -> str:
 
 def report(config, devices: int | None = None, chip: str | None = None) -> str:
     e = estimate(config, devices, chip)
+    accum = int(config.get("grad_accum_steps", 1) or 1)
     mesh = " ".join(f"{k}={v}" for k, v in e["mesh"].items())
     tdtype = config.maskembed.teacher_dtype or "float32"
     b = e["bytes"]
@@ -215,7 +217,8 @@ def report(config, devices: int | None = None, chip: str | None = None) -> str:
         ("total per device", b["total"]),
     ]
     lines = [f"{e['devices']} devices ({e['chip']}), mesh {mesh}; batch {config.batch_size} = "
-             f"{e['images_per_device']} images per device;",
+             f"{e['images_per_device']} images per device" + (f" per micro-batch ({accum} micro-batches)" if
+                                                                accum > 1 else "") + ";",
              f"{e['tokens']} tokens per image, remat_policy {e['remat_policy']!r}. Bytes per device:"]
     lines += [f"  {label:<52}{_fmt_bytes(n)}" for label, n in rows]
     if e["hbm_gib"]:

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lalign import data as data_lib
 from lalign import maskembed
@@ -90,10 +91,21 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     n_masks = maskembed.num_masks(cfg)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     loss_fn = maskembed.make_loss_fn(model, target_teacher, cfg)
+    masked_loss_fn = maskembed.make_masked_loss_fn(model, target_teacher, cfg)
+    accum = int(config.get("grad_accum_steps", 1) or 1)
 
     # --- Sharding: one mesh; every array of the state, the teacher and the batch gets an explicit sharding.
     mesh = sharding.make_mesh(config.get("mesh", {}))
     sharding.check_batch_divisible(config.batch_size, mesh)
+    if accum > 1:
+        if config.batch_size % accum:
+            raise ValueError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
+                             f"{accum}.")
+        try:
+            sharding.check_batch_divisible(config.batch_size // accum, mesh)
+        except ValueError as e:
+            raise ValueError(f"With config.grad_accum_steps={accum}, each micro-batch of "
+                             f"{config.batch_size // accum} images is split over the mesh: {e}") from None
     rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
     example = jnp.asarray(example_images)
 
@@ -115,12 +127,39 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
         # on any device, e.g. restored) and not kept afterwards.
         return jit_init(jax.device_put(teacher_params, full_teacher_sh), key)
 
+    micro_sh = NamedSharding(mesh, P(None, *sharding.BATCH_SPEC))
+
+    def accumulated_grads(params, teacher_params, images, key, target_std):
+        """Mean loss and gradient over `accum` micro-batches (a scan: activations of one micro-batch at a time).
+        The masks are drawn for the whole batch first, so the result is the full-batch gradient up to float
+        rounding; micro-batch i holds images i, i+accum, ... so that each device keeps its own rows."""
+        masks, dropout_key = maskembed.draw_masks(key, images.shape, model.student.patch_size, cfg)
+
+        def split(x):  # (B, ...) -> (accum, B / accum, ...), batch rows staying on their devices
+            x = jnp.moveaxis(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 1, 0)
+            return jax.lax.with_sharding_constraint(x, micro_sh)
+
+        grad_fn = jax.value_and_grad(masked_loss_fn, has_aux=True)
+
+        def body(total, inputs):
+            i, micro_images, micro_masks = inputs
+            (loss, _), grads = grad_fn(params, teacher_params, micro_images, micro_masks,
+                                       jax.random.fold_in(dropout_key, i), target_std, True)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), split(images), split(masks)))
+        return loss / accum, jax.tree.map(lambda g: g / accum, grads)
+
     @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_sh, teacher_sh, batch_sh),
                        out_shardings=(state_sh, repl))
     def train_step(state, teacher_params, images):
         key = jax.random.fold_in(train_key, state["step"])
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, _), grads = grad_fn(state["params"], teacher_params, images, key, state["target_std"], True)
+        if accum == 1:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (loss, _), grads = grad_fn(state["params"], teacher_params, images, key, state["target_std"], True)
+        else:
+            loss, grads = accumulated_grads(state["params"], teacher_params, images, key, state["target_std"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
