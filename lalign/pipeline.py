@@ -123,7 +123,8 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
         out["probe"][name], out["image"][name] = res["patch"], res["image"]
         info(f"[probe] {name}: patch macro recall {res['patch']['macro_recall']:.4f} "
              f"(seeds {np.round(res['patch']['macro_recall_per_seed'], 4).tolist()}), "
-             f"image mAP {res['image']['map']:.4f}  [{res['seconds']:.0f}s]")
+             f"image mAP {res['image']['map']:.4f}, background-token mAP "
+             f"{res['image'].get('background_token_map', float('nan')):.4f}  [{res['seconds']:.0f}s]")
     _write(path, json.dumps(out, indent=2))
     return out
 

@@ -174,6 +174,37 @@ def image_linear_probe(train, test, c: float = 1.0) -> dict:
     return {"map": float(average_precision_score(y_test[:, keep], scores[:, keep], average="macro"))}
 
 
+def background_tokens(feats: np.ndarray, patch_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features of one background patch per image (K, D), indices of those K images) for a "globalness" probe.
+
+    The patch chosen is the unlabelled one farthest (Euclidean distance on the patch grid; ties: first in raster
+    order) from every labelled patch, so its receptive field holds no object if features are local. Images
+    without an unlabelled patch, or without any object, are left out."""
+    n, num_patches, _ = feats.shape
+    side = int(round(np.sqrt(num_patches)))
+    if side * side != num_patches:
+        raise ValueError(f"background_tokens needs a square patch grid, got {num_patches} patches.")
+    rows, cols = np.divmod(np.arange(num_patches), side)
+    dist = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])  # (P, P)
+    labelled = patch_labels.reshape(n, num_patches, -1).max(-1) > 0.5  # (N, P)
+    keep = labelled.any(1) & ~labelled.all(1)
+    far = np.where(labelled[:, None, :], dist[None], np.inf).min(-1)  # distance of each patch to an object
+    far = np.where(labelled, -1.0, far)
+    idx = np.flatnonzero(keep)
+    return feats[idx, far[idx].argmax(1)], idx
+
+
+def background_token_probe(train, test) -> float:
+    """Globalness: image-label mAP of a linear probe on one background token per image (`background_tokens`);
+    `train`, `test` = (patch features (N, P, D), patch labels (N, P, C), image labels (N, C)). Near the pooled
+    features' mAP: every token carries the whole image's content; low: the tokens are local."""
+    data = []
+    for feats, patch_labels, labels in (train, test):
+        x, idx = background_tokens(feats, patch_labels)
+        data.append((x, np.asarray(labels)[idx]))
+    return image_linear_probe(*data)["map"]
+
+
 def summarize_runs(runs: list[dict]) -> dict:
     """Mean (and std of macro recall) over probe seeds, as `evaluate_backbone` reports them."""
     recalls = [r["macro_recall"] for r in runs]
@@ -191,6 +222,8 @@ def evaluate_backbone(features_fn: Callable, num_prefix_tokens: int, num_heads: 
             for seed in cfg.seeds]
     pooled = {name: (feats[name].mean(1), splits[name]["labels"]) for name in splits}
     image = image_linear_probe(pooled["probe_train"], pooled["probe_test"])
+    image["background_token_map"] = background_token_probe(
+        *[(feats[n], splits[n]["patch_labels"], splits[n]["labels"]) for n in ("probe_train", "probe_test")])
     return {"patch": summarize_runs(runs), "image": image}
 
 
@@ -424,7 +457,8 @@ def per_class_table(results: dict) -> str:
         f"mIoU {p['miou']:.4f}",
     ]
     if "image" in results:
-        lines.append(f"- image-level linear probe mAP {results['image']['map']:.4f}")
+        lines.append(f"- image-level linear probe mAP {results['image']['map']:.4f}; from one background token "
+                     f"(globalness) {results['image'].get('background_token_map', float('nan')):.4f}")
     lines += ["", "| id | class | test patches | recall | precision | IoU |", "|---:|---|---:|---:|---:|---:|"]
     for r in results["per_class"]:
         lines.append(f"| {r['id']} | {r['name']} | {r['test_positives']} | {fmt(r['recall'])} | "
@@ -488,6 +522,9 @@ def run(config, workdir: str) -> dict:
         t0 = time.time()
         results["image"] = image_linear_probe((extracted["train"]["pooled"], extracted["train"]["labels"]),
                                               (extracted["test"]["pooled"], extracted["test"]["labels"]))
+        results["image"]["background_token_map"] = background_token_probe(
+            *[(extracted[n]["features"], extracted[n]["patch_labels"], extracted[n]["labels"])
+              for n in ("train", "test")])
         times["image_probe_s"] = time.time() - t0
     times["total_s"] = time.time() - t_start
     results["runtime_s"] = times

@@ -79,6 +79,8 @@ def load_run(workdir: str) -> Optional[dict]:
         "teacher_miou": pts(probe["teacher"].get("miou")), "aligned_miou": pts(probe["aligned"].get("miou")),
         "teacher_map": pts(image.get("teacher", {}).get("map")),
         "aligned_map": pts(image.get("aligned", {}).get("map")),
+        "teacher_bg_map": pts(image.get("teacher", {}).get("background_token_map")),
+        "aligned_bg_map": pts(image.get("aligned", {}).get("background_token_map")),
         "maskembed_val_loss": (summary.get("maskembed") or {}).get("best_val_loss"),
     }
     m["delta_patch"] = m["aligned_patch"] - m["teacher_patch"]
@@ -377,6 +379,16 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         cells = [_ms(row[k]["mean"], row[k]["std"]) for k, _ in METRICS]
         md.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells)
                   + f" | {'yes' if row['beats_teacher_by_2std'] else 'no'} |")
+    if any(r["metrics"]["teacher_bg_map"] is not None for r in runs):
+        md += ["", "### Globalness: image labels from one background token", "",
+               "mAP of a linear probe on the one unlabelled patch per image farthest from every object "
+               "(`lalign.probe.background_tokens`): high = that token carries the whole image (global), lower = "
+               "local. Mean ± std over the runs that have it.", "",
+               "| group | teacher | aligned |", "|---|---:|---:|"]
+        for label, members in groups.items():
+            cells = [_ms(*stats([r["metrics"][f"{who}_bg_map"] for r in members])[:2])
+                     for who in ("teacher", "aligned")]
+            md.append(f"| {label} | {cells[0]} | {cells[1]} |")
     md += ["", "### Per run", "",
            "| run | group | seed | teacher patch recall | aligned patch recall | Δ patch | teacher mAP | aligned mAP "
            "| MaskEmbed best val loss |",

@@ -57,6 +57,32 @@ def test_patch_metrics_hand_computed():
     assert perfect["macro_recall"] == perfect["macro_precision"] == perfect["miou"] == perfect["micro_recall"] == 1
 
 
+def test_background_token_is_the_unlabelled_patch_farthest_from_objects():
+    feats = np.arange(2 * 9 * 1, dtype=np.float32).reshape(2, 9, 1)  # 2 images, 3x3 grid, feature = index
+    pl = np.zeros((2, 9, 1), np.float32)
+    pl[0, 0] = 1  # object top-left: farthest unlabelled patch is the bottom-right one (8)
+    pl[1] = 1  # no background: left out
+    x, idx = probe.background_tokens(feats, pl)
+    assert idx.tolist() == [0] and x[:, 0].tolist() == [8.0]
+
+
+def test_background_token_probe_tells_global_from_local_tokens():
+    rng = np.random.default_rng(0)
+    n, side, c, d = 400, 4, 3, 8
+    labels = np.zeros((n, c), np.float32)
+    patch_labels = np.zeros((n, side * side, c), np.float32)
+    for i in range(n):  # one object per class present, on one patch of the top row
+        for k in rng.choice(c, rng.integers(1, c + 1), replace=False):
+            labels[i, k] = 1
+            patch_labels[i, rng.integers(side), k] = 1
+    codes = rng.normal(size=(c, d))
+    local = patch_labels @ codes + 0.1 * rng.normal(size=(n, side * side, d))  # a token knows its own patch
+    global_ = np.repeat((labels @ codes)[:, None], side * side, 1) + 0.1 * rng.normal(size=(n, side * side, d))
+    split = lambda f: ((f[:300], patch_labels[:300], labels[:300]), (f[300:], patch_labels[300:], labels[300:]))  # noqa
+    assert probe.background_token_probe(*split(global_)) > 0.95
+    assert probe.background_token_probe(*split(local)) < 0.8
+
+
 def test_train_patch_probe_takes_float16_memmaps_and_uint8_labels(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(24, 4, 8)).astype(np.float32)
