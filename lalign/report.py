@@ -259,6 +259,31 @@ def load_backbones(run: dict):
     return {"teacher": teacher, "aligned": aligned}
 
 
+def add_globalness(run: dict) -> None:
+    """Fills a run's background-token mAP (teacher, aligned) from its checkpoints when its probe results predate
+    that metric: the same splits and function as the pipeline's probe (`lalign.probe.background_token_probe`)."""
+    import ml_collections
+
+    from lalign import data as data_lib
+    from lalign.probe import background_token_probe, make_features_fn
+
+    m = run["metrics"]
+    if m["teacher_bg_map"] is not None and m["aligned_bg_map"] is not None:
+        return
+    config = ml_collections.ConfigDict(run["config"])
+    sizes = {"probe_train": config.probe.num_train, "probe_test": config.probe.num_test}
+    splits = {name: data_lib.image_source(config.data, name, seed=config.seed).examples(0, n)
+              for name, n in sizes.items()}
+    for who, (model, params) in load_backbones(run).items():
+        fn = make_features_fn(model, params)
+        data = []
+        for name in sizes:
+            images = splits[name]["image"]
+            feats = np.concatenate([np.asarray(fn(images[i:i + 256])) for i in range(0, len(images), 256)])
+            data.append((feats, splits[name]["patch_labels"], splits[name]["labels"]))
+        m[f"{who}_bg_map"] = 100.0 * background_token_probe(*data)
+
+
 def pca_rgb(features: np.ndarray, fit: np.ndarray) -> np.ndarray:
     """features (..., D) -> (..., 3) in [0, 1]: projection on the top-3 principal components of `fit` (n, D),
     each scaled by its 1st..99th percentile over `fit`."""
@@ -326,7 +351,8 @@ def _safe_name(name: str) -> str:
 
 
 def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[str]] = None, pca: bool = True,
-                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report") -> dict:
+                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report",
+                 globalness: bool = False) -> dict:
     runs, unfinished = [], []
     for w in workdirs:
         r = load_run(w)
@@ -338,6 +364,9 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         if names.count(r["name"]) > 1:
             r["name"] = os.path.join(os.path.basename(os.path.dirname(r["path"])), r["name"])
     os.makedirs(out, exist_ok=True)
+    if globalness:
+        for r in runs:
+            add_globalness(r)
     keys, groups = group_runs(runs, group_by)
     rows = summarize(groups)
 
@@ -441,9 +470,11 @@ def main(argv=None) -> int:
     p.add_argument("--pca-images", type=int, default=4, help="held-out scenes per PCA figure")
     p.add_argument("--pca-fit", type=int, default=64, help="held-out scenes whose patches the PCA is fit on")
     p.add_argument("--title", default="lalign report")
+    p.add_argument("--globalness", action="store_true",
+                   help="compute the background-token mAP from the checkpoints of runs whose results lack it")
     args = p.parse_args(argv)
     data = write_report(args.workdirs, args.out, args.group_by, not args.no_pca, args.pca_runs, args.pca_images,
-                        args.pca_fit, args.title)
+                        args.pca_fit, args.title, args.globalness)
     print(f"[report] {len(data['runs'])} run(s), {len(data['groups'])} group(s) -> "
           f"{os.path.join(args.out, 'report.md')}")
     return 0
