@@ -72,10 +72,11 @@ def load_run(workdir: str) -> Optional[dict]:
         return None
     probe, image = summary["probe"], summary.get("image", {})
     pts = lambda v: None if v is None else 100.0 * float(v)  # noqa: E731
+    # A probe std over a single probe seed is no spread at all: shown as none.
+    seed_std = lambda p: pts(p.get("macro_recall_std")) if len(p.get("macro_recall_per_seed", ())) > 1 else None  # noqa
     m = {
         "teacher_patch": pts(probe["teacher"]["macro_recall"]), "aligned_patch": pts(probe["aligned"]["macro_recall"]),
-        "teacher_patch_probe_std": pts(probe["teacher"].get("macro_recall_std")),
-        "aligned_patch_probe_std": pts(probe["aligned"].get("macro_recall_std")),
+        "teacher_patch_probe_std": seed_std(probe["teacher"]), "aligned_patch_probe_std": seed_std(probe["aligned"]),
         "teacher_miou": pts(probe["teacher"].get("miou")), "aligned_miou": pts(probe["aligned"].get("miou")),
         "teacher_map": pts(image.get("teacher", {}).get("map")),
         "aligned_map": pts(image.get("aligned", {}).get("map")),
