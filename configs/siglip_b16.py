@@ -66,7 +66,7 @@ def get_config(arg: str = "full"):
                   val_crop_fraction=1.0, num_workers=0, prefetch=True)
     # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
     c.model = dict(variant="B/16", pool_type="map", posemb="learn", scan=True, remat_policy="none",
-    attention_impl="xla")
+                   attention_impl="xla")
 
     c.maskembed = dict(
         sampler="uniform",  # uniform | bernoulli | block
