@@ -266,7 +266,7 @@ def add_globalness(run: dict) -> None:
     import ml_collections
 
     from lalign import data as data_lib
-    from lalign.probe import background_token_probe, make_features_fn
+    from lalign.probe import background_token_probe, extract_features, make_features_fn
 
     m = run["metrics"]
     if m["teacher_bg_map"] is not None and m["aligned_bg_map"] is not None:
@@ -279,8 +279,7 @@ def add_globalness(run: dict) -> None:
         fn = make_features_fn(model, params)
         data = []
         for name in sizes:
-            images = splits[name]["image"]
-            feats = np.concatenate([np.asarray(fn(images[i:i + 256])) for i in range(0, len(images), 256)])
+            feats = extract_features(fn, splits[name]["image"], num_prefix_tokens=0)  # fn drops them already
             data.append((feats, splits[name]["patch_labels"], splits[name]["labels"]))
         m[f"{who}_bg_map"] = 100.0 * background_token_probe(*data)
 
@@ -302,7 +301,7 @@ def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> 
     import ml_collections
 
     from lalign import data as data_lib
-    from lalign.probe import make_features_fn
+    from lalign.probe import extract_features, make_features_fn
 
     config = ml_collections.ConfigDict(run["config"])
     if config.data.get("name") != "scenes":
@@ -313,7 +312,7 @@ def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> 
     maps = {}
     for who, (model, params) in backbones.items():
         fn = make_features_fn(model, params)
-        feats = np.concatenate([np.asarray(fn(images[i:i + 64])) for i in range(0, len(images), 64)])
+        feats = extract_features(fn, images, num_prefix_tokens=0, batch_size=64)  # fn drops them already
         g = int(math.isqrt(feats.shape[1]))
         rgb = pca_rgb(feats[:num_images], feats[:num_fit].reshape(-1, feats.shape[-1]))
         maps[who] = rgb.reshape(num_images, g, g, 3)
