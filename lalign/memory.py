@@ -169,7 +169,7 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     seconds = flops_image * images / (devices * peak * 1e12 * mfu) if peak else float("nan")
     return {
         "devices": devices, "chip": chip, "slice": est.get("slice", ""), "mesh": sizes, "mfu": mfu,
-        "images_per_device": per_device_images, "tokens": act["tokens"],
+        "images_per_device": per_device_images, "grad_accum_steps": accum, "tokens": act["tokens"],
         "remat_policy": teacher.remat_policy, "target_blocks": maskembed.target_num_blocks(
             teacher.depth, config.maskembed.target_layer),
         "trainable_params": n_train, "student_params": rows["student"][0], "decoder_params": rows["proj_decoder"][0],
@@ -203,7 +203,7 @@ def _fmt_bytes(n: float) -> str:
 
 def report(config, devices: int | None = None, chip: str | None = None) -> str:
     e = estimate(config, devices, chip)
-    accum = int(config.get("grad_accum_steps", 1) or 1)
+    accum = e["grad_accum_steps"]
     mesh = " ".join(f"{k}={v}" for k, v in e["mesh"].items())
     tdtype = config.maskembed.teacher_dtype or "float32"
     b = e["bytes"]
