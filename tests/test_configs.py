@@ -118,18 +118,22 @@ def test_devices_in_tests():
     assert len(jax.devices()) == 8
 
 
-def test_ablation_configs_change_one_maskembed_setting_from_the_demo():
+def test_ablation_configs_change_only_their_setting_from_the_demo():
     from configs.demo_ablations import SETTINGS
 
-    demo = load_config("configs/demo.py", "full")
+    def flat(tree, prefix=""):
+        return {k2: v2 for k, v in dict(tree).items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
+
+    demo = flat(load_config("configs/demo.py", "full").to_dict())
     for name, change in SETTINGS.items():
         c = load_config("configs/demo_ablations.py", name)
         assert c.ablation == name and c.probe.seeds == (0,)
-        differs = {k for k, v in c.maskembed.items() if demo.maskembed[k] != v}
-        assert differs == {k for k, v in change.items() if demo.maskembed[k] != v}, name
-        c.ablation, c.probe.seeds = demo.get("ablation"), demo.probe.seeds
-        assert {k: v for k, v in c.items() if k not in ("maskembed", "ablation")} == \
-            {k: v for k, v in demo.items() if k not in ("maskembed", "ablation")}
+        got = flat(c.to_dict())
+        differs = {k for k in got if k not in ("ablation", "probe.seeds") and got[k] != demo[k]}
+        assert differs == {k for k, v in flat(change).items() if demo[k] != v}, name
+    assert load_config("configs/demo_ablations.py", "steps_x4,smoke").total_steps == \
+        load_config("configs/demo.py", "smoke").total_steps
     assert load_config("configs/demo_ablations.py", "block,tiny").data.image_size == 16
     with pytest.raises(ValueError, match="unknown setting 'bernoulli'"):
         load_config("configs/demo_ablations.py", "bernoulli")
