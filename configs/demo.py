@@ -44,6 +44,7 @@ def get_config(arg: str = "full"):
         decoder_depth=2,
         attn_softcap=None,
         normalize_targets=True,
+        whiten_targets=False,  # True: ZCA-whitened targets, every feature direction weighed equally (not the paper)
         target_std_batches=4,
         teacher_dtype="",  # e.g. 'bfloat16' on accelerators
         student_dtype="",

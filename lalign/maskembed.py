@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lalign.models.decoder import MaskEmbedDecoder, TokenHead
 from lalign.models.vit import ViT, truncate_params
@@ -148,21 +149,54 @@ class Teacher:
         return out if patch_masks is None else out.reshape(b, m, *out.shape[1:])
 
 
-def estimate_target_std(teacher: Teacher, params, batches, key, mask_cfg) -> float:
-    """Global std of teacher outputs on masked images over a few batches: dividing by it makes the loss of the
-    best constant prediction 1, so losses are comparable across backbones."""
+def _mean_over_masked_batches(stats: Callable, teacher: Teacher, params, batches, key, mask_cfg) -> list:
+    """`stats(teacher outputs on masked copies of a batch)` (a tuple of arrays) averaged over equal-sized batches,
+    in float64; the masks are drawn from `key` as in training."""
     grid = patch_grid(batches[0].shape[1:3], teacher.model.patch_size)
 
     @jax.jit
-    def moments(images, key):
-        t = teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg))
-        return jnp.mean(t), jnp.mean(jnp.square(t))
+    def per_batch(images, key):
+        return stats(teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg)))
 
-    # Equal-sized batches: the global moments are the means of the per-batch ones (combined in float64).
-    per_batch = [moments(jnp.asarray(images), jax.random.fold_in(key, i)) for i, images in enumerate(batches)]
-    mean = sum(float(m) for m, _ in per_batch) / len(per_batch)
-    mean_sq = sum(float(s) for _, s in per_batch) / len(per_batch)
-    return max(mean_sq - mean**2, 0.0) ** 0.5
+    results = [jax.device_get(per_batch(jnp.asarray(images), jax.random.fold_in(key, i)))
+               for i, images in enumerate(batches)]
+    return [np.mean([np.asarray(r[j], np.float64) for r in results], axis=0) for j in range(len(results[0]))]
+
+
+def estimate_target_std(teacher: Teacher, params, batches, key, mask_cfg) -> float:
+    """Global std of teacher outputs on masked images over a few batches: dividing by it makes the loss of the
+    best constant prediction 1, so losses are comparable across backbones."""
+    mean, mean_sq = _mean_over_masked_batches(lambda t: (jnp.mean(t), jnp.mean(jnp.square(t))), teacher, params,
+                                              batches, key, mask_cfg)
+    return float(max(mean_sq - mean**2, 0.0) ** 0.5)
+
+
+def estimate_target_whitening(teacher: Teacher, params, batches, key, mask_cfg, eps: float = 1e-2) -> dict:
+    """ZCA whitening of teacher outputs on masked images: {'mean' (D,), 'matrix' (D, D)} such that
+    (t - mean) @ matrix has (nearly) identity covariance.
+
+    Why: the plain MSE weighs each feature direction by its variance, so directions of small variance barely
+    count; whitened, every direction counts the same (docs/results.md, section 8). The eigenvalues get
+    `eps` x their mean added before the inverse square root, so near-null directions (a LayerNorm output has
+    one exactly) are damped instead of blown up.
+    """
+    def stats(t):
+        t = t.reshape(-1, t.shape[-1])
+        return jnp.mean(t, 0), t.T @ t / t.shape[0]
+
+    mean, second = _mean_over_masked_batches(stats, teacher, params, batches, key, mask_cfg)
+    eigvals, eigvecs = np.linalg.eigh(second - np.outer(mean, mean))
+    eigvals = np.maximum(eigvals, 0.0)
+    scale = (eigvals + eps * max(eigvals.mean(), 1e-12)) ** -0.5
+    return {"mean": mean.astype(np.float32), "matrix": ((eigvecs * scale) @ eigvecs.T).astype(np.float32)}
+
+
+def normalize_targets(targets, target_norm):
+    """Teacher outputs -> the decoder's targets: divided by the std (a scalar), or whitened ({'mean', 'matrix'},
+    `estimate_target_whitening`)."""
+    if isinstance(target_norm, dict):
+        return (targets - target_norm["mean"]) @ target_norm["matrix"]
+    return targets / target_norm
 
 
 # ------------------------------------------------------------------------------------------- student+decoder
@@ -263,11 +297,11 @@ def draw_masks(key, images_shape, patch_size, cfg) -> tuple[jax.Array, jax.Array
 
 
 def make_masked_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callable:
-    """masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train) -> (loss, aux): teacher
-    targets on the masked copies (divided by `target_std`), predictions, loss."""
+    """masked_loss(params, teacher_params, images, masks, dropout_key, target_norm, train) -> (loss, aux): teacher
+    targets on the masked copies (normalized by `target_norm`, see `normalize_targets`), predictions, loss."""
 
-    def masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train: bool = True):
-        targets = teacher(teacher_params, images, masks) / target_std
+    def masked_loss(params, teacher_params, images, masks, dropout_key, target_norm, train: bool = True):
+        targets = normalize_targets(teacher(teacher_params, images, masks), target_norm)
         tm = token_masks(masks, model.student.num_prefix_tokens)
         pred = model.apply({"params": params}, images, tm, train=train, rngs={"dropout": dropout_key})
         loss = maskembed_loss(pred, targets, tm, cfg.loss, model.student.num_prefix_tokens)
@@ -277,12 +311,12 @@ def make_masked_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callabl
 
 
 def make_loss_fn(model: MaskEmbedModel, teacher: Teacher, cfg) -> Callable:
-    """loss_fn(params, teacher_params, images, key, target_std, train) -> (loss, aux) for one batch: sample
+    """loss_fn(params, teacher_params, images, key, target_norm, train) -> (loss, aux) for one batch: sample
     masks (`draw_masks`), then `make_masked_loss_fn`'s loss."""
     masked_loss = make_masked_loss_fn(model, teacher, cfg)
 
-    def loss_fn(params, teacher_params, images, key, target_std, train: bool = True):
+    def loss_fn(params, teacher_params, images, key, target_norm, train: bool = True):
         masks, dropout_key = draw_masks(key, images.shape, model.student.patch_size, cfg)
-        return masked_loss(params, teacher_params, images, masks, dropout_key, target_std, train)
+        return masked_loss(params, teacher_params, images, masks, dropout_key, target_norm, train)
 
     return loss_fn

@@ -86,7 +86,7 @@ def abstract_state(config):
     """(teacher ViT, abstract full teacher params, abstract target-teacher params, abstract train state), the
     same trees `train.build_step` creates, as ShapeDtypeStructs."""
     from lalign.pretrain import teacher_model
-    from lalign.train import _dtype, make_optimizer
+    from lalign.train import _dtype, make_init_state, make_optimizer
 
     cfg, size = config.maskembed, config.data.image_size
     teacher = teacher_model(config, num_classes=None)
@@ -97,13 +97,7 @@ def abstract_state(config):
         lambda p: maskembed.Teacher.create(teacher, p, cfg.target_layer, dtype=_dtype(cfg.teacher_dtype))[1], full)
     model = maskembed.make_maskembed_model(teacher, cfg)
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
-    n_masks = maskembed.num_masks(cfg)
-
-    def init_state(teacher_params, key):  # as in train.build_step
-        params = maskembed.init_from_teacher(model, teacher_params, key, jnp.zeros((2, size, size, 3)), n_masks)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "target_std": jnp.ones((), jnp.float32)}
-
+    init_state = make_init_state(model, tx, cfg, jnp.zeros((2, size, size, 3)))
     return teacher, full, target, jax.eval_shape(init_state, full, key)
 
 

@@ -89,14 +89,16 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
 
     Each backbone's result is saved as it finishes (`probe/teacher.json`, `probe/aligned.json`, with the probe
     config and seed they were computed with) and reused when both match: an interrupted probe stage resumes, and
-    runs that share a teacher (ablations) can share its probe by copying `teacher/` and `probe/teacher.json`."""
+    runs that share a teacher (ablations) can share its probe by copying `teacher/` and `probe/teacher.json`
+    (`backbone_identities` says when a result belongs to this run's backbone)."""
     path = os.path.join(workdir, "probe", "results.json")
     if epath.Path(path).exists():
         info(f"[probe] reusing {path}")
         return json.loads(epath.Path(path).read_text())
     pcfg = config.probe
-    key = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
-    key = json.loads(json.dumps(key))  # tuples -> lists, as they come back from the file
+    common = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
+    keys = {name: json.loads(json.dumps({**common, "backbone": identity}))  # tuples -> lists, as read back
+            for name, identity in backbone_identities(config, aligned["best_step"]).items()}
     sizes = {"probe_train": pcfg.num_train, "probe_val": pcfg.num_val, "probe_test": pcfg.num_test}
     splits = None
     backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
@@ -109,14 +111,14 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     for name, fn in backbones.items():
         saved = epath.Path(os.path.join(workdir, "probe", f"{name}.json"))
         res = json.loads(saved.read_text()) if saved.exists() else None
-        if res is not None and res.get("key") == key:
+        if res is not None and res.get("key") == keys[name]:
             info(f"[probe] {name}: reusing {saved}")
         else:
             if splits is None:
                 splits = {split: data_lib.image_source(config.data, split, seed=config.seed).examples(0, n)
                           for split, n in sizes.items()}
             t0 = time.time()
-            res = {"key": key, **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens, teacher.num_heads,
+            res = {"key": keys[name], **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens, teacher.num_heads,
                                                              splits, pcfg)}
             res["seconds"] = time.time() - t0
             _write(str(saved), json.dumps(res, indent=2))
@@ -127,6 +129,22 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
              f"{res['image'].get('background_token_map', float('nan')):.4f}  [{res['seconds']:.0f}s]")
     _write(path, json.dumps(out, indent=2))
     return out
+
+
+# Model fields that change how a network is computed, not what it computes.
+_COMPUTE_ONLY = ("attention_impl", "remat_policy", "scan")
+
+
+def backbone_identities(config, aligned_step) -> dict[str, dict]:
+    """What identifies the teacher and the aligned student for a saved probe result: where the teacher came
+    from (checkpoint path, or its pre-training config) and, for the student, the MaskEmbed settings and the
+    checkpoint step probed. A result copied from another run is reused only if these match."""
+    teacher = {"init_from": "pretrain" if "pretrain" in config.stages else config.get("init_from", ""),
+               "pretrain": config.pretrain.to_dict() if "pretrain" in config.stages else None,
+               "model": {k: v for k, v in config.model.to_dict().items() if k not in _COMPUTE_ONLY}}
+    aligned = {"teacher": teacher, "maskembed": config.maskembed.to_dict(), "optimizer": config.optimizer.to_dict(),
+               "total_steps": config.total_steps, "batch_size": config.batch_size, "step": aligned_step}
+    return {"teacher": teacher, "aligned": aligned}
 
 
 def _write(path: str, text: str) -> None:

@@ -1,6 +1,7 @@
 """The MaskEmbed training loop, top to bottom: init, step, eval, checkpoint, log.
 
-    state = {"step", "params": {"student", "proj", "decoder"}, "opt_state", "target_std"}
+    state = {"step", "params": {"student", "proj", "decoder"}, "opt_state", "target_std"
+             [, "target_whitening": {"mean", "matrix"}  with maskembed.whiten_targets]}
 
 The teacher's params are a separate, frozen input of the step. Batches are a pure function of the step (see
 `lalign.data`), so a run resumed from its latest checkpoint sees exactly the batches an uninterrupted run would.
@@ -61,12 +62,34 @@ def check_image_size(model: ViT, params, image_size: int, where: str) -> None:
             f"config.data.image_size to match the checkpoint.")
 
 
+def make_init_state(model: maskembed.MaskEmbedModel, tx, cfg, example_images) -> Callable:
+    """init_state(full teacher params, key) -> a fresh train state (the module docstring's tree). The target
+    normalization in it is a placeholder (std 1, identity whitening) until `train_maskembed` measures it."""
+    n_masks = maskembed.num_masks(cfg)
+
+    def init_state(teacher_params, key):
+        params = maskembed.init_from_teacher(model, teacher_params, key, example_images, n_masks)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                 "target_std": jnp.ones((), jnp.float32)}
+        if cfg.get("whiten_targets"):
+            d = model.decoder_width
+            state["target_whitening"] = {"mean": jnp.zeros((d,), jnp.float32), "matrix": jnp.eye(d, dtype=jnp.float32)}
+        return state
+
+    return init_state
+
+
+def target_norm(state):
+    """What the loss normalizes teacher targets with: the whitening if the state has one, else the std."""
+    return state.get("target_whitening", state["target_std"])
+
+
 @dataclasses.dataclass
 class MaskEmbedStep:
     """What the training loop and the benchmark share: models, mesh, shardings, keys and the jitted functions.
 
-    init(teacher_params, key) -> sharded state; train_step(state, teacher_params, images) -> (state, metrics) with the state
-    donated; eval_loss(params, teacher_params, images, key, target_std) -> scalar.
+    init(teacher_params, key) -> sharded state; train_step(state, teacher_params, images) -> (state, metrics) with
+    the state donated; eval_loss(params, teacher_params, images, key, target_norm(state)) -> scalar.
     """
 
     model: maskembed.MaskEmbedModel
@@ -88,7 +111,6 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     target_teacher, target_params = maskembed.Teacher.create(teacher, teacher_params, cfg.target_layer,
                                                               dtype=_dtype(cfg.teacher_dtype))
     model = maskembed.make_maskembed_model(teacher, cfg)
-    n_masks = maskembed.num_masks(cfg)
     tx, schedule = make_optimizer(config.optimizer, config.total_steps)
     loss_fn = maskembed.make_loss_fn(model, target_teacher, cfg)
     masked_loss_fn = maskembed.make_masked_loss_fn(model, target_teacher, cfg)
@@ -107,12 +129,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
             raise ValueError(f"With config.grad_accum_steps={accum}, each micro-batch of "
                              f"{config.batch_size // accum} images is split over the mesh: {e}") from None
     rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
-    example = jnp.asarray(example_images)
-
-    def init_state(teacher_params, key):
-        params = maskembed.init_from_teacher(model, teacher_params, key, example, n_masks)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "target_std": jnp.ones((), jnp.float32)}
+    init_state = make_init_state(model, tx, cfg, jnp.asarray(example_images))
 
     # Shapes first (no computation), then init directly into the sharded layout: no device holds it all.
     state_sh = sharding.tree_shardings(jax.eval_shape(init_state, teacher_params, init_key), mesh, rules)
@@ -129,7 +146,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
 
     micro_sh = NamedSharding(mesh, P(None, *sharding.BATCH_SPEC))
 
-    def accumulated_grads(params, teacher_params, images, key, target_std):
+    def accumulated_grads(params, teacher_params, images, key, norm):
         """Mean loss and gradient over `accum` micro-batches (a scan: activations of one micro-batch at a time).
         The masks are drawn for the whole batch first, so the result is the full-batch gradient up to float
         rounding; micro-batch i holds images i, i+accum, ... so that each device keeps its own rows."""
@@ -144,7 +161,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
         def body(total, inputs):
             i, micro_images, micro_masks = inputs
             (loss, _), grads = grad_fn(params, teacher_params, micro_images, micro_masks,
-                                       jax.random.fold_in(dropout_key, i), target_std, True)
+                                       jax.random.fold_in(dropout_key, i), norm, True)
             return jax.tree.map(jnp.add, total, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -157,9 +174,9 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
         key = jax.random.fold_in(train_key, state["step"])
         if accum == 1:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-            (loss, _), grads = grad_fn(state["params"], teacher_params, images, key, state["target_std"], True)
+            (loss, _), grads = grad_fn(state["params"], teacher_params, images, key, target_norm(state), True)
         else:
-            loss, grads = accumulated_grads(state["params"], teacher_params, images, key, state["target_std"])
+            loss, grads = accumulated_grads(state["params"], teacher_params, images, key, target_norm(state))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
@@ -167,8 +184,8 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
 
     @functools.partial(jax.jit, in_shardings=(state_sh["params"], teacher_sh, batch_sh, None, repl),
                        out_shardings=repl)
-    def eval_loss(params, teacher_params, images, key, target_std):
-        return loss_fn(params, teacher_params, images, key, target_std, False)[0]
+    def eval_loss(params, teacher_params, images, key, norm):
+        return loss_fn(params, teacher_params, images, key, norm, False)[0]
 
     return MaskEmbedStep(model=model, teacher=target_teacher, teacher_params=target_params, mesh=mesh,
                          state_shardings=state_sh, init=init,
@@ -197,20 +214,25 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         state = ckpts.restore_latest(state)
         info(f"[maskembed] resumed from {ckpts.latest.directory} at step {int(state['step'])}")
     else:
-        # Target scale: std of teacher outputs on masked images, measured once before training and kept in the
-        # state so a resumed run uses the same value.
+        # Target scale (and whitening): measured on masked images once before training and kept in the state
+        # so a resumed run uses the same values.
         std_batches = [train_data.batch(i, batch_size)["image"] for i in range(cfg.target_std_batches)]
         target_std = maskembed.estimate_target_std(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg)
         if cfg.get("normalize_targets", True):
             state["target_std"] = jax.device_put(jnp.asarray(target_std, jnp.float32), repl)
         info(f"[maskembed] teacher target std (masked images) = {target_std:.4f}")
+        if cfg.get("whiten_targets"):
+            whitening = maskembed.estimate_target_whitening(s.teacher, s.teacher_params, std_batches, s.keys["std"],
+                                                            cfg, eps=cfg.get("whitening_eps", 1e-2))
+            state["target_whitening"] = jax.device_put(whitening, s.state_shardings["target_whitening"])
+            info("[maskembed] targets whitened (ZCA on masked images)")
 
     local = batch_size // shard[1]  # this host's contiguous slice of each global validation batch
     val_batches = [sharding.put_batch(im[shard[0] * local:(shard[0] + 1) * local], mesh) for im in val_images]
 
     def validate(state) -> float:
         losses = [s.eval_loss(state["params"], s.teacher_params, im, jax.random.fold_in(s.keys["val"], i),
-                              state["target_std"]) for i, im in enumerate(val_batches)]
+                              target_norm(state)) for i, im in enumerate(val_batches)]
         return float(np.mean(jax.device_get(losses)))
 
     writer = MetricWriter(workdir, "maskembed", total_steps, batch_size, quiet=config.get("quiet", False))

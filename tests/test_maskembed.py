@@ -119,6 +119,26 @@ def test_target_std_makes_the_mean_predictor_loss_about_one(teacher):
     assert abs(float(loss) - 1.0) < 1e-3
 
 
+def test_whitened_targets_have_identity_covariance_but_for_the_layernorm_null_direction(teacher):
+    model, params, x = teacher
+    cfg = mask_cfg()
+    t, tp = me.Teacher.create(model, params, "penultimate")  # ends in a LayerNorm: one direction has no variance
+    batches = [np.asarray(jax.random.normal(jax.random.key(i), (8, 16, 16, 3))) for i in range(3)]
+    w = me.estimate_target_whitening(t, tp, batches, jax.random.key(0), cfg, eps=1e-6)
+    d = model.width
+    assert w["mean"].shape == (d,) and w["matrix"].shape == (d, d)
+    np.testing.assert_allclose(w["matrix"], w["matrix"].T, atol=1e-5)  # ZCA: symmetric, keeps the feature basis
+    targets = jnp.concatenate([t(tp, jnp.asarray(b), me.sample_masks(jax.random.fold_in(jax.random.key(0), i), 8,
+                                                                      (4, 4), cfg)) for i, b in enumerate(batches)])
+    white = np.asarray(me.normalize_targets(targets, w), np.float64).reshape(-1, d)
+    np.testing.assert_allclose(white.mean(0), 0.0, atol=1e-3)
+    eigvals = np.linalg.eigvalsh(np.cov(white.T, bias=True))
+    assert eigvals[0] < 1e-2, eigvals  # the null direction stays (nearly) null instead of being blown up
+    np.testing.assert_allclose(eigvals[1:], 1.0, atol=2e-3)
+    # The scalar form divides by the std.
+    np.testing.assert_allclose(me.normalize_targets(targets, jnp.float32(2.0)), targets / 2.0)
+
+
 def test_student_is_teacher_copy_with_fresh_norm_and_zero_proj(teacher):
     model, params, x = teacher
     cfg = mask_cfg()

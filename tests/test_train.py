@@ -61,7 +61,9 @@ def test_gradient_accumulation_gives_the_full_batch_step(tiny_config, teacher, t
         train_maskembed(tiny_config, str(tmp_path / "bad"), *teacher)
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tiny_config, teacher, tmp_path, monkeypatch):
+@pytest.mark.parametrize("whiten", (False, True), ids=("std", "whitened"))
+def test_resume_after_interruption_equals_uninterrupted_run(tiny_config, teacher, tmp_path, monkeypatch, whiten):
+    tiny_config.maskembed.whiten_targets = whiten  # the whitening is measured once and restored with the state
     tiny_config.eval_every = 0
     tiny_config.checkpoint_every = 3
     full = train_maskembed(tiny_config, str(tmp_path / "full"), *teacher)
@@ -122,6 +124,7 @@ def test_teacher_probe_is_shared_between_runs_only_when_probe_config_matches(tin
     (second / "probe").mkdir(parents=True)
     shutil.copytree(first / "teacher", second / "teacher")
     shutil.copy(first / "probe" / "teacher.json", second / "probe" / "teacher.json")
+    shutil.copy(first / "probe" / "aligned.json", second / "probe" / "aligned.json")  # another student's
     probed = []
     real = pipeline.probe_lib.evaluate_backbone
     monkeypatch.setattr(pipeline.probe_lib, "evaluate_backbone",
@@ -137,6 +140,12 @@ def test_teacher_probe_is_shared_between_runs_only_when_probe_config_matches(tin
     tiny_config.probe.seeds = (1,)
     pipeline.run(tiny_config, str(third))
     assert len(probed) == 3
+    fourth = tmp_path / "fourth"  # another teacher (pre-trained longer): its copied probe is not reused
+    (fourth / "probe").mkdir(parents=True)
+    shutil.copy(third / "probe" / "teacher.json", fourth / "probe" / "teacher.json")
+    tiny_config.pretrain.steps += 1
+    pipeline.run(tiny_config, str(fourth))
+    assert len(probed) == 5
 
 
 def _main(*args, timeout=240):
