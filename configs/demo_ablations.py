@@ -11,7 +11,7 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
   loss:         loss_cosine, loss_masked (MSE over masked-out patch tokens only)
   decoder:      decoder_depth1, decoder_depth4 (baseline 2)
   all-ones:     no_ones (no all-ones mask; masks and complements only)
-  targets:      whiten (ZCA-whitened teacher targets instead of dividing by their std)
+  targets:      whiten (ZCA-whitened teacher targets instead of dividing by their std); whiten_lr_1e-3 (and lr 1e-3)
   budget:       steps_x4 (8,000 MaskEmbed steps instead of 2,000), lr_1e-3 (peak lr 1e-3 instead of 3e-4)
 
 Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
@@ -43,6 +43,7 @@ SETTINGS = {
     "steps_x4": dict(total_steps=8000),  # 4x longer MaskEmbed (same schedule shape)
     "lr_1e-3": dict(optimizer=dict(lr=1e-3)),
     "whiten": _maskembed(whiten_targets=True),  # ZCA-whitened targets: low-variance directions count as much
+    "whiten_lr_1e-3": dict(maskembed=dict(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
 }
 
 
