@@ -223,7 +223,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         info(f"[maskembed] teacher target std (masked images) = {target_std:.4f}")
         if cfg.get("whiten_targets"):
             whitening = maskembed.estimate_target_whitening(s.teacher, s.teacher_params, std_batches, s.keys["std"],
-                                                            cfg, eps=cfg.get("whitening_eps", 1e-2))
+                                                            cfg)
             state["target_whitening"] = jax.device_put(whitening, s.state_shardings["target_whitening"])
             info("[maskembed] targets whitened (ZCA on masked images)")
 
