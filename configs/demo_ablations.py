@@ -43,7 +43,7 @@ SETTINGS = {
     "steps_x4": dict(total_steps=8000),  # 4x longer MaskEmbed (same schedule shape)
     "lr_1e-3": dict(optimizer=dict(lr=1e-3)),
     "whiten": _maskembed(whiten_targets=True),  # ZCA-whitened targets: low-variance directions count as much
-    "whiten_lr_1e-3": dict(maskembed=dict(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
+    "whiten_lr_1e-3": dict(_maskembed(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
 }
 
 

@@ -118,8 +118,8 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
                 splits = {split: data_lib.image_source(config.data, split, seed=config.seed).examples(0, n)
                           for split, n in sizes.items()}
             t0 = time.time()
-            res = {"key": keys[name], **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens, teacher.num_heads,
-                                                             splits, pcfg)}
+            res = {"key": keys[name], **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens,
+                                                                    teacher.num_heads, splits, pcfg)}
             res["seconds"] = time.time() - t0
             _write(str(saved), json.dumps(res, indent=2))
         out["probe"][name], out["image"][name] = res["patch"], res["image"]
