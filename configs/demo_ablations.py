@@ -13,6 +13,7 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
   all-ones:     no_ones (no all-ones mask; masks and complements only)
   targets:      whiten (ZCA-whitened teacher targets instead of dividing by their std); whiten_lr_1e-3 (and lr 1e-3)
   budget:       steps_x4 (8,000 MaskEmbed steps instead of 2,000), lr_1e-3 (peak lr 1e-3 instead of 3e-4)
+  scenes:       scenes_64 (64 px scenes, 8x8 patches, same digits: a new teacher), scenes_64_whiten (and whitened)
 
 Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
 a demo run of the same seed (the runner copies them). Deviation from configs/demo.py for cost: the patch probe runs
@@ -44,6 +45,11 @@ SETTINGS = {
     "lr_1e-3": dict(optimizer=dict(lr=1e-3)),
     "whiten": _maskembed(whiten_targets=True),  # ZCA-whitened targets: low-variance directions count as much
     "whiten_lr_1e-3": dict(_maskembed(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
+    # Round 4 (docs/results.md section 9): the scenes. New teachers: these pre-train their own (run them with
+    # lalign.main, not the runner's shared teachers). 64 px = 8x8 patches (1.8x the tokens), digits the same size,
+    # so objects cover less of the image and a background patch is further from every object.
+    "scenes_64": dict(data=dict(image_size=64)),
+    "scenes_64_whiten": dict(data=dict(image_size=64), **_maskembed(whiten_targets=True)),
 }
 
 
