@@ -149,51 +149,46 @@ class Teacher:
         return out if patch_masks is None else out.reshape(b, m, *out.shape[1:])
 
 
-def _mean_over_masked_batches(stats: Callable, teacher: Teacher, params, batches, key, mask_cfg) -> list:
-    """`stats(teacher outputs on masked copies of a batch)` (a tuple of arrays) averaged over equal-sized batches,
-    in float64; the masks are drawn from `key` as in training."""
+def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, whiten: bool = False,
+                          eps: float = 1e-2) -> dict:
+    """Statistics of the teacher's outputs on masked images (masks drawn from `key` as in training), from one
+    pass over equal-sized `batches`, accumulated in float64:
+
+    - 'std': their global std. Dividing by it makes the loss of the best constant prediction 1, so losses are
+      comparable across backbones.
+    - 'whitening' (only with `whiten`): ZCA whitening {'mean' (D,), 'matrix' (D, D)} such that
+      (t - mean) @ matrix has (nearly) identity covariance. Why: the plain MSE weighs each feature direction by
+      its variance, so directions of small variance barely count; whitened, every direction counts the same
+      (docs/results.md, section 8). The eigenvalues get `eps` x their mean added before the inverse square root,
+      so near-null directions (a LayerNorm output has one exactly) are damped instead of blown up.
+    """
     grid = patch_grid(batches[0].shape[1:3], teacher.model.patch_size)
 
     @jax.jit
-    def per_batch(images, key):
-        return stats(teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg)))
-
-    results = [jax.device_get(per_batch(jnp.asarray(images), jax.random.fold_in(key, i)))
-               for i, images in enumerate(batches)]
-    return [np.mean([np.asarray(r[j], np.float64) for r in results], axis=0) for j in range(len(results[0]))]
-
-
-def estimate_target_std(teacher: Teacher, params, batches, key, mask_cfg) -> float:
-    """Global std of teacher outputs on masked images over a few batches: dividing by it makes the loss of the
-    best constant prediction 1, so losses are comparable across backbones."""
-    mean, mean_sq = _mean_over_masked_batches(lambda t: (jnp.mean(t), jnp.mean(jnp.square(t))), teacher, params,
-                                              batches, key, mask_cfg)
-    return float(max(mean_sq - mean**2, 0.0) ** 0.5)
-
-
-def estimate_target_whitening(teacher: Teacher, params, batches, key, mask_cfg, eps: float = 1e-2) -> dict:
-    """ZCA whitening of teacher outputs on masked images: {'mean' (D,), 'matrix' (D, D)} such that
-    (t - mean) @ matrix has (nearly) identity covariance.
-
-    Why: the plain MSE weighs each feature direction by its variance, so directions of small variance barely
-    count; whitened, every direction counts the same (docs/results.md, section 8). The eigenvalues get
-    `eps` x their mean added before the inverse square root, so near-null directions (a LayerNorm output has
-    one exactly) are damped instead of blown up.
-    """
-    def stats(t):
+    def moments(images, key):
+        t = teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg))
+        if not whiten:  # global mean and mean square suffice
+            return jnp.mean(t), jnp.mean(jnp.square(t))
         t = t.reshape(-1, t.shape[-1])
-        return jnp.mean(t, 0), t.T @ t / t.shape[0]
+        return jnp.mean(t, 0), t.T @ t / t.shape[0]  # per-feature mean (D,), second moment (D, D)
 
-    mean, second = _mean_over_masked_batches(stats, teacher, params, batches, key, mask_cfg)
-    eigvals, eigvecs = np.linalg.eigh(second - np.outer(mean, mean))
-    eigvals = np.maximum(eigvals, 0.0)
-    scale = (eigvals + eps * max(eigvals.mean(), 1e-12)) ** -0.5
-    return {"mean": mean.astype(np.float32), "matrix": ((eigvecs * scale) @ eigvecs.T).astype(np.float32)}
+    per_batch = [jax.device_get(moments(jnp.asarray(images), jax.random.fold_in(key, i)))
+                 for i, images in enumerate(batches)]
+    mean, second = (np.mean([np.asarray(b[j], np.float64) for b in per_batch], axis=0) for j in (0, 1))
+    mean_sq = np.diag(second).mean() if whiten else second
+    out = {"std": float(max(mean_sq - mean.mean() ** 2, 0.0) ** 0.5)}
+    if whiten:
+        eigvals, eigvecs = np.linalg.eigh(second - np.outer(mean, mean))
+        eigvals = np.maximum(eigvals, 0.0)
+        scale = (eigvals + eps * max(eigvals.mean(), 1e-12)) ** -0.5
+        out["whitening"] = {"mean": mean.astype(np.float32),
+                            "matrix": ((eigvecs * scale) @ eigvecs.T).astype(np.float32)}
+    return out
 
 
 def normalize_targets(targets, target_norm):
     """Teacher outputs -> the decoder's targets: divided by the std (a scalar), or whitened ({'mean', 'matrix'},
-    `estimate_target_whitening`)."""
+    `estimate_target_stats`)."""
     if isinstance(target_norm, dict):
         return (targets - target_norm["mean"]) @ target_norm["matrix"]
     return targets / target_norm

@@ -217,14 +217,13 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         # Target scale (and whitening): measured on masked images once before training and kept in the state
         # so a resumed run uses the same values.
         std_batches = [train_data.batch(i, batch_size)["image"] for i in range(cfg.target_std_batches)]
-        target_std = maskembed.estimate_target_std(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg)
+        stats = maskembed.estimate_target_stats(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg,
+                                                whiten=bool(cfg.get("whiten_targets")))
         if cfg.get("normalize_targets", True):
-            state["target_std"] = jax.device_put(jnp.asarray(target_std, jnp.float32), repl)
-        info(f"[maskembed] teacher target std (masked images) = {target_std:.4f}")
-        if cfg.get("whiten_targets"):
-            whitening = maskembed.estimate_target_whitening(s.teacher, s.teacher_params, std_batches, s.keys["std"],
-                                                            cfg)
-            state["target_whitening"] = jax.device_put(whitening, s.state_shardings["target_whitening"])
+            state["target_std"] = jax.device_put(jnp.asarray(stats["std"], jnp.float32), repl)
+        info(f"[maskembed] teacher target std (masked images) = {stats['std']:.4f}")
+        if "whitening" in stats:
+            state["target_whitening"] = jax.device_put(stats["whitening"], s.state_shardings["target_whitening"])
             info("[maskembed] targets whitened (ZCA on masked images)")
 
     local = batch_size // shard[1]  # this host's contiguous slice of each global validation batch

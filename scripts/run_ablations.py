@@ -5,7 +5,8 @@
 
 --teachers names finished default demo runs (`python -m lalign.main --config=configs/demo.py --config.seed=S`),
 one per seed. Each run OUT/NAME_sS gets a copy of that seed's `teacher/` (so every setting aligns the same teacher),
-and `probe/teacher.json` from OUT/baseline_sS (so the teacher is probed once per seed). The baseline setting *is*
+and `probe/teacher.json` from OUT/baseline_sS, else from the teacher's own run (so the teacher is probed once per
+seed; a copied probe whose key does not match this run is recomputed). The baseline setting *is*
 the demo default, so baseline_sS copies the demo run's MaskEmbed checkpoints and only re-probes them; `--reuse
 NAME=DIR` does the same for another setting already trained elsewhere. Runs are setting-major (all seeds of one
 setting before the next), a finished run (summary.json) is skipped, an interrupted one resumes, each logs to
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +25,31 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs.demo_ablations import SETTINGS  # noqa: E402
+import ml_collections  # noqa: E402
+
+from configs.demo_ablations import SETTINGS, get_config  # noqa: E402
+from lalign.pipeline import backbone_identities  # noqa: E402
+
+
+def teacher_identity(config) -> dict:
+    """What a setting's teacher is: its pre-training (config and model), data and seed."""
+    ident = {"data": config.data.to_dict(), "seed": config.seed, **backbone_identities(config, 0)["teacher"]}
+    return json.loads(json.dumps(ident))  # tuples -> lists, as in a saved config.json
+
+
+def check_teacher(source: str, name: str, seed: int) -> None:
+    """A setting that changes the teacher (its data, model or pre-training: scenes_64) cannot align another
+    setting's teacher: fail before any work, naming what differs."""
+    wanted = get_config(name)
+    wanted.seed = seed
+    with open(os.path.join(source, "config.json")) as f:
+        have = teacher_identity(ml_collections.ConfigDict(json.load(f)))
+    want = teacher_identity(wanted)
+    if have != want:
+        differs = sorted(k for k in want if want[k] != have.get(k))
+        raise ValueError(f"--teachers: {source} holds a teacher unlike setting {name!r}'s (differs in {differs}); "
+                         f"run that setting's own teachers first: python -m lalign.main "
+                         f"--config=configs/demo_ablations.py:{name} --config.seed={seed} --workdir=…")
 
 
 def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
@@ -33,14 +59,19 @@ def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
     source = teachers.format(seed=seed)
     if not os.path.isdir(os.path.join(source, "teacher")):
         raise FileNotFoundError(f"--teachers: {source}/teacher does not exist (a finished demo run of seed {seed}).")
+    check_teacher(source, name, seed)
     os.makedirs(os.path.join(workdir, "probe"))
     shutil.copytree(os.path.join(source, "teacher"), os.path.join(workdir, "teacher"))
     trained = {"baseline": teachers, **reuse}.get(name)
     if trained:
         shutil.copytree(os.path.join(trained.format(seed=seed), "checkpoints"), os.path.join(workdir, "checkpoints"))
-    teacher_probe = os.path.join(out, f"baseline_s{seed}", "probe", "teacher.json")
-    if name != "baseline" and os.path.isfile(teacher_probe):
-        shutil.copy(teacher_probe, os.path.join(workdir, "probe", "teacher.json"))
+    # The teacher's probe, if one was run: the pipeline reuses it only if its key (probe config, data, seed,
+    # teacher identity) matches this run, and probes the teacher again otherwise.
+    for teacher_probe in (os.path.join(out, f"baseline_s{seed}", "probe", "teacher.json"),
+                          os.path.join(source, "probe", "teacher.json")):
+        if name != "baseline" and os.path.isfile(teacher_probe):
+            shutil.copy(teacher_probe, os.path.join(workdir, "probe", "teacher.json"))
+            break
     return workdir
 
 

@@ -139,6 +139,19 @@ def test_ablation_configs_change_only_their_setting_from_the_demo():
         load_config("configs/demo_ablations.py", "bernoulli")
 
 
+def test_ablation_runner_refuses_a_teacher_of_other_scenes_or_seed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import run_ablations
+
+    demo = load_config("configs/demo.py", "full")
+    (tmp_path / "config.json").write_text(demo.to_json_best_effort())  # what lalign.main saves in a workdir
+    run_ablations.check_teacher(str(tmp_path), "whiten", 0)  # a MaskEmbed setting: same teacher, fine
+    with pytest.raises(ValueError, match=r"unlike setting 'scenes_64'.*\['data'\]"):
+        run_ablations.check_teacher(str(tmp_path), "scenes_64", 0)
+    with pytest.raises(ValueError, match=r"\['seed'\]"):
+        run_ablations.check_teacher(str(tmp_path), "whiten", 1)
+
+
 @pytest.mark.parametrize("name", ("bernoulli_p25", "block", "loss_masked", "no_ones"))
 def test_ablation_settings_train(name, tmp_path):
     c = load_config("configs/demo_ablations.py", f"{name},tiny")

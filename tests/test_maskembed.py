@@ -111,7 +111,7 @@ def test_target_std_makes_the_mean_predictor_loss_about_one(teacher):
     cfg = mask_cfg()
     t, tp = me.Teacher.create(model, params, "penultimate")
     batches = [np.asarray(jax.random.normal(jax.random.key(i), (8, 16, 16, 3))) for i in range(3)]
-    std = me.estimate_target_std(t, tp, batches, jax.random.key(0), cfg)
+    std = me.estimate_target_stats(t, tp, batches, jax.random.key(0), cfg)["std"]
     targets = jnp.concatenate([t(tp, jnp.asarray(b), me.sample_masks(jax.random.fold_in(jax.random.key(0), i), 8,
                                                                       (4, 4), cfg)) for i, b in enumerate(batches)])
     targets = targets / std
@@ -124,7 +124,11 @@ def test_whitened_targets_have_identity_covariance_but_for_the_layernorm_null_di
     cfg = mask_cfg()
     t, tp = me.Teacher.create(model, params, "penultimate")  # ends in a LayerNorm: one direction has no variance
     batches = [np.asarray(jax.random.normal(jax.random.key(i), (8, 16, 16, 3))) for i in range(3)]
-    w = me.estimate_target_whitening(t, tp, batches, jax.random.key(0), cfg, eps=1e-6)
+    stats = me.estimate_target_stats(t, tp, batches, jax.random.key(0), cfg, whiten=True, eps=1e-6)
+    w = stats["whitening"]
+    # The same pass gives the same std as without whitening (its diagonal).
+    np.testing.assert_allclose(stats["std"], me.estimate_target_stats(t, tp, batches, jax.random.key(0), cfg)["std"],
+                               rtol=1e-5)
     d = model.width
     assert w["mean"].shape == (d,) and w["matrix"].shape == (d, d)
     np.testing.assert_allclose(w["matrix"], w["matrix"].T, atol=1e-5)  # ZCA: symmetric, keeps the feature basis
