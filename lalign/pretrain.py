@@ -2,6 +2,7 @@
 
 CLIP and SigLIP never see where things are; neither does this teacher. It learns which digit classes a scene
 contains through its pooling head (MAP by default) with a sigmoid (multi-label) loss, like SigLIP's.
+Optionally (`pretrain.crop_scale`) on random resized crops labelled with what each crop shows.
 """
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lalign import data as data_lib
+from lalign.data import scenes
 from lalign.checkpoints.manager import load_params, save_params
 from lalign.metrics import MetricWriter, info
 from lalign.models.vit import ViT, make_vit
@@ -56,6 +59,9 @@ def pretrain_teacher(config, workdir: str):
                           quiet=config.get("quiet", False))
     for step in range(pcfg.steps):
         batch = data.batch(step, pcfg.batch_size)
+        if pcfg.get("crop_scale"):  # a pure function of (seed, step) like the batch, so a rerun is identical
+            batch = scenes.random_crop(batch, np.random.default_rng([config.seed, step]), pcfg.crop_scale,
+                                       pcfg.get("crop_min_visible", 0.5))
         params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(batch["image"]),
                                              jnp.asarray(batch["labels"]), step)
         if (step + 1) % config.log_every == 0 or step + 1 == pcfg.steps:

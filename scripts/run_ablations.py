@@ -37,13 +37,23 @@ def teacher_identity(config) -> dict:
     return json.loads(json.dumps(ident))  # tuples -> lists, as in a saved config.json
 
 
+def _overlay(defaults: dict, saved: dict) -> dict:
+    out = {**defaults, **saved}
+    for k, v in defaults.items():
+        if isinstance(v, dict) and isinstance(saved.get(k), dict):
+            out[k] = _overlay(v, saved[k])
+    return out
+
+
 def check_teacher(source: str, name: str, seed: int) -> None:
     """A setting that changes the teacher (its data, model or pre-training: scenes_64) cannot align another
     setting's teacher: fail before any work, naming what differs."""
     wanted = get_config(name)
     wanted.seed = seed
     with open(os.path.join(source, "config.json")) as f:
-        have = teacher_identity(ml_collections.ConfigDict(json.load(f)))
+        saved = json.load(f)
+    # A run saved before a config field existed ran with that field's default.
+    have = teacher_identity(ml_collections.ConfigDict(_overlay(get_config("baseline").to_dict(), saved)))
     want = teacher_identity(wanted)
     if have != want:
         differs = sorted(k for k in want if want[k] != have.get(k))

@@ -57,15 +57,26 @@ def _digit_pools():
     return (images[train], d.target[train]), (images[test], d.target[test])
 
 
+def crop_resize(img: np.ndarray, box, size: int) -> np.ndarray:
+    """Bilinear resize of the `box` (left, top, right, bottom) of `img` (H, W[, C]) to (size, size)."""
+    left, top, right, bottom = box
+
+    def taps(start, length, n):  # the two source pixels and the weight of the second, per output pixel
+        coords = start + (np.arange(size) + 0.5) * length / size - 0.5
+        c0 = np.clip(np.floor(coords).astype(int), 0, n - 1)
+        return c0, np.clip(c0 + 1, 0, n - 1), np.clip(coords - c0, 0, 1)
+
+    r0, r1, fr = taps(top, bottom - top, img.shape[0])
+    k0, k1, fk = taps(left, right - left, img.shape[1])
+    fr = fr.reshape((-1,) + (1,) * (img.ndim - 1))
+    fk = fk.reshape((1, -1) + (1,) * (img.ndim - 2))
+    rows = img[r0] * (1 - fr) + img[r1] * fr
+    return rows[:, k0] * (1 - fk) + rows[:, k1] * fk
+
+
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
     """Bilinear resize of a square grey image to (size, size)."""
-    n = img.shape[0]
-    coords = (np.arange(size) + 0.5) * n / size - 0.5
-    c0 = np.clip(np.floor(coords).astype(int), 0, n - 1)
-    c1 = np.clip(c0 + 1, 0, n - 1)
-    f = np.clip(coords - c0, 0, 1)
-    rows = img[c0] * (1 - f)[:, None] + img[c1] * f[:, None]
-    return rows[:, c0] * (1 - f)[None] + rows[:, c1] * f[None]
+    return crop_resize(img, (0, 0, img.shape[1], img.shape[0]), size)
 
 
 def _background(rng: np.random.Generator, s: int) -> np.ndarray:
@@ -130,6 +141,26 @@ def patch_labels_from_objects(objects, spec: SceneSpec) -> np.ndarray:
         counts = (alpha[:g * p, :g * p] > 0.5).reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
         out[counts >= spec.min_patch_pixels, cls] = 1.0
     return out
+
+
+def random_crop(batch: dict, rng: np.random.Generator, scale, min_visible: float = 0.5,
+                ratio=(3 / 4, 4 / 3)) -> dict:
+    """Random resized crops of a batch of scenes, each back to full size, with the image-level labels of what the
+    crop shows: {'image', 'labels'}. A class stays in the labels when at least `min_visible` of its pixels (in the
+    segmentation) are inside the crop. The demo teacher's augmentation (`pretrain.crop_scale`) so that it has seen
+    partial images and objects at other scales before MaskEmbed asks it about masked ones."""
+    from lalign.data.images import random_resized_crop_box
+
+    num_classes = batch["labels"].shape[1]
+    images, labels = [], []
+    for img, seg in zip(batch["image"], batch["segmentation"]):
+        size = img.shape[0]
+        left, top, right, bottom = random_resized_crop_box(rng, size, size, scale, ratio)
+        images.append(crop_resize(img, (left, top, right, bottom), size))
+        total = np.bincount(seg.ravel(), minlength=num_classes + 1)[1:]
+        inside = np.bincount(seg[top:bottom, left:right].ravel(), minlength=num_classes + 1)[1:]
+        labels.append((total > 0) & (inside >= min_visible * total))
+    return {"image": np.stack(images).astype(np.float32), "labels": np.stack(labels).astype(np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
