@@ -14,7 +14,8 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
   targets:      whiten (ZCA-whitened teacher targets instead of dividing by their std); whiten_lr_1e-3 (and lr 1e-3)
   budget:       steps_x4 (8,000 MaskEmbed steps instead of 2,000), lr_1e-3 (peak lr 1e-3 instead of 3e-4)
   scenes:       scenes_64 (64 px scenes, 8x8 patches, same digits: a new teacher), scenes_64_whiten (and whitened)
-  teacher:      teacher_crop (teacher pre-trained on random resized crops of 1/4 to all of each scene)
+  teacher:      teacher_crop (teacher pre-trained on random resized crops of 1/4 to all of each scene),
+                teacher_crop_whiten (and whitened targets)
 
 Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
 a demo run of the same seed (the runner copies them). Deviation from configs/demo.py for cost: the patch probe runs
@@ -54,6 +55,7 @@ SETTINGS = {
     # A teacher trained on random resized crops (1/4 to all of the scene): it has seen partial images and
     # objects at other scales before MaskEmbed asks it about masked ones. Also a new teacher.
     "teacher_crop": dict(pretrain=dict(crop_scale=(0.25, 1.0))),
+    "teacher_crop_whiten": dict(pretrain=dict(crop_scale=(0.25, 1.0)), **_maskembed(whiten_targets=True)),
 }
 
 
