@@ -47,9 +47,10 @@ SETTINGS = {
     "lr_1e-3": dict(optimizer=dict(lr=1e-3)),
     "whiten": _maskembed(whiten_targets=True),  # ZCA-whitened targets: low-variance directions count as much
     "whiten_lr_1e-3": dict(_maskembed(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
-    # Round 4 (docs/results.md section 9): the scenes. New teachers: these pre-train their own (run them with
-    # lalign.main, not the runner's shared teachers). 64 px = 8x8 patches (1.8x the tokens), digits the same size,
-    # so objects cover less of the image and a background patch is further from every object.
+    # Round 4 (docs/results.md section 9): settings that change the teacher pre-train their own (run them with
+    # lalign.main; the runner then shares those teachers with their _whiten variant, and refuses other teachers).
+    # 64 px = 8x8 patches (1.8x the tokens), digits the same size, so objects cover less of the image and a
+    # background patch is further from every object.
     "scenes_64": dict(data=dict(image_size=64)),
     "scenes_64_whiten": dict(data=dict(image_size=64), **_maskembed(whiten_targets=True)),
     # A teacher trained on random resized crops (1/4 to all of the scene): it has seen partial images and

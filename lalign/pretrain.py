@@ -15,8 +15,8 @@ import numpy as np
 import optax
 
 from lalign import data as data_lib
-from lalign.data import scenes
 from lalign.checkpoints.manager import load_params, save_params
+from lalign.data import scenes
 from lalign.metrics import MetricWriter, info
 from lalign.models.vit import ViT, make_vit
 
