@@ -146,6 +146,10 @@ def test_ablation_runner_refuses_a_teacher_of_other_scenes_or_seed(tmp_path, mon
     demo = load_config("configs/demo.py", "full")
     (tmp_path / "config.json").write_text(demo.to_json_best_effort())  # what lalign.main saves in a workdir
     run_ablations.check_teacher(str(tmp_path), "whiten", 0)  # a MaskEmbed setting: same teacher, fine
+    saved = json.loads(demo.to_json_best_effort())
+    del saved["pretrain"]["crop_scale"], saved["pretrain"]["crop_min_visible"]  # a run from before they existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    run_ablations.check_teacher(str(tmp_path), "whiten", 0)  # ran with their defaults: the same teacher
     with pytest.raises(ValueError, match=r"unlike setting 'scenes_64'.*\['data'\]"):
         run_ablations.check_teacher(str(tmp_path), "scenes_64", 0)
     with pytest.raises(ValueError, match=r"\['seed'\]"):
