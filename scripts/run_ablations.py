@@ -5,8 +5,9 @@
 
 --teachers names finished default demo runs (`python -m lalign.main --config=configs/demo.py --config.seed=S`),
 one per seed, or, for settings that change the teacher (scenes_64_whiten, teacher_crop_whiten), runs of the
-setting that trained it (scenes_64, teacher_crop); a teacher unlike the setting's is refused before any work. Each run OUT/NAME_sS gets a copy of that seed's `teacher/` (so every setting aligns the same teacher),
-and `probe/teacher.json` from OUT/baseline_sS, else from the teacher's own run (so the teacher is probed once per
+setting that trained it (scenes_64, teacher_crop); a teacher unlike the setting's is refused before any work.
+Each run OUT/NAME_sS gets a copy of that seed's `teacher/` (so every setting aligns the same teacher), and
+`probe/teacher.json` from OUT/baseline_sS, else from the teacher's own run (so the teacher is probed once per
 seed; a copied probe whose key does not match this run is recomputed). The baseline setting *is*
 the demo default, so baseline_sS copies the demo run's MaskEmbed checkpoints and only re-probes them; `--reuse
 NAME=DIR` does the same for another setting already trained elsewhere. Runs are setting-major (all seeds of one

@@ -9,7 +9,7 @@ from lalign.pretrain import pretrain_teacher
 def test_crop_resize_of_the_whole_image_at_its_size_is_the_identity():
     img = np.random.default_rng(0).normal(size=(12, 12, 3)).astype(np.float32)
     np.testing.assert_array_equal(scenes.crop_resize(img, (0, 0, 12, 12), 12), img)
-    # A 2x upsampling of the left half keeps a constant image constant and a ramp monotone.
+    # A 2x upsampling of the left half of a ramp stays monotone and within the half's values.
     ramp = np.tile(np.arange(12, dtype=np.float32), (12, 1))
     out = scenes.crop_resize(ramp, (0, 0, 6, 12), 12)
     assert out.shape == (12, 12) and np.all(np.diff(out[0]) >= 0) and out.max() <= 6.0
