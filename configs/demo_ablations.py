@@ -13,7 +13,8 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
   all-ones:     no_ones (no all-ones mask; masks and complements only)
   targets:      whiten (ZCA-whitened teacher targets instead of dividing by their std); whiten_lr_1e-3 (and lr 1e-3)
   budget:       steps_x4 (8,000 MaskEmbed steps instead of 2,000), lr_1e-3 (peak lr 1e-3 instead of 3e-4)
-  scenes:       scenes_64 (64 px scenes, 8x8 patches, same digits: a new teacher), scenes_64_whiten (and whitened)
+  scenes:       scenes_64 (64 px scenes, 8x8 patches, same digits: a new teacher), scenes_64_whiten (and whitened),
+                colours_3 (digit x colour, 30 classes: a new teacher)
   teacher:      teacher_crop (teacher pre-trained on random resized crops of 1/4 to all of each scene),
                 teacher_crop_whiten (and whitened targets), teacher_crop_long (crop teacher, 3x pre-training steps)
 
@@ -60,6 +61,9 @@ SETTINGS = {
     # The crop teacher trained 3x longer, until it is about as strong on whole scenes as the plain one: separates
     # "has seen partial images" from "is weaker" (the crop teacher at 4,000 steps is ~9 points behind).
     "teacher_crop_long": dict(pretrain=dict(crop_scale=(0.25, 1.0), steps=12000)),
+    # More classes: digit x colour (3 colours of a fixed palette, 30 classes), so a patch's label needs its own
+    # pixels (the colour) as well as the digit's shape. A new teacher.
+    "colours_3": dict(data=dict(num_colours=3)),
 }
 
 
