@@ -4,6 +4,9 @@ Compiles the step that `train.py` runs (same sharding, same donation), warms up,
 `block_until_ready`, and prints one JSON line: images_per_s, step_s (median, min), flops_per_step (analytic model
 below, with XLA's `cost_analysis()` beside it), achieved TFLOP/s, the device's peak TFLOP/s and MFU, and peak
 memory where the backend reports it. On CPU the peak is *measured* in the same run (a large jitted matmul).
+`--profile=DIR` traces one more step into DIR and adds `time_breakdown`: the shares of op time by part of the
+step (teacher, student forward/backward, decoder forward/backward, optimizer) and by kind of work (attention
+matmuls, other matmuls, elementwise), and the slowest ops.
 
 FLOP model (multiply-add = 2 FLOPs; norms, softmax, activations and the optimizer are not counted), per image,
 for T tokens of width D, MLP width F, N patches of P pixels, M masks:
@@ -19,6 +22,8 @@ decoder 21%.
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 import time
 
@@ -91,7 +96,85 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def run(config, steps: int = 10, warmup: int = 2) -> dict:
+# ------------------------------------------------------------------------------------ where the step's time goes
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w-]*)\((.*)$")
+_ATTENTION_EINSUM = re.compile(r"hq[dk],\.\.\.hkd->\.\.\.hq[kd]")  # the two einsums of models.vit.attention
+_CONTAINERS = ("while", "call", "conditional", "async-start", "async-done")  # their events contain their bodies'
+
+
+def hlo_op_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """HLO instruction name -> (part of the step, kind of work), from the compiled module's text.
+
+    part: the module its `op_name` metadata names (the teacher is a `ViT` applied outside `MaskEmbedModel`;
+    student and decoder are its submodules; backward ops carry `transpose(`), else "optimizer and rest".
+    kind: "attention matmul" (the logits and weights x values einsums), "matmul" (any other dot or
+    convolution, including a fusion around one), else "elementwise and other".
+    """
+    comps, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = comps.setdefault(header.group(1), [])
+        elif current is not None and line.strip() != "}":
+            current.append(line)
+    has_dot = {name: any(re.search(r" (dot|convolution)\(", ln) for ln in body) for name, body in comps.items()}
+    kinds = {}
+    for body in comps.values():
+        for line in body:
+            m = _INSTRUCTION.match(line)
+            if not m or m.group(2) in _CONTAINERS:
+                continue
+            name, opcode, rest = m.groups()
+            meta = re.search(r'op_name="([^"]*)"', rest)
+            op_name = meta.group(1) if meta else ""
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            is_dot = opcode in ("dot", "convolution") or bool(called and has_dot.get(called.group(1)))
+            part = ("teacher" if "(ViT)" in op_name else "student" if "/student" in op_name
+                    else "decoder" if "/decoder" in op_name else "optimizer and rest")
+            if part in ("student", "decoder"):
+                part += " backward" if "transpose(" in op_name else " forward"
+            kind = ("attention matmul" if is_dot and _ATTENTION_EINSUM.search(op_name)
+                    else "matmul" if is_dot else "elementwise and other")
+            kinds[name] = (part, kind)
+    return kinds
+
+
+def time_breakdown(step_fn, args, hlo_text: str, trace_dir: str) -> dict:
+    """Traces one call of `step_fn(*args)` with the JAX profiler into `trace_dir` (TensorBoard's profile plugin
+    or Perfetto read it) and splits the time of the HLO ops it ran by part of the step and kind of work, as
+    shares of the total op time (summed over threads). Events that are not ops of this module (runtime
+    bookkeeping) are left out. Tracing adds a fixed cost per op, so for a step of many tiny ops (the demo
+    model) the shares lean towards the parts with the most ops; for ViT-B/16 it is negligible."""
+    import collections
+    import glob
+
+    from jax.profiler import ProfileData
+
+    traces = lambda: set(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))  # noqa: E731
+    earlier = traces()  # a reused directory keeps earlier runs' traces: read only this one's
+    jax.profiler.start_trace(trace_dir)
+    jax.block_until_ready(step_fn(*args))
+    jax.profiler.stop_trace()
+    kinds = hlo_op_kinds(hlo_text)
+    by_part, by_kind, by_op = collections.Counter(), collections.Counter(), collections.Counter()
+    for path in traces() - earlier:
+        for plane in ProfileData.from_file(path).planes:
+            for line in plane.lines:
+                for event in line.events:
+                    if event.name in kinds:
+                        part, kind = kinds[event.name]
+                        by_part[part] += event.duration_ns
+                        by_kind[kind] += event.duration_ns
+                        by_op[event.name] += event.duration_ns
+    total = sum(by_part.values())
+    if not total:
+        return {"trace_dir": trace_dir, "note": "the trace holds no events named after this module's ops"}
+    share = lambda c: {k: round(v / total, 4) for k, v in c.most_common()}  # noqa: E731
+    return {"trace_dir": trace_dir, "op_time_s": total / 1e9, "by_part": share(by_part), "by_kind": share(by_kind),
+            "slowest_ops": [[name, *kinds[name], round(ns / 1e6, 2)] for name, ns in by_op.most_common(5)]}
+
+
+def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict:
     """Compiles and times the MaskEmbed step for `config` (random weights and images of the right shape)."""
     from lalign.pretrain import teacher_model
     from lalign.train import build_step
@@ -123,6 +206,10 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
     achieved = flops_per_step / step_s / 1e12
     peak, peak_source = device_peak_tflops()
     mem = jax.devices()[0].memory_stats() or {}
+    breakdown = {}
+    if profile_dir:
+        breakdown = {"time_breakdown": time_breakdown(s.train_step, (state, s.teacher_params, images),
+                                                      compiled.as_text(), profile_dir)}
     return {
         "device": jax.devices()[0].device_kind, "num_devices": len(jax.devices()), "batch_size": config.batch_size,
         "image_size": size, "images_per_s": config.batch_size / step_s, "step_s": step_s, "step_s_min": min(times),
@@ -131,7 +218,7 @@ def run(config, steps: int = 10, warmup: int = 2) -> dict:
         "xla_flops_note": "scanned blocks: XLA counts one block" if teacher.scan else "",
         "flops_per_image_parts": {k: v for k, v in model_flops.items()}, "achieved_tflops": achieved,
         "peak_tflops": peak, "peak_source": peak_source, "mfu": achieved / peak if peak == peak else None,
-        "peak_memory_bytes": mem.get("peak_bytes_in_use"), "loss": float(metrics["loss"]),
+        "peak_memory_bytes": mem.get("peak_bytes_in_use"), "loss": float(metrics["loss"]), **breakdown,
     }
 
 
@@ -140,12 +227,14 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    print(json.dumps(run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup)))
+    print(json.dumps(run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)))
 
 
 if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+    flags.DEFINE_string("profile", "", "Trace one more step into this directory and add `time_breakdown` (share "
+                        "of op time by teacher/student/decoder/optimizer and by attention matmul/matmul/other).")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -56,3 +56,38 @@ def test_bench_cli_prints_one_json_line():
                 "peak_tflops", "mfu"):
         assert key in out, key
     assert out["images_per_s"] > 0 and 0 < out["mfu"] < 1.5
+
+
+def test_profile_splits_the_step_time_by_part_and_kind(tiny_config, tmp_path):
+    c = tiny_config
+    c.mesh = {"num_devices": 1}
+    out = bench.run(c, steps=1, warmup=0, profile_dir=str(tmp_path / "trace"))["time_breakdown"]
+    assert out["op_time_s"] > 0
+    assert {"teacher", "student forward", "student backward", "decoder forward", "decoder backward",
+            "optimizer and rest"} == set(out["by_part"])
+    assert set(out["by_kind"]) == {"attention matmul", "matmul", "elementwise and other"}
+    for shares in (out["by_part"], out["by_kind"]):
+        assert abs(sum(shares.values()) - 1) < 1e-3 and min(shares.values()) > 0
+    assert len(out["slowest_ops"]) == 5 and list(tmp_path.glob("trace/**/*.xplane.pb"))
+
+
+def test_hlo_op_kinds_reads_parts_and_attention_from_metadata():
+    hlo = '''HloModule m
+
+%fused_dot (p0: f32[2,4,4], p1: f32[2,4,4]) -> f32[2,4,4] {
+  %p0 = f32[2,4,4]{2,1,0} parameter(0)
+  %p1 = f32[2,4,4]{2,1,0} parameter(1)
+  ROOT %dot.1 = f32[2,4,4]{2,1,0} dot(%p0, %p1), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={2}
+}
+
+ENTRY %main (a: f32[2,4,4]) -> f32[2,4,4] {
+  %a = f32[2,4,4]{2,1,0} parameter(0)
+  %logits = f32[2,4,4]{2,1,0} fusion(%a, %a), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(train_step)/jvp(ViT)/Transformer/encoderblock_0/MultiHeadDotProductAttention_0/...hqd,...hkd->...hqk/dot_general"}
+  %mlp = f32[2,4,4]{2,1,0} fusion(%a, %logits), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(train_step)/transpose(jvp(MaskEmbedModel))/student/MlpBlock_0/Dense_0/dot_general"}
+  ROOT %upd = f32[2,4,4]{2,1,0} add(%mlp, %a), metadata={op_name="jit(train_step)/add"}
+}
+'''
+    kinds = bench.hlo_op_kinds(hlo)
+    assert kinds["logits"] == ("teacher", "attention matmul")
+    assert kinds["mlp"] == ("student backward", "matmul")
+    assert kinds["upd"] == ("optimizer and rest", "elementwise and other")
