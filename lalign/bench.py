@@ -97,7 +97,7 @@ def xla_flops(compiled) -> float | None:
 
 
 # ------------------------------------------------------------------------------------ where the step's time goes
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ (\w[\w-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) (\w[\w-]*)\((.*)$")  # shape: tuple or not
 _ATTENTION_EINSUM = re.compile(r"hq[dk],\.\.\.hkd->\.\.\.hq[kd]")  # the two einsums of models.vit.attention
 _CONTAINERS = ("while", "call", "conditional", "async-start", "async-done")  # their events contain their bodies'
 
