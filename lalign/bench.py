@@ -144,7 +144,7 @@ def time_breakdown(step_fn, args, hlo_text: str, trace_dir: str) -> dict:
     or Perfetto read it) and splits the time of the HLO ops it ran by part of the step and kind of work, as
     shares of the total op time (summed over threads). Events that are not ops of this module (runtime
     bookkeeping) are left out. Tracing adds a fixed cost per op, so for a step of many tiny ops (the demo
-    model) the shares lean towards the parts with the most ops; for ViT-B/16 it is negligible."""
+    model) the shares lean towards the parts with the most ops; against ViT-B/16's large ops it is small."""
     import collections
     import glob
 
