@@ -16,7 +16,8 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
   scenes:       scenes_64 (64 px scenes, 8x8 patches, same digits: a new teacher), scenes_64_whiten (and whitened),
                 colours_3 (digit x colour, 30 classes: a new teacher)
   teacher:      teacher_crop (teacher pre-trained on random resized crops of 1/4 to all of each scene),
-                teacher_crop_whiten (and whitened targets), teacher_crop_long (crop teacher, 3x pre-training steps)
+                teacher_crop_whiten (and whitened targets), teacher_crop_long (crop teacher, 3x pre-training steps),
+                teacher_long (plain teacher, 3x pre-training steps: the control for teacher_crop_long)
 
 Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
 a demo run of the same seed (the runner copies them). Deviation from configs/demo.py for cost: the patch probe runs
@@ -64,6 +65,9 @@ SETTINGS = {
     # More classes: digit x colour (3 colours of a fixed palette, 30 classes), so a patch's label needs its own
     # pixels (the colour) as well as the digit's shape. A new teacher.
     "colours_3": dict(data=dict(num_colours=3)),
+    # The plain teacher trained 3x longer (12,000 steps): the control for teacher_crop_long. If MaskEmbed only adds
+    # where patch features are under-trained, a stronger plain teacher should leave no gain either. A new teacher.
+    "teacher_long": dict(pretrain=dict(steps=12000)),
 }
 
 
