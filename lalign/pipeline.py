@@ -127,6 +127,9 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
              f"(seeds {np.round(res['patch']['macro_recall_per_seed'], 4).tolist()}), "
              f"image mAP {res['image']['map']:.4f}, background-token mAP "
              f"{res['image'].get('background_token_map', float('nan')):.4f}  [{res['seconds']:.0f}s]")
+        warning = probe_lib.convergence_warning(res["patch"], name)
+        if warning:
+            info(f"[probe] {warning}")
     _write(path, json.dumps(out, indent=2))
     return out
 

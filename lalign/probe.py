@@ -214,6 +214,27 @@ def summarize_runs(runs: list[dict]) -> dict:
             "runs": runs}
 
 
+def probes_best_at_last_epoch(patch: dict) -> list[int]:
+    """Indices (in `cfg.seeds` order) of the probe runs whose best validation epoch was their last one.
+
+    Such a probe may still have been learning, and a comparison between two backbones can then measure how fast
+    each is fitted rather than what its features hold: the demo's 30-epoch probe gave MaskEmbed +2 points on 30
+    classes that shrank to +0.7 at convergence (docs/results.md sections 1 and 12). Reads the saved history, so it
+    works on results written before this check existed."""
+    return [i for i, r in enumerate(patch.get("runs", ())) if r["best_epoch"] == len(r["history"])]
+
+
+def convergence_warning(patch: dict, backbone: str) -> Optional[str]:
+    """A sentence for the log when some probe run peaked at its last epoch, else None."""
+    last = probes_best_at_last_epoch(patch)
+    if not last:
+        return None
+    epochs = len(patch["runs"][last[0]]["history"])
+    return (f"WARNING: {backbone}: the best validation epoch was the last one ({epochs}) for probe run(s) {last} "
+            f"of {len(patch['runs'])}; the probe may not have converged. Raise probe.epochs before comparing "
+            f"backbones.")
+
+
 def evaluate_backbone(features_fn: Callable, num_prefix_tokens: int, num_heads: int, splits: dict, cfg) -> dict:
     """Patch probe (over `cfg.seeds`) and image probe for one frozen backbone on the probe splits."""
     feats = {name: extract_features(features_fn, s["image"], num_prefix_tokens) for name, s in splits.items()}
@@ -456,6 +477,9 @@ def per_class_table(results: dict) -> str:
         f"- micro recall {p['micro_recall']:.4f}, macro precision {p['macro_precision']:.4f}, "
         f"mIoU {p['miou']:.4f}",
     ]
+    warning = convergence_warning(p, "this backbone")
+    if warning:
+        lines.append(f"- **{warning}**")
     if "image" in results:
         lines.append(f"- image-level linear probe mAP {results['image']['map']:.4f}; from one background token "
                      f"(globalness) {results['image'].get('background_token_map', float('nan')):.4f}")
@@ -533,6 +557,9 @@ def run(config, workdir: str) -> dict:
     with open(os.path.join(workdir, "per_class.md"), "w") as f:
         f.write(per_class_table(results))
     p = results["patch"]
+    warning = convergence_warning(p, results["backbone"]["path"])
+    if warning:
+        _info(f"[probe] {warning}")
     _info(f"[probe] test macro recall {p['macro_recall']:.4f} ± {p['macro_recall_std']:.4f} "
           f"(seeds {np.round(p['macro_recall_per_seed'], 4).tolist()}), micro recall {p['micro_recall']:.4f}, "
           f"macro precision {p['macro_precision']:.4f}, mIoU {p['miou']:.4f}"

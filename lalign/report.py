@@ -70,6 +70,8 @@ def load_run(workdir: str) -> Optional[dict]:
             summary = None
     if summary is None:
         return None
+    from lalign.probe import probes_best_at_last_epoch
+
     probe, image = summary["probe"], summary.get("image", {})
     pts = lambda v: None if v is None else 100.0 * float(v)  # noqa: E731
     # A probe std over a single probe seed is no spread at all: shown as none.
@@ -83,6 +85,9 @@ def load_run(workdir: str) -> Optional[dict]:
         "teacher_bg_map": pts(image.get("teacher", {}).get("background_token_map")),
         "aligned_bg_map": pts(image.get("aligned", {}).get("background_token_map")),
         "maskembed_val_loss": (summary.get("maskembed") or {}).get("best_val_loss"),
+        # Probe runs that peaked at their last epoch (maybe not converged): a comparison is then suspect.
+        "probes_best_at_last_epoch": {who: probes_best_at_last_epoch(probe[who])
+                                      for who in ("teacher", "aligned")},
     }
     m["delta_patch"] = m["aligned_patch"] - m["teacher_patch"]
     m["delta_map"] = (None if m["teacher_map"] is None or m["aligned_map"] is None
@@ -431,7 +436,17 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
                   f"{_ms(m['aligned_patch'], m['aligned_patch_probe_std'])} | {m['delta_patch']:+.2f} | "
                   f"{_ms(m['teacher_map'], None)} | {_ms(m['aligned_map'], None)} | "
                   f"{'—' if loss is None else f'{loss:.4f}'} |")
-    md += ["", "(± in the per-run table: std over that run's probe seeds.)", "", "## Plots", "",
+    md += ["", "(± in the per-run table: std over that run's probe seeds.)"]
+    at_last = []
+    for r in runs:
+        who = [name for name, idx in r["metrics"]["probes_best_at_last_epoch"].items() if idx]
+        if who:
+            at_last.append(f"`{r['name']}` ({', '.join(who)})")
+    if at_last:
+        md += ["", "**Probe convergence:** the best validation epoch was the last epoch in " + ", ".join(at_last)
+               + ". Those probes may still have been learning; a Δ between them can reflect how fast each "
+                 "backbone's features are fitted rather than what they hold. Rerun with more `probe.epochs`."]
+    md += ["", "## Plots", "",
            "Bars: mean over the runs of a group; error bars: sample std; dots: single runs. The y axis is zoomed "
            "to the data (it does not start at 0).", "", f"![patch macro recall]({figures['patch']})", ""]
     if "map" in figures:

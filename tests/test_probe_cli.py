@@ -99,6 +99,20 @@ def test_train_patch_probe_takes_float16_memmaps_and_uint8_labels(tmp_path):
     assert got["per_class_support"] == y[8:].reshape(-1, 3).sum(0).tolist()
 
 
+def test_probes_that_peak_at_their_last_epoch_are_flagged():
+    def run(val_curve):
+        history = [{"epoch": i + 1, "val_macro_recall": v} for i, v in enumerate(val_curve)]
+        return {"best_epoch": int(np.argmax(val_curve)) + 1, "history": history}
+
+    patch = {"runs": [run([0.1, 0.3, 0.2]), run([0.1, 0.2, 0.4]), run([0.5])]}
+    assert probe.probes_best_at_last_epoch(patch) == [1, 2]  # the one-epoch probe peaks at its last epoch too
+    warning = probe.convergence_warning(patch, "teacher")
+    assert "teacher" in warning and "[1, 2] of 3" in warning and "probe.epochs" in warning
+    converged = {"runs": [run([0.1, 0.3, 0.2])]}
+    assert probe.probes_best_at_last_epoch(converged) == [] and probe.convergence_warning(converged, "x") is None
+    assert probe.probes_best_at_last_epoch({}) == []  # results without per-run histories: nothing to say
+
+
 @pytest.fixture
 def coco_and_backbone(tmp_path):
     stems = write_coco_stuff(str(tmp_path / "coco"), num_train=12, num_val=6, corrupt=["000000000003"])

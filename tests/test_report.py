@@ -90,6 +90,9 @@ def test_report_tables_plots_and_pca_maps(tiny_run, tmp_path):
     md = (out / "report.md").read_text()
     assert "| maskembed.target_layer=last | 2 |" in md and "pen_s1" in md and "Not finished" in md
     assert "Globalness: image labels from one background token" in md
+    # The tiny run's one-epoch probes peak at their last epoch: the report says their comparison is suspect.
+    assert "**Probe convergence:**" in md and "`last_s0` (teacher, aligned)" in md
+    assert data["runs"][0]["probes_best_at_last_epoch"] == {"teacher": [0], "aligned": [0]}
     for name in ("patch_macro_recall.png", "image_map.png", "delta.png", "pca_last_s0.png", "pca_pen_s0.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
         assert f"({name})" in md
