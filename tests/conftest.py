@@ -1,10 +1,23 @@
 """Shared fixtures: tiny configs so every test runs in seconds on 2 CPU cores."""
 import os
+import shutil
 import sys
+import tempfile
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX is first imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the session, shared with the subprocesses tests start (through the
+# environment). Why: most tests train the same tiny configs, and each `train_maskembed` builds new jitted closures,
+# so the in-memory cache never hits; compiling the same programs again was over half the suite's time on a slow
+# 2-core machine. Every program is still compiled once per session; set JAX_COMPILATION_CACHE_DIR to keep the
+# cache across sessions.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lalign-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import importlib.util  # noqa: E402
 
@@ -32,3 +45,8 @@ def load_config(name: str = "configs/demo.py", arg: str = "smoke"):
 def tiny_config():
     """configs/demo.py:tiny: 16px scenes, 4px patches, a 2-block width-16 ViT, batch 8 (one per fake device)."""
     return load_config(arg="tiny")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
