@@ -70,11 +70,11 @@ def get_config(arg: str = "full"):
     c.probe = dict(num_train=4000, num_val=500, num_test=1000, depth=2, epochs=30, batch_size=32, lr=3e-3,
                    lr_min_ratio=0.1, warmup_steps=100, wd=1e-4, seeds=(0, 1, 2))
 
-    if arg in ("smoke", "tiny"):
-        c.pretrain.steps = 300
-        c.total_steps = 200
-        c.eval_every = 100
-        c.log_every = 50
+    if arg in ("smoke", "tiny"):  # every stage, briefly: under two minutes on 2 slow cores
+        c.pretrain.steps = 150
+        c.total_steps = 100
+        c.eval_every = 50
+        c.log_every = 25
         c.val_batches = 2
         c.probe.update(num_train=400, num_val=100, num_test=200, epochs=3, seeds=(0,))
     if arg == "tiny":  # 16px scenes, 4px patches, a 2-block width-16 ViT: every stage in seconds
