@@ -22,7 +22,8 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU wheel; a looser pin lets pip pull a multi-GB CUDA build.
         "torch": ["torch==2.13.0", "transformers>=4.50", "safetensors"],
-        "test": ["pytest", "fsspec", "torch==2.13.0", "transformers>=4.50", "safetensors", "array-record"],
+        "test": ["pytest", "pytest-xdist", "fsspec", "torch==2.13.0", "transformers>=4.50", "safetensors",
+                 "array-record"],
         "tfds": ["array-record"],  # data.name='tfds': TFDS data sets in ArrayRecord files (lalign.data.tfds)
         "tpu": ["jax[tpu]>=0.10"],
         "gcs": ["gcsfs"],  # gs:// image folders and file lists (lalign.data.image_folder)

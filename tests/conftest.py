@@ -18,6 +18,9 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lalign-tests-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# pytest-xdist workers share it too. JAX does not lock the cache (unless given a size limit, whose eviction scans
+# the whole directory on every write): an entry read while another process writes it fails to decompress, and JAX
+# then warns and compiles instead. Never a wrong program, at worst a compile.
 
 import importlib.util  # noqa: E402
 
