@@ -1,6 +1,7 @@
 """The training loop: learning, determinism, resume == uninterrupted, NaN guard, clear errors."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -211,6 +212,9 @@ def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, te
     train_maskembed(tiny_config, str(tmp_path), *teacher)
     tiny_config.model.mlp_dim = 48  # another teacher architecture, same workdir
     other = pretrain_teacher(tiny_config, str(tmp_path / "other"))
-    with pytest.raises(ValueError, match=r"checkpoints/latest/6 does not match this run's model"):
+    with pytest.raises(ValueError, match=r"checkpoints/latest/6 does not match this run's model") as e:
         train_maskembed(tiny_config, str(tmp_path), *other)
+    # The message names an array that differs, with both shapes.
+    assert re.search(r"\['MlpBlock_0'\]\['Dense_0'\]\['kernel'\]: this run \(16, 48\), the checkpoint \(16, 32\)",
+                     str(e.value)), str(e.value)
     assert os.path.isdir(tmp_path / "checkpoints" / "latest" / "6")  # left intact

@@ -39,6 +39,12 @@ def _restore_args(like, partial: bool = False) -> ocp.args.PyTreeRestore:
                                   partial_restore=partial)
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    """{'['params']['w']': shape} for every array (or orbax ArrayMetadata) leaf of a tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
 def _best_item(state) -> dict:
     return {"params": state["params"], "step": state["step"]}
 
@@ -70,13 +76,18 @@ class Checkpoints:
     def restore_latest(self, like) -> Any:
         """The newest state, shaped like `like`; a checkpoint of another model or optimizer is a clear error."""
         step = self.latest.latest_step()
+        where = (f"The checkpoint {self.latest.directory}/{step} does not match this run's model/optimizer state "
+                 f"(was the workdir used with another config?). Use a new --workdir, or the config that wrote it.")
+        saved = _shapes(getattr(self.latest.item_metadata(step), "tree", None) or {})
+        wrong = [f"{k}: this run {shape}, the checkpoint {saved[k]}" for k, shape in _shapes(like).items()
+                 if k in saved and saved[k] != shape]
+        if wrong:  # named here: orbax's own message gives the shapes but not the array
+            raise ValueError(f"{where} Arrays that differ in shape ({len(wrong)} found; the first 5): "
+                             + "; ".join(wrong[:5]))
         try:
             return self.latest.restore(step, args=_restore_args(like))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"The checkpoint {self.latest.directory}/{step} does not match this run's model/optimizer state "
-                f"(was the workdir used with another config?). Use a new --workdir, or the config that wrote it. "
-                f"Orbax said: {str(e)[:1500]}") from e
+            raise ValueError(f"{where} Orbax said: {str(e)[:1500]}") from e
 
     def restore_best(self, like) -> Any:
         """{'params', 'step'} of the best evaluation, shaped like `like` (a train state, or that subset of one)."""
