@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lalign.checkpoints.common import check_shapes
+
 # Orbax's default (off GPU) writes every replicated array cooperatively: one slice per replica, each cut by its own
 # small jitted program. That pays for large arrays on multi-host slices; for small ones the per-slice dispatch costs
 # more than the write (a 240-array state on 8 CPU devices saved 2.5x slower with it). Arrays whose per-replica
@@ -39,12 +41,6 @@ def _restore_args(like, partial: bool = False) -> ocp.args.PyTreeRestore:
                                   partial_restore=partial)
 
 
-def _shapes(tree) -> dict[str, tuple]:
-    """{'['params']['w']': shape} for every array (or orbax ArrayMetadata) leaf of a tree."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
-
-
 def _best_item(state) -> dict:
     return {"params": state["params"], "step": state["step"]}
 
@@ -65,8 +61,10 @@ class Checkpoints:
 
     def save(self, step: int, state, val_loss: Optional[float] = None):
         self.latest.save(step, args=ocp.args.PyTreeSave(state), force=True)
+        if val_loss is None:
+            return
         best = self.best_val_loss()
-        if val_loss is not None and (best is None or val_loss < best):  # a worse one would be deleted at once
+        if best is None or val_loss < best:  # a worse one would be deleted at once
             self.best.save(step, args=ocp.args.PyTreeSave(_best_item(state)), metrics={"val_loss": float(val_loss)},
                            force=True)
 
@@ -78,12 +76,12 @@ class Checkpoints:
         step = self.latest.latest_step()
         where = (f"The checkpoint {self.latest.directory}/{step} does not match this run's model/optimizer state "
                  f"(was the workdir used with another config?). Use a new --workdir, or the config that wrote it.")
-        saved = _shapes(getattr(self.latest.item_metadata(step), "tree", None) or {})
-        wrong = [f"{k}: this run {shape}, the checkpoint {saved[k]}" for k, shape in _shapes(like).items()
-                 if k in saved and saved[k] != shape]
-        if wrong:  # named here: orbax's own message gives the shapes but not the array
-            raise ValueError(f"{where} Arrays that differ in shape ({len(wrong)} found; the first 5): "
-                             + "; ".join(wrong[:5]))
+        saved = getattr(self.latest.item_metadata(step), "tree", None) or {}
+        if "params" in saved:  # checked here: orbax's own message gives the shapes but not the array
+            try:
+                check_shapes(saved["params"], like["params"], source="the checkpoint", what="this run's params")
+            except ValueError as e:
+                raise ValueError(f"{where}\n{e}") from None
         try:
             return self.latest.restore(step, args=_restore_args(like))
         except (ValueError, KeyError, TypeError) as e:
