@@ -33,6 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from lalign import allocator
+
 # Peak dense bf16 TFLOP/s per chip, from the vendors' data sheets.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
                "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
@@ -218,7 +220,8 @@ def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict
         "xla_flops_note": "scanned blocks: XLA counts one block" if teacher.scan else "",
         "flops_per_image_parts": {k: v for k, v in model_flops.items()}, "achieved_tflops": achieved,
         "peak_tflops": peak, "peak_source": peak_source, "mfu": achieved / peak if peak == peak else None,
-        "peak_memory_bytes": mem.get("peak_bytes_in_use"), "loss": float(metrics["loss"]), **breakdown,
+        "peak_memory_bytes": mem.get("peak_bytes_in_use"), "loss": float(metrics["loss"]),
+        "allocator": allocator.describe(), **breakdown,
     }
 
 
@@ -237,4 +240,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("profile", "", "Trace one more step into this directory and add `time_breakdown` (share "
                         "of op time by teacher/student/decoder/optimizer and by attention matmul/matmul/other).")
     flags.mark_flags_as_required(["config"])
+    allocator.use_tcmalloc()  # CPU step times depend on it: lalign/allocator.py
     app.run(main)

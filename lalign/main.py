@@ -2,6 +2,8 @@
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from lalign import allocator
+
 config_flags.DEFINE_config_file("config", None, "Experiment config file (a `get_config(arg)` module).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and summary.json go.")
@@ -24,4 +26,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc()  # re-runs this command with tcmalloc when installed: see lalign/allocator.py
     app.run(main)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from lalign import allocator
 from lalign import data as data_lib
 from lalign import probe as probe_lib
 from lalign.metrics import info
@@ -60,6 +61,11 @@ def run(config, workdir: str) -> dict:
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
     _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    info(f"[host] jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
+         f"{allocator.describe()}")
+    if jax.default_backend() == "cpu" and not allocator.loaded():
+        info("[host] XLA:CPU steps run 1.3-2x faster with tcmalloc (Debian/Ubuntu: apt-get install "
+             "libtcmalloc-minimal4; lalign/allocator.py)")
     times = {}
     if "maskembed" in config.stages:  # fail fast on a wrong data path, before loading a large teacher
         data_lib.image_source(config.data, "maskembed", seed=config.seed)

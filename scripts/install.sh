@@ -5,6 +5,27 @@
 # it asks for torchvision, which would pull such a torch; timm's ViTs do not need torchvision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# tcmalloc (Debian/Ubuntu package libtcmalloc-minimal4): XLA:CPU steps run 1.3-2x faster with it, and lalign's
+# entry points preload it when it is installed (lalign/allocator.py). Best effort: installed only as root where
+# apt-get exists; anything else prints a hint and goes on. LALIGN_SKIP_TCMALLOC=1 skips this.
+install_tcmalloc() {
+  { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep -q libtcmalloc && return 0
+  [ -n "${LALIGN_SKIP_TCMALLOC:-}" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install.sh: installing tcmalloc (apt-get install libtcmalloc-minimal4) for faster XLA:CPU steps"
+    export DEBIAN_FRONTEND=noninteractive
+    for pkg in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do  # the second: Ubuntu 24.04's name
+      apt-get install -y -q "$pkg" >/dev/null 2>&1 && return 0
+    done
+    apt-get update -q >/dev/null 2>&1 || true
+    for pkg in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do
+      apt-get install -y -q "$pkg" >/dev/null 2>&1 && return 0
+    done
+  fi
+  echo "install.sh: tcmalloc not installed; for 1.3-2x faster CPU steps: sudo apt-get install libtcmalloc-minimal4"
+}
+install_tcmalloc
+
 case "${1:-core}" in
   core) python -m pip install -q -e . ;;
   test)
