@@ -4,13 +4,14 @@ Why: XLA:CPU allocates a step's buffers afresh on every call and frees them afte
 blocks with freshly mapped pages and unmaps them on free, so every step page-faults all of its activations again.
 A jitted elementwise op on 64 MiB took 37 ms with glibc (16,384 minor page faults per call: every page) and 7 ms
 with tcmalloc (none), which keeps freed pages mapped for the next step. Whole MaskEmbed steps on a 2-core CPU VM:
-demo model 1.3-2x faster, ViT-B/16 1.3x (docs/performance.md, session 11). glibc's own knobs
-(MALLOC_MMAP_MAX_=0, a high trim threshold, one arena) recovered a third of that.
+the demo model 1.8x faster, ViT-B/16 1.3x (docs/performance.md, session 11). glibc's own knobs (MALLOC_MMAP_MAX_=0,
+a high trim threshold, one arena) recovered less than half of the B/16 gain; jemalloc's defaults none of it.
 
-The allocator is fixed when the process starts, so `python -m lalign.main` and `python -m lalign.bench` call
-`use_tcmalloc()` before anything else: if tcmalloc is installed but not loaded, it runs the same command again
-(`os.execv`, same arguments and environment) with tcmalloc in LD_PRELOAD. On TPU and GPU hosts the step's memory
-is the accelerator's, so this matters little there, but tcmalloc is what TPU VM images preload anyway.
+The allocator is fixed when the process starts, so the CLIs (`python -m lalign.main`, `lalign.bench`,
+`lalign.probe`) call `use_tcmalloc()` before anything else: if tcmalloc is installed but not loaded, it runs the
+same command again (`os.execve`, same arguments and environment) with tcmalloc in LD_PRELOAD. On TPU and GPU
+hosts the step's memory is the accelerator's, so this matters little there; TPU VM images often preload tcmalloc
+anyway.
 
     LALIGN_TCMALLOC unset or "auto"   preload tcmalloc when it is found (Debian/Ubuntu: libtcmalloc-minimal4)
     LALIGN_TCMALLOC=0                 leave the allocator alone

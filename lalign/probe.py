@@ -587,4 +587,7 @@ if __name__ == "__main__":
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Where results.json, per_class.md (and features/ if stored on disk) go.")
     flags.mark_flags_as_required(["config", "workdir"])
+    from lalign import allocator
+
+    allocator.use_tcmalloc()  # feature extraction and probe training run on the CPU too: lalign/allocator.py
     app.run(main)

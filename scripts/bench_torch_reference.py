@@ -17,7 +17,8 @@ independently with timm's ViT:
 
 Prints one JSON line: images/s and step time (median, min), the analytic FLOPs per image of lalign/bench.py,
 achieved GFLOP/s, the measured float32 matmul peak of this CPU and the MFU. A benchmark only: the library does
-not use it. Weights are random (pretrained=False): the step's cost does not depend on them.
+not use it. Weights are random (pretrained=False): the step's cost does not depend on them. Like lalign.bench it
+runs with tcmalloc where installed (lalign/allocator.py; eager PyTorch gains from it too on small models).
 """
 import argparse
 import copy
@@ -36,6 +37,8 @@ if importlib.util.find_spec("torchvision") is None:  # timm imports torchvision;
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "shims"))
 import timm  # noqa: E402
 from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
+
+from lalign import allocator  # noqa: E402  (the same allocator as lalign.bench: it changes CPU step times)
 
 NUM_MASKS = 3
 
@@ -162,8 +165,9 @@ def main():
         "batch_size": b, "images_per_s": b / step_s, "step_s": step_s, "step_s_min": min(times),
         "torch_version": torch.__version__, "num_threads": torch.get_num_threads(),
         "flops_per_image": fl["total"], "flops_per_image_parts": fl, "achieved_gflops_per_s": achieved,
-        "peak_gflops_per_s": peak, "mfu": achieved / peak, "loss": loss}))
+        "peak_gflops_per_s": peak, "mfu": achieved / peak, "loss": loss, "allocator": allocator.describe()}))
 
 
 if __name__ == "__main__":
+    allocator.use_tcmalloc()  # LALIGN_TCMALLOC=0 keeps the system allocator, as for lalign.bench
     main()
