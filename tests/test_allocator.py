@@ -26,9 +26,8 @@ _ENTRY = textwrap.dedent("""
 def _run_entry(tmp_path, env_update, *args):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LALIGN_TCMALLOC")}
     env.update(env_update, PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", _ENTRY, *args], cwd=tmp_path, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", _ENTRY, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
-    return proc
 
 
 def _standin_library(tmp_path):
