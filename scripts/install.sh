@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # entry points preload it when it is installed (lalign/allocator.py). Best effort: installed only as root where
 # apt-get exists; anything else prints a hint and goes on. LALIGN_SKIP_TCMALLOC=1 skips this.
 install_tcmalloc() {
-  { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep libtcmalloc >/dev/null && return 0  # not grep -q: under pipefail its early exit fails the pipe
+  # (not grep -q: its early exit would fail the pipe under pipefail)
+  { ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | grep libtcmalloc >/dev/null && return 0
   [ -n "${LALIGN_SKIP_TCMALLOC:-}" ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "install.sh: installing tcmalloc (apt-get install libtcmalloc-minimal4) for faster XLA:CPU steps"
