@@ -15,13 +15,15 @@ install_tcmalloc() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "install.sh: installing tcmalloc (apt-get install libtcmalloc-minimal4) for faster XLA:CPU steps"
     export DEBIAN_FRONTEND=noninteractive
-    for pkg in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do  # the second: Ubuntu 24.04's name
-      apt-get install -y -q "$pkg" >/dev/null 2>&1 && return 0
-    done
-    apt-get update -q >/dev/null 2>&1 || true
-    for pkg in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do
-      apt-get install -y -q "$pkg" >/dev/null 2>&1 && return 0
-    done
+    apt_install() {
+      local pkg
+      for pkg in libtcmalloc-minimal4 libtcmalloc-minimal4t64; do  # the second: Ubuntu 24.04's name
+        timeout 300 apt-get install -y -q "$pkg" >/dev/null 2>&1 && return 0
+      done
+      return 1
+    }
+    apt_install && return 0
+    timeout 300 apt-get update -q >/dev/null 2>&1 && apt_install && return 0  # package lists may be empty
   fi
   echo "install.sh: tcmalloc not installed; for 1.3-2x faster CPU steps: sudo apt-get install libtcmalloc-minimal4"
 }
