@@ -1,4 +1,6 @@
 """The embedded scenes: crop-and-resize, the teacher's random-crop augmentation and its labels."""
+import hashlib
+
 import jax
 import numpy as np
 
@@ -13,6 +15,34 @@ def test_crop_resize_of_the_whole_image_at_its_size_is_the_identity():
     ramp = np.tile(np.arange(12, dtype=np.float32), (12, 1))
     out = scenes.crop_resize(ramp, (0, 0, 6, 12), 12)
     assert out.shape == (12, 12) and np.all(np.diff(out[0]) >= 0) and out.max() <= 6.0
+
+
+def test_scenes_are_the_ones_the_documented_demo_results_were_measured_on():
+    """Pins scenes 100-105 of two splits, as rendered when docs/results.md was measured. The renderer caches
+    what scenes share (lalign/data/scenes.py); a change that alters any scene fails here. Labels, patch labels
+    and segmentations are exact; image sums get a tolerance (the background's float64 `sin` may differ in the
+    last bit between CPUs)."""
+    expected = {"maskembed": ("2741cc2e0849075c", [-2662.667, -2070.852, -4128.03, -1042.956, -1231.113, -3409.345]),
+                "probe_test": ("bcea8200ccbde213", [-2398.428, -2852.074, 154.346, -3469.548, -123.939, -1605.23])}
+    for split, (digest, image_sums) in expected.items():
+        ex = scenes.Scenes(scenes.SceneSpec(), split, seed=0).examples(100, 6)
+        exact = b"".join(ex[k].tobytes() for k in ("labels", "patch_labels", "segmentation"))
+        assert hashlib.sha256(exact).hexdigest()[:16] == digest, split
+        np.testing.assert_allclose(ex["image"].sum(axis=(1, 2, 3)), image_sums, rtol=1e-5, atol=0.01, err_msg=split)
+
+
+def test_changing_a_rendered_batch_in_place_does_not_change_later_renders():
+    stream = scenes.Scenes(scenes.SceneSpec(), "pretrain", seed=3)
+    first = stream.examples(0, 4)
+    again = {k: v.copy() for k, v in first.items()}
+    for v in first.values():
+        v[...] = 7  # a caller (augmentation, normalization) may write into what it got
+    scene, _, objects = scenes.make_scene(np.random.default_rng([3, scenes.SPLITS["pretrain"], 0]),
+                                          scenes.SceneSpec(), "train")
+    for _, alpha in objects:
+        alpha[...] = 7
+    for k, v in stream.examples(0, 4).items():
+        np.testing.assert_array_equal(v, again[k], err_msg=k)
 
 
 def _two_corner_objects(size=32):
