@@ -37,8 +37,8 @@ def test_changing_a_rendered_batch_in_place_does_not_change_later_renders():
     again = {k: v.copy() for k, v in first.items()}
     for v in first.values():
         v[...] = 7  # a caller (augmentation, normalization) may write into what it got
-    scene, _, objects = scenes.make_scene(np.random.default_rng([3, scenes.SPLITS["pretrain"], 0]),
-                                          scenes.SceneSpec(), "train")
+    _, _, objects = scenes.make_scene(np.random.default_rng([3, scenes.SPLITS["pretrain"], 0]),
+                                      scenes.SceneSpec(), "train")
     for _, alpha in objects:
         alpha[...] = 7
     for k, v in stream.examples(0, 4).items():
