@@ -5,6 +5,8 @@
         --config.init_from=/data/siglip-so400m-patch14-384 --config.data.path=/data/imagenet21k/train
     # tiny, on CPU, no download (random teacher, synthetic scenes):
     python -m lalign.main --config=configs/siglip_so400m.py:smoke --workdir=/tmp/smoke_so400m
+    # the same tiny model as a multi-host job on this machine, on JPEG files (README, "Pod rehearsal"):
+    bash scripts/pod_rehearsal.sh --processes 4 --devices 2 --steps 30 --sigterm-at 12   # uses :smoke_folder
 
 Teacher (`init_from`): a SigLIP So400m/14 384 px image tower in any format lalign reads: a Hugging Face
 directory of `google/siglip-so400m-patch14-384`, a big_vision SigLIP `.npz` (two-tower files: the image tower is
@@ -53,8 +55,8 @@ BATCH = 1024
 
 def get_config(arg: str = "full"):
     arg = arg or "full"
-    if arg not in ("full", "smoke"):
-        raise ValueError(f"configs/siglip_so400m.py takes 'full' or 'smoke', got {arg!r}.")
+    if arg not in ("full", "smoke", "smoke_folder"):
+        raise ValueError(f"configs/siglip_so400m.py takes 'full', 'smoke' or 'smoke_folder', got {arg!r}.")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = ("maskembed",)
@@ -102,7 +104,7 @@ def get_config(arg: str = "full"):
     c.probe = dict(num_train=4000, num_val=500, num_test=1000, depth=2, epochs=5, batch_size=32, lr=1e-3,
                    lr_min_ratio=0.1, warmup_steps=500, wd=1e-4, seeds=(0,))
 
-    if arg == "smoke":  # the same family (MAP head, patch grid not covering the image, scan + remat), tiny
+    if arg.startswith("smoke"):  # the same family (MAP head, patch grid not covering the image, scan + remat), tiny
         c.init_from = "random"
         c.data = dict(name="scenes", image_size=30, patch_size=7, min_objects=1, max_objects=2, digit_size=(8, 12),
                       num_colours=1, min_patch_pixels=4, max_overlap=0.2)
@@ -118,4 +120,12 @@ def get_config(arg: str = "full"):
         c.checkpoint_every = 0
         c.val_batches = 1
         c.async_checkpointing = False
+    if arg == "smoke_folder":  # the smoke model on real image files (--config.data.path=DIR): `lalign.rehearse`
+        c.data = dict(name="image_folder", path="", val_path="", num_val=16, file_list="", image_size=30,
+                      normalization="siglip", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
+                      val_crop_fraction=1.0, num_workers=2, prefetch=True)
+        c.total_steps = 30
+        c.eval_every = 10
+        c.checkpoint_every = 5
+        c.async_checkpointing = True
     return c

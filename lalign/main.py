@@ -7,8 +7,15 @@ from lalign import allocator
 config_flags.DEFINE_config_file("config", None, "Experiment config file (a `get_config(arg)` module).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and summary.json go.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (every host of a multi-host "
-                  "TPU slice runs the same command; see launch/README.md).")
+flags.DEFINE_bool("distributed", False, "Join a multi-host job first (every host runs the same command; "
+                  "lalign/distributed.py, launch/README.md).")
+flags.DEFINE_string("coordinator_address", "", "--distributed: host:port of process 0 (default: "
+                    "$JAX_COORDINATOR_ADDRESS, else detected on Cloud TPU / SLURM / ...).")
+flags.DEFINE_integer("num_processes", None, "--distributed: number of hosts (default: $JAX_NUM_PROCESSES or detected).")
+flags.DEFINE_integer("process_id", None, "--distributed: this host's index (default: $JAX_PROCESS_ID or detected).")
+flags.DEFINE_integer("distributed_timeout", 300, "--distributed: seconds to wait for every host to join.")
+flags.DEFINE_integer("heartbeat_timeout", 100, "--distributed: seconds after which a silent (dead) host stops the "
+                     "others, which then exit naming it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -16,13 +23,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; our progress lines are enough
-    if flags.FLAGS.distributed:
-        import jax
+    f = flags.FLAGS
+    if f.distributed:
+        from lalign import distributed
 
-        jax.distributed.initialize()  # coordinator and process ids from the TPU/GPU environment
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                               initialization_timeout_s=f.distributed_timeout,
+                               heartbeat_timeout_s=f.heartbeat_timeout)
+    elif f.coordinator_address or f.num_processes is not None or f.process_id is not None:
+        raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
     from lalign import pipeline  # after flag parsing: keeps --help fast
 
-    pipeline.run(flags.FLAGS.config, flags.FLAGS.workdir)
+    pipeline.run(f.config, f.workdir)
 
 
 if __name__ == "__main__":

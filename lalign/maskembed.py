@@ -6,6 +6,7 @@ tokens + N and prefix tokens are always 0 (the student's class token carries no 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -150,9 +151,11 @@ class Teacher:
 
 
 def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, whiten: bool = False,
-                          eps: float = 1e-2) -> dict:
+                          eps: float = 1e-2, out_sharding=None) -> dict:
     """Statistics of the teacher's outputs on masked images (masks drawn from `key` as in training), from one
-    pass over equal-sized `batches`, accumulated in float64:
+    pass over equal-sized `batches`, accumulated in float64. The batches may be global arrays sharded over a
+    mesh (`out_sharding`: replicated on it): the teacher then runs sharded like the train step, so no device
+    holds more than its share of the pass.
 
     - 'std': their global std. Dividing by it makes the loss of the best constant prediction 1, so losses are
       comparable across backbones.
@@ -164,15 +167,15 @@ def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, w
     """
     grid = patch_grid(batches[0].shape[1:3], teacher.model.patch_size)
 
-    @jax.jit
-    def moments(images, key):
+    @functools.partial(jax.jit, out_shardings=out_sharding)
+    def moments(params, images, key):  # params as an argument: a jit may not close over a multi-host array
         t = teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg))
         if not whiten:  # global mean and mean square suffice
             return jnp.mean(t), jnp.mean(jnp.square(t))
         t = t.reshape(-1, t.shape[-1])
         return jnp.mean(t, 0), t.T @ t / t.shape[0]  # per-feature mean (D,), second moment (D, D)
 
-    per_batch = [jax.device_get(moments(jnp.asarray(images), jax.random.fold_in(key, i)))
+    per_batch = [jax.device_get(moments(params, jnp.asarray(images), jax.random.fold_in(key, i)))
                  for i, images in enumerate(batches)]
     mean, second = (np.mean([np.asarray(b[j], np.float64) for b in per_batch], axis=0) for j in (0, 1))
     mean_sq = np.diag(second).mean() if whiten else second

@@ -16,6 +16,7 @@ from etils import epath
 
 from lalign import allocator
 from lalign import data as data_lib
+from lalign import distributed
 from lalign import probe as probe_lib
 from lalign.metrics import info
 from lalign.pretrain import pretrain_teacher, teacher_model
@@ -60,8 +61,10 @@ def run(config, workdir: str) -> dict:
         raise ValueError("The 'probe' stage compares the teacher with the aligned student, so it needs the "
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
+    distributed.check_same_config(config)  # before anything is written
     _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    info(f"[host] jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s), "
+    hosts = f"{jax.process_count()} processes x {jax.local_device_count()}, " if jax.process_count() > 1 else ""
+    info(f"[host] jax {jax.__version__}, {hosts}{jax.device_count()} {jax.default_backend()} device(s), "
          f"{allocator.describe()}")
     if jax.default_backend() == "cpu" and not allocator.loaded():
         info("[host] XLA:CPU steps run 1.3-2x faster with tcmalloc (Debian/Ubuntu: apt-get install "

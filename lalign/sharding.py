@@ -51,12 +51,22 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices, or the first `mesh_cfg['num_devices']` (tests, benchmarks)."""
+    """A (data, fsdp, tensor) mesh over all devices, or the first `mesh_cfg['num_devices']` (tests, benchmarks).
+
+    Devices are placed by `mesh_utils.create_device_mesh`, which on TPU follows the chips' torus so that the
+    inner axes (fsdp, tensor: the most traffic) sit on neighbouring chips; elsewhere it keeps the enumeration
+    order (each host's devices together). A device subset it cannot lay out keeps the enumeration order."""
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
     if mesh_cfg.get("num_devices"):
         devices = devices[:int(mesh_cfg["num_devices"])]
     shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):  # e.g. a TPU subset that is not a sub-torus
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, AXES)
 
 
 def path_str(path) -> str:
@@ -117,6 +127,23 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
     if batch_size % shards:
         raise ValueError(f"config.batch_size {batch_size} is not divisible by the {shards} batch shards of the mesh "
                          f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}).")
+
+
+def host_shard(batch_size: int, mesh: Mesh) -> tuple[int, int]:
+    """(i, n): this process's devices hold the i-th of n equal, contiguous slices of every global batch, which is
+    what the data sources build (`batch(step, batch_size, shard=(i, n))`). Read from the batch sharding itself,
+    so it holds for any mesh layout (a host whose devices share rows with another host's builds the same rows)."""
+    check_batch_divisible(batch_size, mesh)
+    rows = sorted({(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+                   for s in batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()})
+    start, stop = rows[0][0], rows[-1][1]
+    covered = sum(b - a for a, b in rows)
+    local = stop - start
+    if covered != local or batch_size % local or start % local:
+        raise ValueError(f"Process {jax.process_index()}'s devices hold batch rows {rows} of {batch_size}: not one "
+                         f"contiguous, evenly dividing slice. Use a mesh whose batch axes (data, fsdp) keep each "
+                         f"host's devices together.")
+    return start // local, batch_size // local
 
 
 def put_batch(x: np.ndarray, mesh: Mesh):

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-import signal
-import threading
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lalign import data as data_lib
+from lalign import distributed
 from lalign import maskembed
 from lalign import sharding
 from lalign.checkpoints.manager import Checkpoints
@@ -182,7 +184,9 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
         return {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-    @functools.partial(jax.jit, in_shardings=(state_sh["params"], teacher_sh, batch_sh, None, repl),
+    norm_sh = target_norm(state_sh)  # the whitening matrix is sharded like the state holds it (fsdp > 1)
+
+    @functools.partial(jax.jit, in_shardings=(state_sh["params"], teacher_sh, batch_sh, None, norm_sh),
                        out_shardings=repl)
     def eval_loss(params, teacher_params, images, key, norm):
         return loss_fn(params, teacher_params, images, key, norm, False)[0]
@@ -195,39 +199,47 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
 
 def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[str, Any]:
     """Runs (or resumes) MaskEmbed. Returns {'params': best by val loss, 'last_params', 'best_val_loss',
-    'best_step', 'target_std', 'step', 'model'}."""
+    'best_step', 'target_std', 'step', 'model'}.
+
+    Multi-host: every host builds only the rows of each batch its devices hold (training, target statistics,
+    validation), all hosts take part in every checkpoint save and restore, process 0 alone writes metrics, and a
+    preemption stops every host at one agreed step (`lalign.distributed.Preemption`). Each host leaves a short
+    account of what it did in `workdir/hosts/process_<i>.json`."""
     cfg = config.maskembed
     total_steps, batch_size = config.total_steps, config.batch_size
     check_image_size(teacher, teacher_params, config.data.image_size, "teacher")
 
+    size = config.data.image_size
+    s = build_step(config, teacher, teacher_params, np.zeros((2, size, size, 3), np.float32))
+    mesh, repl = s.mesh, sharding.replicated(s.mesh)
+    shard = sharding.host_shard(batch_size, mesh)  # (i, n): this host's slice of every global batch
+
     # --- Data: the training stream and a fixed validation set (fixed masks too: comparable across evals).
     train_data = data_lib.image_source(config.data, "maskembed", seed=config.seed)
-    val_images = [b["image"] for b in data_lib.fixed_batches(config.data, "maskembed_val", config.val_batches,
-                                                             batch_size, seed=config.seed)]
-    s = build_step(config, teacher, teacher_params, val_images[0][:2])
-    mesh, repl = s.mesh, sharding.replicated(s.mesh)
-    shard = (jax.process_index(), jax.process_count())
+    val_batches = [sharding.put_batch(b["image"], mesh) for b in data_lib.fixed_batches(
+        config.data, "maskembed_val", config.val_batches, batch_size, seed=config.seed, shard=shard)]
+    host = HostReport(workdir, shard, batch_size)
 
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=config.get("async_checkpointing", True))
     state = s.init(teacher_params, s.keys["init"])
     if ckpts.latest_step() is not None:
         state = ckpts.restore_latest(state)
-        info(f"[maskembed] resumed from {ckpts.latest.directory} at step {int(state['step'])}")
+        host.resumed_from = int(state["step"])
+        info(f"[maskembed] resumed from {ckpts.latest.directory} at step {host.resumed_from}")
     else:
-        # Target scale (and whitening): measured on masked images once before training and kept in the state
-        # so a resumed run uses the same values.
-        std_batches = [train_data.batch(i, batch_size)["image"] for i in range(cfg.target_std_batches)]
+        # Target scale (and whitening): measured on masked images once before training, sharded over the mesh like
+        # the step, and kept in the state so a resumed run uses the same values.
+        std_batches = [sharding.put_batch(train_data.batch(i, batch_size, shard)["image"], mesh)
+                       for i in range(cfg.target_std_batches)]
         stats = maskembed.estimate_target_stats(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg,
-                                                whiten=bool(cfg.get("whiten_targets")))
+                                                whiten=bool(cfg.get("whiten_targets")), out_sharding=repl)
+        del std_batches
         if cfg.get("normalize_targets", True):
-            state["target_std"] = jax.device_put(jnp.asarray(stats["std"], jnp.float32), repl)
+            state["target_std"] = jax.device_put(np.float32(stats["std"]), repl)
         info(f"[maskembed] teacher target std (masked images) = {stats['std']:.4f}")
         if "whitening" in stats:
             state["target_whitening"] = jax.device_put(stats["whitening"], s.state_shardings["target_whitening"])
             info("[maskembed] targets whitened (ZCA on masked images)")
-
-    local = batch_size // shard[1]  # this host's contiguous slice of each global validation batch
-    val_batches = [sharding.put_batch(im[shard[0] * local:(shard[0] + 1) * local], mesh) for im in val_images]
 
     def validate(state) -> float:
         losses = [s.eval_loss(state["params"], s.teacher_params, im, jax.random.fold_in(s.keys["val"], i),
@@ -241,11 +253,13 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         writer.write(0, val_loss=val)
         info(f"[maskembed] step 0 | val_loss {val:.4f} (before training)")
     sums, count = None, 0
-    with _PreemptionGuard() as preemption:
+    with distributed.Preemption() as preemption:
         while step < total_steps:
-            if preemption.requested:  # SIGTERM (preemption): save where we are, then stop; a restart resumes here
-                ckpts.save(step, state)
+            if preemption.stop(step):  # SIGTERM on any host: all hosts save this same step, then stop
+                if ckpts.latest_step() != step:  # the signal may have come during this step's own save
+                    ckpts.save(step, state)
                 ckpts.wait()
+                host.write(step, "preempted", train_data)
                 info(f"[maskembed] SIGTERM: saved step {step} to {ckpts.latest.directory}; exiting")
                 raise SystemExit(143)
             images = sharding.put_batch(train_data.batch(step, batch_size, shard)["image"], mesh)
@@ -270,6 +284,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             elif config.get("checkpoint_every") and step % config.checkpoint_every == 0:
                 ckpts.save(step, state)
     ckpts.wait()
+    host.write(step, "finished", train_data)
     best = ckpts.restore_best(state)
     result = {"params": best["params"], "last_params": state["params"], "best_val_loss": ckpts.best_val_loss(),
               "best_step": ckpts.best.best_step(), "target_std": float(state["target_std"]), "step": step,
@@ -278,22 +293,24 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
     return result
 
 
-class _PreemptionGuard:
-    """Turns SIGTERM into a flag the loop checks between steps (a step is never cut in half)."""
+class HostReport:
+    """`workdir/hosts/process_<i>.json`, written by each host for itself: its devices, the rows of each global
+    batch it builds, the steps it ran and the files it read. How a pod rehearsal checks every host's share."""
 
-    def __enter__(self):
-        self.requested, self._previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
+    def __init__(self, workdir: str, shard: tuple[int, int], batch_size: int):
+        local = batch_size // shard[1]
+        self.path = epath.Path(workdir) / "hosts" / f"process_{jax.process_index()}.json"
+        self.record = {"process": jax.process_index(), "processes": jax.process_count(),
+                       "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+                       "batch_rows": [shard[0] * local, (shard[0] + 1) * local], "batch_size": batch_size}
+        self.resumed_from, self._t0 = None, time.time()
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+    def write(self, step: int, outcome: str, train_data) -> None:
+        record = {**self.record, "outcome": outcome, "resumed_from": self.resumed_from, "step": step,
+                  "seconds": round(time.time() - self._t0, 1),
+                  "train_files_read": getattr(train_data, "num_read", None)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(record, indent=2))
 
 
 def _check_finite(value: float, step: int, ckpts: Checkpoints, what: str = "training loss") -> None:

@@ -51,13 +51,21 @@ class Checkpoints:
     def __init__(self, directory: str, keep_latest: int = 1, async_save: bool = True):
         directory = os.path.abspath(directory) if "://" not in directory else directory
         opts = dict(enable_async_checkpointing=async_save, create=True)
+
+        def hosts(name):
+            # Both managers save the same step at once; orbax names its cross-host barriers after the step, so
+            # without a prefix each other's barriers collide and a multi-host save hangs.
+            return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
         self.latest = ocp.CheckpointManager(
             os.path.join(directory, "latest"), item_handlers=_handler(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, **opts))
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, multiprocessing_options=hosts("latest"),
+                                                 **opts))
         self.best = ocp.CheckpointManager(
             os.path.join(directory, "best"), item_handlers=_handler(),
             options=ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: m["val_loss"], best_mode="min",
-                                                 keep_checkpoints_without_metrics=False, **opts))
+                                                 keep_checkpoints_without_metrics=False,
+                                                 multiprocessing_options=hosts("best"), **opts))
 
     def save(self, step: int, state, val_loss: Optional[float] = None):
         self.latest.save(step, args=ocp.args.PyTreeSave(state), force=True)
@@ -114,9 +122,11 @@ class Checkpoints:
 
 
 def save_params(path: str, params) -> None:
-    """Saves a params pytree (e.g. a finished teacher) with orbax, synchronously."""
+    """Saves a params pytree (e.g. a finished teacher) with orbax, synchronously. Written from host memory: on a
+    multi-host run each host holds its own (identical) copy on its local devices, which orbax cannot save as
+    jax.Arrays; every host still takes part in the save (orbax's barriers), process 0 writes."""
     with ocp.Checkpointer(_handler()) as ckptr:
-        ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(params), force=True)
+        ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(jax.device_get(params)), force=True)
 
 
 def load_params(path: str, like=None):

@@ -30,13 +30,17 @@ def image_source(data_cfg, split: str, seed: int = 0):
     raise ValueError(f"Unknown config.data.name {name!r}; available: {SOURCES}.")
 
 
-def fixed_batches(data_cfg, split: str, num_batches: int, batch_size: int, seed: int = 0) -> list[dict]:
-    """A fixed list of batches (validation/probe sets): batch i holds global positions i*B .. (i+1)*B-1."""
+def fixed_batches(data_cfg, split: str, num_batches: int, batch_size: int, seed: int = 0,
+                  shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """A fixed list of batches (validation/probe sets): batch i holds global positions i*B .. (i+1)*B-1, of which
+    this host builds only its slice `shard` = (i, n), as `.batch` does."""
     source = image_source(data_cfg, split, seed=seed)
-    if hasattr(source, "examples"):  # the same images as .batch(i, batch_size), without look-ahead
-        out = [source.examples(i * batch_size, batch_size) for i in range(num_batches)]
+    index, count = shard
+    local = batch_size // count
+    if hasattr(source, "examples"):  # the same images as .batch(i, batch_size, shard), without look-ahead
+        out = [source.examples(i * batch_size + index * local, local) for i in range(num_batches)]
     else:
-        out = [source.batch(i, batch_size) for i in range(num_batches)]
+        out = [source.batch(i, batch_size, shard) for i in range(num_batches)]
     if hasattr(source, "close"):
         source.close()
     return out

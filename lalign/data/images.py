@@ -177,6 +177,7 @@ class ImageSource:
         self._lock = threading.Lock()
         self._perms: dict[int, np.ndarray] = {}
         self._skipped: dict[int, str] = {}  # example id -> reason
+        self.num_read = 0  # files/records read (prefetched ones included): each host reads only its own rows
         workers = int(opts.get("num_workers") or 0) or min(32, os.cpu_count() or 1)
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix=f"lalign-decode-{split}")
         self._ahead = cf.ThreadPoolExecutor(1, thread_name_prefix=f"lalign-prefetch-{split}")
@@ -270,6 +271,8 @@ class ImageSource:
             if attempt:  # the previous draw was unreadable: another example of the split, same generator
                 example = int(self.members[rng.integers(len(self.members))])
             try:
+                with self._lock:
+                    self.num_read += 1
                 data, label = self.load(example)
                 image = decode_and_crop(data, self.image_size, self.train, rng, self.opts)
             except Exception as e:  # noqa: BLE001 - any unreadable image is skipped, never fatal

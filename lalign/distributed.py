@@ -1,0 +1,145 @@
+"""Multi-host runs: joining the job, checking that every host runs the same experiment, stopping together.
+
+Every host of a slice runs the same `python -m lalign.main ... --distributed`. Where the job's coordinator and
+this host's place in it come from, first found wins:
+  1. flags `--coordinator_address`, `--num_processes`, `--process_id`;
+  2. environment variables `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`;
+  3. JAX's cluster auto-detection (Cloud TPU VMs, SLURM, Open MPI, ...), when none of the above is set.
+So the same command runs on a TPU slice (nothing to give), on GPU hosts and on localhost (`lalign.rehearse`).
+
+Preemption on a slice: the SIGTERM reaches the hosts at different moments, so a host that saved "where it is"
+would enter a checkpoint of another step than its peers (a hang, or a checkpoint of two steps). JAX's preemption
+sync (`reached_preemption_sync_point`) makes all hosts agree, through the coordination service and without any
+device work, on one step at which every host stops; `Preemption` wraps it, and falls back to a plain SIGTERM flag
+in a single-process run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from typing import Optional
+
+import numpy as np
+
+ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+       "process_id": "JAX_PROCESS_ID"}
+
+
+def resolve(coordinator_address: str = "", num_processes: Optional[int] = None,
+            process_id: Optional[int] = None, environ=os.environ) -> dict:
+    """The arguments for `jax.distributed.initialize` from flags, then the environment; absent ones are left to
+    JAX's cluster auto-detection. A half-given localhost job (an address without a count) is a clear error."""
+    given = {"coordinator_address": coordinator_address or None, "num_processes": num_processes,
+             "process_id": process_id}
+    for name, var in ENV.items():
+        if given[name] is None and environ.get(var, "") != "":
+            value = environ[var]
+            if name != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"{var}={value!r} is not an integer.") from None
+            given[name] = value
+    out = {k: v for k, v in given.items() if v is not None}
+    if out and set(out) != set(ENV):
+        missing = [f"--{k} (or {ENV[k]})" for k in ENV if k not in out]
+        raise ValueError(f"--distributed: got {sorted(out)} but not {', '.join(missing)}; give all three, or none "
+                         f"to let JAX detect the cluster (Cloud TPU, SLURM, ...).")
+    if "num_processes" in out:
+        if out["num_processes"] < 1:
+            raise ValueError(f"--num_processes must be at least 1, got {out['num_processes']}.")
+        if not 0 <= out["process_id"] < out["num_processes"]:
+            raise ValueError(f"--process_id {out['process_id']} is outside 0..{out['num_processes'] - 1}.")
+    return out
+
+
+def initialize(coordinator_address: str = "", num_processes: Optional[int] = None,
+               process_id: Optional[int] = None, *, initialization_timeout_s: int = 300,
+               heartbeat_timeout_s: int = 100) -> None:
+    """Joins the multi-host job. A coordinator that cannot be reached fails after `initialization_timeout_s`; a
+    host that dies (SIGKILL, lost VM) makes the others stop after `heartbeat_timeout_s`, with JAX naming it."""
+    import jax
+
+    kwargs = resolve(coordinator_address, num_processes, process_id)
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        # CPU devices of different processes talk through gloo (a localhost rehearsal); accelerators have their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=int(initialization_timeout_s),
+                                   heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    except Exception as e:  # noqa: BLE001 - whatever JAX raises, the user needs where and why in one line
+        where = kwargs.get("coordinator_address", "the auto-detected coordinator")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"--distributed: could not join the job at {where} as process "
+                           f"{kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')} within "
+                           f"{initialization_timeout_s}s: {first}") from e
+
+
+def config_fingerprint(config) -> str:
+    """A short hash of the whole config (what decides the run), to compare across hosts."""
+    text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_config(config) -> None:
+    """Every host must run the same experiment: hosts started with different configs (a stale checkout, another
+    override) would train different models in one collective step. Compared at start, before anything is
+    written; all hosts raise the same error."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    mine = config_fingerprint(config)
+    digits = np.frombuffer(bytes.fromhex(mine), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digits)).reshape(jax.process_count(), -1)
+    hashes = [bytes(row.astype(np.uint8)).hex() for row in every]
+    if len(set(hashes)) > 1:
+        groups: dict[str, list[int]] = {}
+        for i, h in enumerate(hashes):
+            groups.setdefault(h, []).append(i)
+        desc = "; ".join(f"processes {ids} have config {h}" for h, ids in groups.items())
+        raise ValueError(f"The hosts were started with different configs ({desc}). Run the same command, with "
+                         f"the same checkout and overrides, on every host.")
+
+
+def sync_manager_ready() -> bool:
+    """Whether JAX's preemption sync runs: a multi-host job joined with `jax.distributed.initialize`."""
+    try:
+        from jax._src import distributed as jax_distributed
+    except ImportError:  # pragma: no cover - a JAX without it
+        return False
+    return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
+
+
+class Preemption:
+    """`stop(step)`: whether the run should save step `step` and exit, asked at every step boundary.
+
+    Multi-host: JAX's preemption sync (its notifier catches SIGTERM on any host; every host answers True at the
+    same step). Single process: SIGTERM sets a flag (a step is never cut in half). Use as a context manager."""
+
+    def __enter__(self):
+        self.requested, self._previous = False, None
+        self._synced = sync_manager_ready()
+        if not self._synced and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def stop(self, step: int) -> bool:
+        if self._synced:
+            from jax.experimental import multihost_utils
+
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(int(step))
+        return self.requested
