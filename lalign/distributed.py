@@ -19,7 +19,9 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -56,6 +58,10 @@ def resolve(coordinator_address: str = "", num_processes: Optional[int] = None,
     return out
 
 
+class JoinError(RuntimeError):
+    """This host could not join the multi-host job (coordinator unreachable, hosts missing)."""
+
+
 def initialize(coordinator_address: str = "", num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, initialization_timeout_s: int = 300,
                heartbeat_timeout_s: int = 100) -> None:
@@ -64,6 +70,9 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
     import jax
 
     kwargs = resolve(coordinator_address, num_processes, process_id)
+    if kwargs.get("process_id", 0) != 0:
+        # JAX aborts the whole process (no Python error) when the coordinator never answers: look first.
+        wait_for_coordinator(kwargs["coordinator_address"], initialization_timeout_s, kwargs)
     if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
         # CPU devices of different processes talk through gloo (a localhost rehearsal); accelerators have their own.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -73,9 +82,29 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
     except Exception as e:  # noqa: BLE001 - whatever JAX raises, the user needs where and why in one line
         where = kwargs.get("coordinator_address", "the auto-detected coordinator")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"--distributed: could not join the job at {where} as process "
+        raise JoinError(f"--distributed: could not join the job at {where} as process "
                            f"{kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')} within "
                            f"{initialization_timeout_s}s: {first}") from e
+
+
+def wait_for_coordinator(address: str, timeout_s: float, kwargs: dict) -> None:
+    """Returns once process 0's coordinator accepts connections at `address` (host:port); raises JoinError
+    naming it after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address {address!r} is not host:port.")
+    deadline, last = time.time() + timeout_s, None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            last = e
+        if time.time() > deadline:
+            raise JoinError(f"--distributed: could not join the job at {address} as process "
+                            f"{kwargs['process_id']} of {kwargs['num_processes']} within {timeout_s}s: nothing "
+                            f"answers there ({last}). Is process 0 running, with this address?")
+        time.sleep(0.5)
 
 
 def config_fingerprint(config) -> str:

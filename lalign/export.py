@@ -94,16 +94,12 @@ def _workdir_config(path: str) -> tuple[Optional[str], dict]:
 
 
 def _restore_orbax(path: str):
-    import orbax.checkpoint as ocp
+    from lalign.checkpoints.manager import restore_arrays
 
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
         path = os.path.join(path, "default")
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path)
-    import jax
-
-    return jax.tree.map(np.asarray, tree)
+    return restore_arrays(path)
 
 
 def load_any(path: str, fmt: Optional[str], fields: dict, *, tower: str = "img", quiet: bool = False):

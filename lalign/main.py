@@ -1,4 +1,7 @@
 """Entry point: `python -m lalign.main --config=configs/demo.py --workdir=DIR [--config.total_steps=100]`."""
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -19,6 +22,10 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "--distributed: seconds after whi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# What a user can fix (config, paths, the job's hosts); anything else keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -27,14 +34,24 @@ def main(argv):
     if f.distributed:
         from lalign import distributed
 
-        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
-                               initialization_timeout_s=f.distributed_timeout,
-                               heartbeat_timeout_s=f.heartbeat_timeout)
+        try:
+            distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                                   initialization_timeout_s=f.distributed_timeout,
+                                   heartbeat_timeout_s=f.heartbeat_timeout)
+        except (ValueError, distributed.JoinError) as e:
+            print(f"lalign.main: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
     elif f.coordinator_address or f.num_processes is not None or f.process_id is not None:
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
     from lalign import pipeline  # after flag parsing: keeps --help fast
 
-    pipeline.run(f.config, f.workdir)
+    try:
+        pipeline.run(f.config, f.workdir)
+    except USER_ERRORS as e:  # a wrong config, path or job setup: one clear line, not a traceback
+        if os.environ.get("LALIGN_TRACEBACK"):
+            raise
+        print(f"lalign.main: error: {e}  (LALIGN_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

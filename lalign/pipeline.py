@@ -18,6 +18,7 @@ from lalign import allocator
 from lalign import data as data_lib
 from lalign import distributed
 from lalign import probe as probe_lib
+from lalign import sharding
 from lalign.metrics import info
 from lalign.pretrain import pretrain_teacher, teacher_model
 from lalign.train import train_maskembed
@@ -112,9 +113,11 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     splits = None
     backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
     model = aligned["model"]
+    # Each host probes on its own devices (the same computation everywhere; process 0 writes the results).
+    teacher_params, aligned_params = sharding.to_host((teacher_params, aligned["params"]))
     backbones = {
         "teacher": lambda x: backbone.apply({"params": teacher_params}, x)[1]["encoded"],
-        "aligned": lambda x: model.features(aligned["params"], x),
+        "aligned": lambda x: model.features(aligned_params, x),
     }
     out = {"probe": {}, "image": {}}
     for name, fn in backbones.items():

@@ -58,6 +58,17 @@ def write_jpeg_folder(root: str, num_images: int = 256, num_classes: int = 8, se
     return root
 
 
+def load_config(spec: str):
+    """`configs/x.py[:arg]` -> its ConfigDict, as `lalign.main --config=` reads it."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("rehearsal_config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,13 +86,15 @@ def host_env(devices: int) -> dict:
 
 
 def start_hosts(config: str, workdir: str, processes: int, devices: int, overrides=(), port: int | None = None,
-                heartbeat_timeout: int = 20, log_suffix: str = "") -> list[subprocess.Popen]:
-    """Starts every host of the job; host i's output goes to `workdir/logs/host_<i><log_suffix>.log`."""
+                heartbeat_timeout: int = 20, log_suffix: str = "", only: int | None = None
+                ) -> list[subprocess.Popen]:
+    """Starts every host of the job (or host `only`, with `port` shared by the caller); host i's output goes to
+    `workdir/logs/host_<i><log_suffix>.log`."""
     port = port or free_port()
     logs = os.path.join(workdir, "logs")
     os.makedirs(logs, exist_ok=True)
     procs = []
-    for i in range(processes):
+    for i in range(processes) if only is None else [only]:
         cmd = [sys.executable, "-m", "lalign.main", f"--config={config}", f"--workdir={workdir}", "--distributed",
                f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}",
                f"--heartbeat_timeout={heartbeat_timeout}", "--distributed_timeout=120", *overrides]
@@ -177,10 +190,15 @@ def main(argv=None) -> int:
     if args.sigterm_at is not None and not 0 < args.sigterm_at < args.steps:
         parser.error(f"--sigterm-at must be between 1 and {args.steps - 1}")
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="lalign-rehearsal-"))
-    data = os.path.abspath(args.data) if args.data else write_jpeg_folder(os.path.join(workdir, "images"))
     fsdp = args.fsdp or (2 * k if n > 1 and n % 2 == 0 else k)
-    overrides = [f"--config.total_steps={args.steps}", f"--config.data.path={data}",
-                 f"--config.mesh.data=-1", f"--config.mesh.fsdp={fsdp}", *args.overrides]
+    overrides = [f"--config.total_steps={args.steps}", "--config.mesh.data=-1", f"--config.mesh.fsdp={fsdp}"]
+    data = "the config's own"
+    if load_config(args.config).data.get("name") == "image_folder":  # real files: given, or written here
+        data = os.path.abspath(args.data) if args.data else write_jpeg_folder(os.path.join(workdir, "images"))
+        overrides.append(f"--config.data.path={data}")
+    elif args.data:
+        parser.error(f"--data: {args.config} does not read an image folder")
+    overrides += args.overrides
     print(f"[rehearsal] {n} processes x {k} devices, mesh fsdp={fsdp}, {args.steps} steps, config {args.config}, "
           f"data {data}, workdir {workdir}", flush=True)
 

@@ -33,6 +33,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def _devices_text(num_devices: int) -> str:
+    if jax.process_count() > 1 and num_devices == jax.device_count():
+        return f"{num_devices} devices ({jax.process_count()} processes x {jax.local_device_count()})"
+    return f"{num_devices} devices"
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor) from the config; one -1 takes the rest of the devices (default: data)."""
     sizes = [int(mesh_cfg.get(a, -1 if a == "data" else 1)) for a in AXES]
@@ -41,12 +47,12 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if num_devices % known:
-            raise ValueError(f"config.mesh {dict(zip(AXES, sizes))}: {num_devices} devices are not divisible by "
-                             f"{known}.")
+            raise ValueError(f"config.mesh {dict(zip(AXES, sizes))}: {_devices_text(num_devices)} are not "
+                             f"divisible by {known}.")
         sizes[sizes.index(-1)] = num_devices // known
     if int(np.prod(sizes)) != num_devices:
         raise ValueError(f"config.mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, but "
-                         f"{num_devices} are available.")
+                         f"{_devices_text(num_devices)} are available.")
     return tuple(sizes)
 
 
@@ -149,3 +155,17 @@ def host_shard(batch_size: int, mesh: Mesh) -> tuple[int, int]:
 def put_batch(x: np.ndarray, mesh: Mesh):
     """This process's slice of the global batch -> a global array sharded over (data, fsdp)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x))
+
+
+def to_host(tree):
+    """A pytree of (possibly multi-host) arrays as numpy arrays, whole, on every host: for work each host does on
+    its own devices after training (the probe). Every host must call it (a collective when arrays span hosts)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    spread = [i for i, x in enumerate(leaves) if not getattr(x, "is_fully_addressable", True)]
+    if spread:  # arrays over several hosts' devices: gathered whole (a host's own arrays are already whole)
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
+        for i, x in zip(spread, gathered):
+            leaves[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])

@@ -129,12 +129,23 @@ def save_params(path: str, params) -> None:
         ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(jax.device_get(params)), force=True)
 
 
+def restore_arrays(path: str):
+    """Any orbax pytree checkpoint as numpy arrays in host memory, whatever the devices and hosts that saved it
+    (a pod's checkpoint read on one machine: orbax's default restore would rebuild the saving topology)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def load_params(path: str, like=None):
     """Restores a params pytree saved by `save_params`; with `like`, shapes are checked against it."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No params checkpoint at {path}.")
+    if like is None:
+        return restore_arrays(path)
     with ocp.StandardCheckpointer() as ckptr:
-        if like is None:
-            return jax.tree.map(np.asarray, ckptr.restore(path))
         return ckptr.restore(path, _abstract(like))
