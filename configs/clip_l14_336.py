@@ -38,7 +38,8 @@ No run of this config has been made here: the figures below are estimates.
   target teacher, 23 block(s), bfloat16                  35.0 MiB
   full teacher, fp32 (at init only)                      73.0 MiB
   activations (rough model, lalign/memory.py)            3.05 GiB
-  total per device                                       3.47 GiB   (of 32 GiB HBM)
+  target statistics pass (before training; not added)  1002.0 MiB
+  total per device (the larger of the two above)         3.47 GiB   (of 32 GiB HBM)
 Runtime, ESTIMATE: 2.54 TFLOP/image (lalign.bench FLOP model) x 65.77M images
 on v4-256 (128 x TPU v4) at an assumed 40% MFU: 3.3 h.
 --- end of estimate ---

@@ -37,7 +37,8 @@ No run of this config has been made here: the figures below are estimates.
   target teacher, 11 block(s), bfloat16                 150.1 MiB
   full teacher, fp32 (at init only)                     354.3 MiB
   activations (rough model, lalign/memory.py)            4.26 GiB
-  total per device                                       6.26 GiB   (of 32 GiB HBM)
+  target statistics pass (before training; not added)   528.9 MiB
+  total per device (the larger of the two above)         6.26 GiB   (of 32 GiB HBM)
 Runtime, ESTIMATE: 0.26 TFLOP/image (lalign.bench FLOP model) x 65.77M images
 on v4-64 (32 x TPU v4) at an assumed 40% MFU: 1.3 h.
 --- end of estimate ---

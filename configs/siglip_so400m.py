@@ -39,7 +39,8 @@ No run of this config has been made here: the figures below are estimates.
   target teacher, 26 block(s), bfloat16                  47.8 MiB
   full teacher, fp32 (at init only)                     102.9 MiB
   activations (rough model, lalign/memory.py)            2.33 GiB
-  total per device                                       2.90 GiB   (of 32 GiB HBM)
+  target statistics pass (before training; not added)   771.0 MiB
+  total per device (the larger of the two above)         2.90 GiB   (of 32 GiB HBM)
 Runtime, ESTIMATE: 4.41 TFLOP/image (lalign.bench FLOP model) x 65.77M images
 on v4-512 (256 x TPU v4) at an assumed 40% MFU: 2.9 h.
 --- end of estimate ---

@@ -12,7 +12,10 @@ per-device size follows the PartitionSpec that `lalign.sharding` gives it on the
 - the frozen target teacher (its first k blocks, in `maskembed.teacher_dtype`);
 - the full teacher in its loaded dtype, placed on the mesh while the student is initialized from it (a peak at
   start-up; released before training);
-- activations: a rough analytic model (below), per device = images per device x per image.
+- activations: a rough analytic model (below), per device = images per device x per image;
+- the target-statistics pass before training (the teacher on `target_std_batches` whole batches, one at a time,
+  sharded like the step: teacher + targets / 3 below, per image on the device). It is never alive together with
+  the step's activations, so the total counts the larger of the two.
 
 Activation model (bytes, per image; b = bytes of the compute dtype; T tokens, width D, MLP width F, H heads, tp =
 mesh 'tensor' size, M masks, L student blocks, Ld decoder blocks at the teacher's width Dt with MLP 4 Dt):
@@ -152,7 +155,10 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     per_device_images = config.batch_size // batch_shards // accum  # live at once: one micro-batch
     act = activation_bytes_per_image(config, teacher, sizes)
     act_local = act["total"] * per_device_images
-    total = train_local * 2 + opt_local + rows["teacher"][1] + rows["full_teacher"][1] + act_local
+    # Before training, the target statistics run the teacher on whole batches (not micro-batches), sharded like
+    # the step: its working set and float32 outputs on this device's images; never alive together with the step.
+    stats_local = (act["teacher"] + act["targets"] / 3) * (config.batch_size // batch_shards)
+    total = train_local * 2 + opt_local + rows["teacher"][1] + rows["full_teacher"][1] + max(act_local, stats_local)
 
     from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
 
@@ -169,7 +175,8 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
         "trainable_params": n_train, "student_params": rows["student"][0], "decoder_params": rows["proj_decoder"][0],
         "teacher_params": rows["full_teacher"][0],
         "bytes": {"params": train_local, "grads": train_local, "adamw": opt_local, "teacher": rows["teacher"][1],
-                  "full_teacher": rows["full_teacher"][1], "activations": act_local, "total": total},
+                  "full_teacher": rows["full_teacher"][1], "activations": act_local,
+                  "target_stats": stats_local, "total": total},
         "activations_per_image": act, "hbm_gib": HBM_GIB.get(chip),
         "flops_per_image": flops_image, "images": images, "runtime_s": seconds,
     }
@@ -208,7 +215,8 @@ def report(config, devices: int | None = None, chip: str | None = None) -> str:
         (f"target teacher, {e['target_blocks']} block(s), {tdtype}", b["teacher"]),
         ("full teacher, fp32 (at init only)", b["full_teacher"]),
         ("activations (rough model, lalign/memory.py)", b["activations"]),
-        ("total per device", b["total"]),
+        ("target statistics pass (before training; not added)", b["target_stats"]),
+        ("total per device (the larger of the two above)", b["total"]),
     ]
     lines = [f"{e['devices']} devices ({e['chip']}), mesh {mesh}; batch {config.batch_size} = "
              f"{e['images_per_device']} images per device" + (f" per micro-batch ({accum} micro-batches)" if

@@ -162,3 +162,17 @@ def test_ablation_settings_train(name, tmp_path):
     c.stages = ("pretrain", "maskembed")
     summary = pipeline.run(c, str(tmp_path))
     assert summary["maskembed"]["step"] == c.total_steps and np.isfinite(summary["maskembed"]["best_val_loss"])
+
+
+def test_memory_estimate_counts_the_target_statistics_pass():
+    """Before training the teacher runs on whole batches for the target statistics; with micro-batches the step
+    holds fewer images at once, and that pass can be the peak."""
+    from lalign import memory
+
+    c = load_config("configs/siglip_so400m.py", "full")
+    plain = memory.estimate(c)["bytes"]
+    c.grad_accum_steps = 4
+    b = memory.estimate(c)["bytes"]
+    assert b["target_stats"] == plain["target_stats"] > 0  # micro-batching does not shrink that pass
+    assert b["activations"] < b["target_stats"] < plain["activations"]
+    assert b["total"] == b["params"] + b["grads"] + b["adamw"] + b["teacher"] + b["full_teacher"] + b["target_stats"]
