@@ -171,7 +171,7 @@ def _write(path: str, text: str) -> None:
 
 
 def print_table(summary: dict) -> None:
-    if "probe" not in summary:
+    if "probe" not in summary or jax.process_index() != 0:
         return
     rows = [("", "patch macro recall", "patch mIoU", "image mAP")]
     for name in ("teacher", "aligned"):

@@ -18,7 +18,7 @@ from lalign.train import train_maskembed
 def test_mesh_shape_fills_minus_one_and_rejects_bad_meshes():
     assert sharding.mesh_shape({"data": -1}, 8) == (8, 1, 1)
     assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == (2, 2, 2)
-    with pytest.raises(ValueError, match="needs 6 devices, but 8 are available"):
+    with pytest.raises(ValueError, match="needs 6 devices, but 8 devices are available"):
         sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
     with pytest.raises(ValueError, match="not divisible by 3"):
         sharding.mesh_shape({"data": -1, "fsdp": 3}, 8)
