@@ -132,7 +132,9 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
         raise ValueError(f"config.batch_size {batch_size} is not divisible by the {shards} batch shards of the mesh "
-                         f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}).")
+                         f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}). Resuming on another mesh keeps "
+                         f"the global batch (the data order depends on it): choose config.mesh so that data x fsdp "
+                         f"divides it.")
 
 
 def host_shard(batch_size: int, mesh: Mesh) -> tuple[int, int]:
