@@ -13,6 +13,9 @@ Input formats (--from; guessed from the path when omitted):
   hf         a Hugging Face SigLIP/CLIP directory (config.json + model.safetensors; vision tower of two-tower).
   timm       a timm VisionTransformer state dict (.safetensors).
 Output formats (--to): hf, timm, bigvision (.npz), orbax (params dir, plus OUTPUT.model.json).
+An output that exists is refused unless --overwrite, and one that would replace the input is always refused. Every
+output is written at a staging path beside OUTPUT and renamed into place once complete, so an error or a kill
+never leaves half of one (or has already removed the old one).
 
 Model fields. HF inputs and files written by this tool record the architecture. For the others the parameter
 shapes give width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head, classifier;
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import sys
 import warnings
 from typing import Optional
@@ -157,24 +161,85 @@ def load_decoder(path: str, fmt: Optional[str]) -> Optional[dict]:
     return {"proj": tree["proj"], "decoder": tree["decoder"]}
 
 
+def decoder_path(output: str, to: str) -> str:
+    """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
+    `OUTPUT_STEM.decoder.{safetensors,npz}`."""
+    if to == "hf":
+        return os.path.join(output, "maskembed_decoder.safetensors")
+    stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
+    return stem.rstrip("/") + (".decoder.safetensors" if to == "timm" else ".decoder.npz")
+
+
 def save_decoder(decoder: dict, output: str, to: str) -> str:
     """Writes the decoder beside the backbone (the paper reuses it as the VLM adapter), with flat '/'-joined
-    names: `OUTPUT/maskembed_decoder.safetensors` for hf, else `OUTPUT_STEM.decoder.{safetensors,npz}`."""
-    from lalign.checkpoints.common import flatten
+    names, at `decoder_path(output, to)`."""
+    from lalign.checkpoints.common import flatten, write_atomically
 
     flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(decoder).items()}
-    if to == "hf":
-        path = os.path.join(output, "maskembed_decoder.safetensors")
-    else:
-        stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
-        path = stem.rstrip("/") + (".decoder.safetensors" if to == "timm" else ".decoder.npz")
+    path = decoder_path(output, to)
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
 
-        save_file(flat, path)
+        write_atomically(path, lambda tmp: save_file(flat, tmp), ".safetensors")
     else:
-        np.savez(path, **flat)
+        write_atomically(path, lambda tmp: np.savez(tmp, **flat), ".npz")
     return path
+
+
+# ------------------------------------------------------------------------------------------ safe outputs
+def _occupied(path: str) -> Optional[str]:
+    """What is at `path` that writing there would destroy (None: nothing, or an empty directory)."""
+    if os.path.isdir(path):
+        n = len(os.listdir(path))
+        return f"a directory with {n} entr{'y' if n == 1 else 'ies'}" if n else None
+    return "a file" if os.path.lexists(path) else None
+
+
+def check_outputs(paths, source: str, overwrite: bool) -> None:
+    """Outputs never destroy inputs: an output that would replace the checkpoint being read (or a folder holding
+    it) is refused even with --overwrite; anything else already there is refused unless --overwrite."""
+    src = os.path.realpath(source)
+    for path in paths:
+        dst = os.path.realpath(path)
+        if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--output {path} would replace the input {source} it is read from; choose another "
+                             f"--output.")
+        what = _occupied(path)
+        if what and not overwrite:
+            raise FileExistsError(f"--output: {path} already exists ({what}); choose a new path, or pass "
+                                  f"--overwrite to replace it.")
+
+
+def write_in_place(path: str, write) -> None:
+    """`write(stage)` writes the output (file or directory) at a staging path beside `path`; only once it is
+    complete does it take `path`'s place, and an output it replaces (--overwrite) is removed only then. An error
+    or a kill leaves the old output, or nothing, never half of one."""
+    import shutil
+
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    ext = os.path.splitext(name)[1] if os.path.splitext(name)[1] in (".npz", ".safetensors") else ""
+    stage = os.path.join(parent, f".{name}.partial-{os.getpid()}{ext}")
+    old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+
+    def remove(p):
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        elif os.path.lexists(p):
+            os.remove(p)
+
+    remove(stage)
+    try:
+        write(stage)
+        if os.path.lexists(path):
+            os.replace(path, old)
+        os.replace(stage, path)
+    except BaseException:
+        remove(stage)
+        if os.path.lexists(old) and not os.path.lexists(path):
+            os.replace(old, path)  # put the previous output back
+        raise
+    remove(old)
 
 
 def main(argv=None) -> int:
@@ -200,13 +265,20 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, help="image size (only for sincos2d position embeddings)")
     p.add_argument("--tower", default="img", help="two-tower big_vision npz: which tower (default img)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the written weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
 
     from lalign.checkpoints import bigvision, hf, timm
     from lalign.checkpoints.common import model_fields, to_layout
 
+    model_json = args.output.rstrip("/") + ".model.json"
+    check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)
     fields = _fields_from_args(args)
     model, params = load_any(args.input, args.src, fields, tower=args.tower)
+    decoder = load_decoder(args.input, args.src)
+    if decoder is not None and args.to != "hf":  # a file beside the output
+        check_outputs([decoder_path(args.output, args.to)], args.input, args.overwrite)
     head = None
     if args.head_from:
         _, teacher = load_any(args.head_from, None, {}, tower=args.tower, quiet=True)
@@ -218,15 +290,23 @@ def main(argv=None) -> int:
         import ml_dtypes
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
+    written = {"output": args.output, "to": args.to, "model": model_fields(model)}
     if args.to == "hf":
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            config = hf.to_hf(params, model, args.output, kind=args.kind, head_params=head, drop_head=args.no_head,
-                              image_size=args.image_size, dtype=dtype)
+        def write(stage):
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                written["hf"] = hf.to_hf(params, model, stage, kind=args.kind, head_params=head,
+                                         drop_head=args.no_head, image_size=args.image_size, dtype=dtype)
+            if decoder is not None:  # inside the output directory: part of the same swap
+                save_decoder(decoder, stage, "hf")
+
+        write_in_place(args.output, write)
+        config = written.pop("hf")
         print(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
               f"{config['lalign']['features']}", file=sys.stderr)
     elif args.to == "timm":
-        timm.to_timm(params, model, args.output, head_params=head, image_size=args.image_size, dtype=dtype)
+        write_in_place(args.output, lambda stage: timm.to_timm(params, model, stage, head_params=head,
+                                                               image_size=args.image_size, dtype=dtype))
         print(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
               f"lalign.checkpoints.timm.timm_model(path) builds the model)", file=sys.stderr)
     else:
@@ -237,22 +317,34 @@ def main(argv=None) -> int:
 
             params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         if args.to == "bigvision":
-            bigvision.save_npz(args.output, params)
+            write_in_place(args.output, lambda stage: bigvision.save_npz(stage, params))
         else:
+            from lalign.checkpoints.common import write_atomically
             from lalign.checkpoints.manager import save_params
 
-            save_params(args.output, params)
-            with open(args.output.rstrip("/") + ".model.json", "w") as f:
-                json.dump(dict(model_fields(model), scan=scan), f, indent=2)
+            write_in_place(args.output, lambda stage: save_params(stage, params))
+            text = json.dumps(dict(model_fields(model), scan=scan), indent=2)
+            write_atomically(model_json, lambda tmp: pathlib.Path(tmp).write_text(text))
         print(f"[export] wrote {args.to} params to {args.output}", file=sys.stderr)
-    decoder = load_decoder(args.input, args.src)
-    written = {"output": args.output, "to": args.to, "model": model_fields(model)}
     if decoder is not None:
-        written["decoder"] = save_decoder(decoder, args.output, args.to)
+        written["decoder"] = decoder_path(args.output, args.to)
+        if args.to != "hf":
+            save_decoder(decoder, args.output, args.to)
         print(f"[export] wrote the MaskEmbed decoder to {written['decoder']}", file=sys.stderr)
     print(json.dumps(written))
     return 0
 
 
+def cli(argv=None) -> int:
+    """`main` with user errors (a wrong path, an output in the way, a checkpoint that does not fit) as one line."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        if os.environ.get("LALIGN_TRACEBACK"):
+            raise
+        print(f"lalign.export: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

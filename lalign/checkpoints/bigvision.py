@@ -19,7 +19,6 @@ half-written file behind).
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from typing import Any, Mapping, Optional
 
@@ -27,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from lalign.checkpoints.common import (blocks_to_scan, check_shapes, flatten, infer_model, is_scanned,  # noqa: F401
-                                       scan_to_blocks, to_layout, to_numpy, unflatten)
+                                       scan_to_blocks, to_layout, to_numpy, unflatten, write_atomically)
 
 __all__ = ["load_npz", "save_npz", "read_npz_flat", "scan_to_blocks", "blocks_to_scan", "infer_model"]
 
@@ -108,14 +107,4 @@ def save_npz(path: str, params: Mapping, *, scan: Optional[bool] = None) -> None
     for k, v in flat.items():
         if v.dtype == object:
             raise ValueError(f"Cannot save {k!r}: object arrays are not allowed in an npz checkpoint.")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda tmp: np.savez(tmp, **flat), ".npz")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from typing import Mapping, Optional
 
@@ -40,7 +39,7 @@ import numpy as np
 
 from lalign.checkpoints import torch_layout as tl
 from lalign.checkpoints.common import (check_params, grid_of, random_map_head, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy)
+                                       to_layout, to_numpy, write_atomically)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 KINDS = ("siglip", "clip")
@@ -239,28 +238,16 @@ def to_hf(params: Mapping, model: ViT, outdir: str, kind: Optional[str] = None, 
                                   image_size=image_size, seed=seed)
     if dtype is not None:
         sd = {k: v.astype(dtype) for k, v in sd.items()}
-    os.makedirs(outdir, exist_ok=True)
-    _atomic_write(os.path.join(outdir, "model.safetensors"),
-                  lambda f: _safetensors_numpy().save_file(sd, f, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(outdir, "config.json"), lambda f: _write_text(f, json.dumps(config, indent=2) + "\n"))
+    write_atomically(os.path.join(outdir, "model.safetensors"),
+                     lambda f: _safetensors_numpy().save_file(sd, f, metadata={"format": "pt"}))
+    write_atomically(os.path.join(outdir, "config.json"),
+                     lambda f: _write_text(f, json.dumps(config, indent=2) + "\n"))
     return config
 
 
 def _write_text(path: str, text: str):
     with open(path, "w") as f:
         f.write(text)
-
-
-def _atomic_write(path: str, write):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- import

@@ -27,14 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from typing import Mapping, Optional
 
 import numpy as np
 
 from lalign.checkpoints import torch_layout as tl
 from lalign.checkpoints.common import (check_params, grid_of, model_fields, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy)
+                                       to_layout, to_numpy, write_atomically)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
@@ -141,17 +140,7 @@ def to_timm(params: Mapping, model: ViT, path: str, *, head_params=None, image_s
     if "attn_pool.latent" in sd and model.pool_type != "map":
         fields["lalign_head"] = "given"
     meta = {"format": "pt", "timm_kwargs": json.dumps(kwargs), "lalign_vit": json.dumps(fields)}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        _safetensors_numpy().save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, lambda tmp: _safetensors_numpy().save_file(sd, tmp, metadata=meta), ".safetensors")
     return kwargs
 
 
