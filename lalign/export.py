@@ -98,12 +98,21 @@ def _workdir_config(path: str) -> tuple[Optional[str], dict]:
 
 
 def _restore_orbax(path: str):
+    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record."""
+    from lalign.checkpoints import verify
     from lalign.checkpoints.manager import restore_arrays
 
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
         path = os.path.join(path, "default")
-    return restore_arrays(path)
+    tree = restore_arrays(path)
+    record = verify.for_step_dir(path)
+    if record is not None:
+        problems = verify.mismatches(verify.read(record), verify.host_record(tree))
+        if problems:
+            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. Its bytes "
+                             f"changed after it was saved; use another step.")
+    return tree
 
 
 def load_any(path: str, fmt: Optional[str], fields: dict, *, tower: str = "img", quiet: bool = False):

@@ -220,7 +220,8 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         config.data, "maskembed_val", config.val_batches, batch_size, seed=config.seed, shard=shard)]
     host = HostReport(workdir, shard, batch_size)
 
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=config.get("async_checkpointing", True))
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=config.get("async_checkpointing", True),
+                        replicated=repl)
     state = s.init(teacher_params, s.keys["init"])
     if ckpts.latest_step() is not None:
         state = ckpts.restore_latest(state)
@@ -252,7 +253,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         val = validate(state)
         writer.write(0, val_loss=val)
         info(f"[maskembed] step 0 | val_loss {val:.4f} (before training)")
-    sums, count = None, 0
+    sums, count, last_loss = None, 0, None
     with distributed.Preemption() as preemption:
         while step < total_steps:
             if preemption.stop(step):  # SIGTERM on any host: all hosts save this same step, then stop
@@ -265,6 +266,9 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             images = sharding.put_batch(train_data.batch(step, batch_size, shard)["image"], mesh)
             state, metrics = s.train_step(state, s.teacher_params, images)
             step += 1
+            if last_loss is not None:  # the previous step's loss, read while this step runs: no stall
+                _check_finite(float(last_loss), step - 1, ckpts)
+            last_loss = metrics["loss"]
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             count += 1
             if step % config.log_every == 0 or step == total_steps:
@@ -317,9 +321,8 @@ def _check_finite(value: float, step: int, ckpts: Checkpoints, what: str = "trai
     if not np.isfinite(value):
         ckpts.wait()
         raise FloatingPointError(
-            f"MaskEmbed {what} became {value} at step {step}; stopped without saving. The last good checkpoint "
-            f"(step {ckpts.latest_step()}) under {ckpts.latest.directory} is intact; lower the learning rate or "
-            f"enable the soft-cap (config.maskembed.attn_softcap=30) and restart.")
+            f"MaskEmbed {what} became {value} at step {step}; stopped without saving. {ckpts.resume_note()} Lower "
+            f"the learning rate or enable the soft-cap (config.maskembed.attn_softcap=30) before restarting.")
 
 
 def _dtype(name):

@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong: what a CLI writes never destroys what was there."""
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -78,3 +79,107 @@ def test_a_failed_write_keeps_the_old_output(tmp_path):
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.npz"]
     export.write_in_place(str(out), lambda stage: np.savez(stage, a=np.ones(2)))
     assert np.load(out)["a"].tolist() == [1, 1] and os.listdir(tmp_path) == ["model.npz"]
+
+
+# ------------------------------------------------------------------------------ verified checkpoints
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from conftest import load_config
+    from lalign.pretrain import pretrain_teacher
+
+    return pretrain_teacher(load_config(arg="tiny"), str(tmp_path_factory.mktemp("teacher")))
+
+
+def _state_files(step_dir):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs)
+
+
+def _flip_bytes(step_dir, seed=0) -> list[str]:
+    """Flips 64 bytes of a data file of the step, at random places until an array reads back changed (some bytes
+    of a file are index, not values): what a bad disk or a torn copy does, and what orbax alone reads back without
+    complaint. Returns the paths of the arrays that changed."""
+    from lalign.checkpoints.manager import restore_arrays
+    from lalign.sharding import path_str
+
+    def arrays():
+        return {path_str(p): np.asarray(x) for p, x in
+                jax.tree_util.tree_leaves_with_path(restore_arrays(str(step_dir / "default")))}
+
+    before, rng = arrays(), np.random.default_rng(seed)
+    files = [f for f in _state_files(step_dir) if f"{os.sep}d{os.sep}" in f and os.path.getsize(f) > 1000]
+    for _ in range(50):
+        path = files[int(rng.integers(len(files)))]
+        original = open(path, "rb").read()
+        at = int(rng.integers(0, len(original) - 64))
+        flipped = bytearray(original)
+        flipped[at:at + 64] = bytes(b ^ 0xFF for b in original[at:at + 64])
+        open(path, "wb").write(bytes(flipped))
+        try:
+            changed = [k for k, v in arrays().items() if not np.array_equal(v, before[k], equal_nan=True)]
+        except Exception:  # noqa: BLE001 - unreadable: try another place (lalign handles that case too)
+            changed = []
+        if changed:
+            return changed
+        open(path, "wb").write(original)
+    raise AssertionError(f"no flip under {step_dir} changed an array")
+
+
+def test_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_step(tiny_config, teacher, tmp_path):
+    from lalign.checkpoints.manager import restore_arrays
+    from lalign.train import train_maskembed
+
+    tiny_config.update(total_steps=6, checkpoint_every=2, eval_every=0)
+    full = train_maskembed(tiny_config, str(tmp_path), *teacher)["last_params"]
+    latest = tmp_path / "checkpoints" / "latest"
+    assert sorted(os.listdir(latest)) == ["4", "6"]
+    changed = _flip_bytes(latest / "6")
+    with pytest.warns(UserWarning, match=r"Resuming from step 4, the newest checkpoint that verifies; Step 6 .* "
+                                         rf"failed verification and was removed: {re.escape(changed[0])} "
+                                         r"\(.*\): its bytes differ from what was saved"):
+        resumed = train_maskembed(tiny_config, str(tmp_path), *teacher)  # the same run, started again
+    assert resumed["step"] == 6
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed["last_params"])):
+        np.testing.assert_array_equal(a, b)  # steps 5 and 6 trained again from a good step 4: the same result
+
+    # export refuses a step whose bytes changed, naming the array
+    changed = _flip_bytes(latest / "6", seed=1)
+    with pytest.raises(ValueError, match=rf"failed verification against .*checksums/latest/6.json: "
+                                         rf"{re.escape(changed[0])} "):
+        export._restore_orbax(str(latest / "6"))
+
+
+def test_no_checkpoint_verifies_is_a_clear_error(tiny_config, teacher, tmp_path):
+    from lalign.checkpoints.manager import CheckpointError
+    from lalign.train import train_maskembed
+
+    tiny_config.update(total_steps=2, checkpoint_every=1, eval_every=0)
+    train_maskembed(tiny_config, str(tmp_path), *teacher)
+    for step in ("1", "2"):
+        for f in _state_files(tmp_path / "checkpoints" / "latest" / step):
+            open(f, "wb").write(b"\0" * os.path.getsize(f))
+    with pytest.raises(CheckpointError, match=r"Step 2 .* failed verification .* Step 1 .* failed verification .* "
+                                              r"No checkpoint is left to resume from"):
+        train_maskembed(tiny_config, str(tmp_path), *teacher)
+
+
+def test_a_diverging_run_saves_no_nan_state_and_says_what_a_restart_does(tiny_config, teacher, tmp_path):
+    """log_every=5 with a save every step: the loss is checked every step (the previous step's, while the next
+    runs) and the state before each save, so no non-finite step reaches the disk."""
+    from lalign.checkpoints.manager import restore_arrays
+    from lalign.train import train_maskembed
+
+    tiny_config.update(total_steps=12, checkpoint_every=1, log_every=5, eval_every=0)
+    tiny_config.optimizer.update(lr=1e30, grad_clip=0.0)  # diverges within a few steps
+    with pytest.raises(FloatingPointError) as err:
+        train_maskembed(tiny_config, str(tmp_path), *teacher)
+    latest = tmp_path / "checkpoints" / "latest"
+    steps = sorted(int(s) for s in os.listdir(latest)) if latest.exists() else []
+    for step in steps:
+        tree = restore_arrays(str(latest / str(step) / "default"))
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating))
+    message = str(err.value)
+    assert "intact" not in message and "step None" not in message
+    if steps:
+        assert f"A restart resumes from the newest checkpoint that verifies: step {steps[-1]}" in message
+    else:
+        assert "No checkpoint has been saved yet" in message

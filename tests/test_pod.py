@@ -6,6 +6,7 @@ remat, MAP head, a patch grid that does not cover the image), with fsdp spanning
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def _pod(workdir, data, *extra, processes=2, devices=4, heartbeat=20):
 
 def _logs(workdir):
     d = os.path.join(workdir, "logs")
-    return "\n".join(f"--- {f}\n" + open(os.path.join(d, f), errors="replace").read()[-2500:]
+    return "\n".join(f"--- {f}\n" + open(os.path.join(d, f), errors="replace").read()[-20000:]
                      for f in sorted(os.listdir(d)))
 
 
@@ -154,7 +155,8 @@ def test_sigkill_of_one_host_stops_the_other_with_a_message_and_a_restart_resume
     workdir = str(tmp_path / "pod")
     procs = _pod(workdir, data, *MESH, heartbeat=5)
     deadline = time.time() + 240
-    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "4")):
+    # latest/2 appears when step 2's save is finalized, which orbax does before it starts step 4's: mid-run.
+    while time.time() < deadline and not os.path.isdir(os.path.join(workdir, "checkpoints", "latest", "2")):
         assert all(p.poll() is None for p in procs), _logs(workdir)
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
@@ -162,12 +164,13 @@ def test_sigkill_of_one_host_stops_the_other_with_a_message_and_a_restart_resume
     code = procs[0].wait(timeout=90)  # bounded: the heartbeat timeout, not forever
     assert code != 0 and time.time() - killed < 60, _logs(workdir)
     logs = _logs(workdir)
-    assert "tasks are unhealthy" in logs and "stopped sending heartbeats" in logs, logs
+    assert re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s+1|Task 1 heartbeat timeout", logs), logs
+    assert "[maskembed] step 10/10" not in logs  # stopped mid-run, not after finishing
     rehearse.wait_hosts(procs, timeout=10)
 
     _finish_pod(workdir, data, *MESH)
     resumed = {h["resumed_from"] for h in rehearse.host_reports(workdir, 2)}
-    assert len(resumed) == 1 and resumed.pop() >= 4
+    assert len(resumed) == 1 and resumed.pop() >= 2
     _assert_close(_params(workdir)["params"], _params(pod_run)["params"], atol=0)
 
 
@@ -226,7 +229,7 @@ def test_sigterm_during_a_save_exits_143_with_that_step_readable(tiny_config, tm
     with pytest.raises(SystemExit) as stopped:  # not orbax's "step 4 already exists"
         train_maskembed(tiny_config, str(tmp_path / "run"), *teacher)
     assert stopped.value.code == 143
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "latest")) == ["4"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints" / "latest")) == ["2", "4"]  # 4 saved once
     assert int(_params(str(tmp_path / "run"), 4)["step"]) == 4
     assert json.load(open(tmp_path / "run" / "hosts" / "process_0.json"))["outcome"] == "preempted"
 

@@ -1,18 +1,22 @@
 """Orbax checkpoints of the train state: the latest (to resume) and the best by validation loss (to keep).
 
 Layout under `DIR/checkpoints/`: `latest/<step>/` holds the whole train state (params, optimizer, step, PRNG key
-as raw key data so it restores on any backend); `best/<step>/` holds `{'params', 'step'}` of the evaluation with the
-lowest validation loss: what the probe and export read, without a second copy of the optimizer moments.
+as raw key data so it restores on any backend) of the two newest saves; `best/<step>/` holds `{'params', 'step'}`
+of the evaluation with the lowest validation loss: what the probe and export read, without a second copy of the
+optimizer moments; `checksums/<latest|best>/<step>.json` records what each step held (`verify`).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from lalign.checkpoints import verify
 from lalign.checkpoints.common import check_shapes
 
 # Orbax's default (off GPU) writes every replicated array cooperatively: one slice per replica, each cut by its own
@@ -45,11 +49,23 @@ def _best_item(state) -> dict:
     return {"params": state["params"], "step": state["step"]}
 
 
-class Checkpoints:
-    """Two orbax managers: `latest` (keeps the newest state) and `best` (keeps the params of the lowest val_loss)."""
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir can be used: each one failed verification or could not be read."""
 
-    def __init__(self, directory: str, keep_latest: int = 1, async_save: bool = True):
+
+class Checkpoints:
+    """Two orbax managers: `latest` (keeps the newest states, to resume) and `best` (the params of the lowest
+    val_loss), each step verified (`lalign.checkpoints.verify`).
+
+    save: refuses a state that is not all finite (nothing is written), then records the checksums of what it saves.
+    restore_latest: the newest step whose arrays match their record; a step that does not (or cannot be read) is
+    reported, array by array, and removed, and the one before it is tried (`keep_latest` steps are kept, so there is
+    one to fall back to). `replicated`: a replicated sharding on the run's mesh, for the checksums' result.
+    """
+
+    def __init__(self, directory: str, keep_latest: int = 2, async_save: bool = True, replicated=None):
         directory = os.path.abspath(directory) if "://" not in directory else directory
+        self.root, self._replicated = directory, replicated
         opts = dict(enable_async_checkpointing=async_save, create=True)
 
         def hosts(name):
@@ -68,40 +84,106 @@ class Checkpoints:
                                                  multiprocessing_options=hosts("best"), **opts))
 
     def save(self, step: int, state, val_loss: Optional[float] = None):
+        record = verify.device_record(state, self._replicated)  # one pass over the state on its devices
+        bad = verify.not_finite(record)
+        if bad:
+            raise FloatingPointError(
+                f"The train state at step {step} is not finite ({len(bad)} of {len(record)} arrays, e.g. "
+                f"{', '.join(bad[:3])}); it was not saved. {self.resume_note()}")
         self.latest.save(step, args=ocp.args.PyTreeSave(state), force=True)
+        verify.write(verify.record_path(self.root, "latest", step), step, record)
+        self._prune_records("latest", self.latest.all_steps() + [step])
         if val_loss is None:
             return
         best = self.best_val_loss()
         if best is None or val_loss < best:  # a worse one would be deleted at once
             self.best.save(step, args=ocp.args.PyTreeSave(_best_item(state)), metrics={"val_loss": float(val_loss)},
                            force=True)
+            item = {k: v for k, v in record.items() if k == "step" or k.startswith("params/")}
+            verify.write(verify.record_path(self.root, "best", step), step, item)
+            self._prune_records("best", [step])
+
+    def _prune_records(self, kind: str, keep) -> None:
+        """Records of steps older than every kept one go (orbax deleted those steps)."""
+        if jax.process_index() != 0:
+            return
+        folder = epath.Path(self.root) / "checksums" / kind
+        oldest = min(keep)
+        for f in folder.glob("*.json") if folder.exists() else []:
+            if f.stem.isdigit() and int(f.stem) < oldest:
+                f.unlink()
 
     def latest_step(self) -> Optional[int]:
         return self.latest.latest_step()
 
-    def restore_latest(self, like) -> Any:
-        """The newest state, shaped like `like`; a checkpoint of another model or optimizer is a clear error."""
-        step = self.latest.latest_step()
-        where = (f"The checkpoint {self.latest.directory}/{step} does not match this run's model/optimizer state "
-                 f"(was the workdir used with another config?). Use a new --workdir, or the config that wrote it.")
-        saved = getattr(self.latest.item_metadata(step), "tree", None) or {}
+    def resume_note(self) -> str:
+        """What a restart will do, for error messages: claims a verified step only where one is recorded."""
+        steps = [s for s in sorted(self.latest.all_steps(), reverse=True)
+                 if epath.Path(verify.record_path(self.root, "latest", s)).exists()]
+        if not steps:
+            return "No checkpoint has been saved yet: a restart begins again from the teacher."
+        return (f"A restart resumes from the newest checkpoint that verifies: step {steps[0]} under "
+                f"{self.latest.directory} was finite when saved, and its checksums are checked when it is read.")
+
+    def _check_model(self, step: int, saved, like) -> None:
+        """A checkpoint of another model is a config error (raised), not damage: checked on its metadata."""
         if "params" in saved:  # checked here: orbax's own message gives the shapes but not the array
             try:
                 check_shapes(saved["params"], like["params"], source="the checkpoint", what="this run's params")
             except ValueError as e:
-                raise ValueError(f"{where}\n{e}") from None
+                raise ValueError(
+                    f"The checkpoint {self.latest.directory}/{step} does not match this run's model/optimizer state "
+                    f"(was the workdir used with another config?). Use a new --workdir, or the config that wrote "
+                    f"it.\n{e}") from None
+
+    def _verified(self, manager, kind: str, step: int, args) -> tuple[Any, list[str]]:
+        """(restored tree, problems): problems is empty when every array matches its record."""
         try:
-            return self.latest.restore(step, args=_restore_args(like))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{where} Orbax said: {str(e)[:1500]}") from e
+            tree = manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - unreadable bytes surface as many error types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            return None, [f"cannot be read ({type(e).__name__}: {first[:300]})"]
+        expected = verify.read(verify.record_path(self.root, kind, step))
+        if expected is None:
+            warnings.warn(f"{manager.directory}/{step} has no checksum record (saved by an older lalign): "
+                          f"restored unverified.", stacklevel=3)
+            return tree, []
+        return tree, verify.mismatches(expected, verify.device_record(tree, self._replicated))
+
+    def restore_latest(self, like) -> Any:
+        """The newest state that verifies, shaped like `like`; a checkpoint of another model is a clear error."""
+        skipped = []
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                saved = getattr(self.latest.item_metadata(step), "tree", None) or {}
+            except Exception as e:  # noqa: BLE001 - metadata that cannot be read: a damaged step
+                state, problems = None, [f"its metadata cannot be read ({type(e).__name__}: {str(e)[:200]})"]
+            else:
+                self._check_model(step, saved, like)
+                state, problems = self._verified(self.latest, "latest", step, _restore_args(like))
+            if not problems:
+                if skipped:
+                    warnings.warn(f"Resuming from step {step}, the newest checkpoint that verifies; "
+                                  + " ".join(skipped), stacklevel=2)
+                return state
+            skipped.append(f"Step {step} under {self.latest.directory} failed verification and was removed: "
+                           f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}.")
+            self.latest.delete(step)  # a rerun must be able to save this step again
+        raise CheckpointError(" ".join(skipped) + " No checkpoint is left to resume from; restore one from a copy, "
+                              "or start again in a new --workdir.")
 
     def restore_best(self, like) -> Any:
-        """{'params', 'step'} of the best evaluation, shaped like `like` (a train state, or that subset of one)."""
+        """{'params', 'step'} of the best evaluation, shaped like `like` (a train state, or that subset of one),
+        verified against its record."""
         step = self.best.best_step()
         if step is None:
             raise FileNotFoundError(f"No best checkpoint under {self.best.directory}.")
         # partial: best checkpoints written before they were trimmed to `_best_item` hold the whole state.
-        return self.best.restore(step, args=_restore_args(_best_item(like), partial=True))
+        tree, problems = self._verified(self.best, "best", step, _restore_args(_best_item(like), partial=True))
+        if problems:
+            raise CheckpointError(f"The best checkpoint {self.best.directory}/{step} failed verification: "
+                                  f"{'; '.join(problems[:5])}.")
+        return tree
 
     def best_val_loss(self) -> Optional[float]:
         step = self.best.best_step()
