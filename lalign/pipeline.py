@@ -19,6 +19,8 @@ from lalign import data as data_lib
 from lalign import distributed
 from lalign import probe as probe_lib
 from lalign import sharding
+from lalign import validate
+from lalign import workdir as workdir_lib
 from lalign.metrics import info
 from lalign.pretrain import pretrain_teacher, teacher_model
 from lalign.train import train_maskembed
@@ -63,6 +65,14 @@ def run(config, workdir: str) -> dict:
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
     distributed.check_same_config(config)  # before anything is written
+    validate.check(config, workdir, jax.device_count())
+    with workdir_lib.hold(workdir) as lock:  # one run per workdir (lalign/workdir.py)
+        if lock is not None and lock.note:
+            info(f"[workdir] {lock.note}")
+        return _run(config, workdir)
+
+
+def _run(config, workdir: str) -> dict:
     _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     hosts = f"{jax.process_count()} processes x {jax.local_device_count()}, " if jax.process_count() > 1 else ""
     info(f"[host] jax {jax.__version__}, {hosts}{jax.device_count()} {jax.default_backend()} device(s), "
@@ -101,10 +111,7 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     config and seed they were computed with) and reused when both match: an interrupted probe stage resumes, and
     runs that share a teacher (ablations) can share its probe by copying `teacher/` and `probe/teacher.json`
     (`backbone_identities` says when a result belongs to this run's backbone)."""
-    path = os.path.join(workdir, "probe", "results.json")
-    if epath.Path(path).exists():
-        info(f"[probe] reusing {path}")
-        return json.loads(epath.Path(path).read_text())
+    path = os.path.join(workdir, "probe", "results.json")  # written for people; reuse goes by the keyed files
     pcfg = config.probe
     common = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
     keys = {name: json.loads(json.dumps({**common, "backbone": identity}))  # tuples -> lists, as read back

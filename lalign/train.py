@@ -210,6 +210,11 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
     check_image_size(teacher, teacher_params, config.data.image_size, "teacher")
 
     size = config.data.image_size
+    covered = size // teacher.patch_size[0] * teacher.patch_size[0]
+    if covered != size:  # So400m/14 at 384: by design, but never silently
+        info(f"[maskembed] image {size} px, patch {teacher.patch_size[0]}: the patch grid covers {covered} px; the "
+             f"last {size - covered} pixel rows and columns are outside it (masked to zero for the teacher, not "
+             f"seen by the student's patch embedding)")
     s = build_step(config, teacher, teacher_params, np.zeros((2, size, size, 3), np.float32))
     mesh, repl = s.mesh, sharding.replicated(s.mesh)
     shard = sharding.host_shard(batch_size, mesh)  # (i, n): this host's slice of every global batch

@@ -183,3 +183,163 @@ def test_a_diverging_run_saves_no_nan_state_and_says_what_a_restart_does(tiny_co
         assert f"A restart resumes from the newest checkpoint that verifies: step {steps[-1]}" in message
     else:
         assert "No checkpoint has been saved yet" in message
+
+
+# ---------------------------------------------------------------------------------- one run per workdir
+def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from lalign.workdir import WorkdirBusy, WorkdirLock
+
+    first = WorkdirLock(str(tmp_path), heartbeat_s=0.05).acquire()
+    with pytest.raises(WorkdirBusy, match=rf"is in use by another run \(host {socket.gethostname()}, pid "
+                                          rf"{os.getpid()}, started .*\)\. Wait for it"):
+        WorkdirLock(str(tmp_path)).acquire()
+    beat = json.loads((tmp_path / "lock.json").read_text())["heartbeat"]
+    time.sleep(0.3)
+    assert json.loads((tmp_path / "lock.json").read_text())["heartbeat"] > beat  # renewed while held
+    first.release()
+    assert not (tmp_path / "lock.json").exists()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    owner = {"host": socket.gethostname(), "pid": dead.pid, "started": time.time(), "heartbeat": time.time(),
+             "command": ["python", "-m", "lalign.main"]}
+    (tmp_path / "lock.json").write_text(json.dumps(owner))
+    lock = WorkdirLock(str(tmp_path)).acquire()
+    assert f"its process {dead.pid} on this host is gone" in lock.note
+    lock.release()
+
+    other_host = dict(owner, host="another-vm", pid=1)
+    (tmp_path / "lock.json").write_text(json.dumps(other_host))  # renewed just now: alive
+    with pytest.raises(WorkdirBusy, match="host another-vm, pid 1"):
+        WorkdirLock(str(tmp_path)).acquire()
+    (tmp_path / "lock.json").write_text(json.dumps(dict(other_host, heartbeat=time.time() - 3600)))
+    lock = WorkdirLock(str(tmp_path)).acquire()  # a preempted VM's lock: no heartbeat for an hour
+    assert "has not been renewed for 60 minutes" in lock.note
+    lock.release()
+
+
+def test_a_second_run_on_a_busy_workdir_refuses_and_leaves_it_alone(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "lalign.main", "--config=configs/demo.py:tiny", f"--workdir={tmp_path}",
+           "--config.total_steps=40", "--config.log_every=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    first = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "lock.json").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another run (host" in second.stderr and f"pid {first.pid}," in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+    out, err = first.communicate(timeout=400)
+    assert first.returncode == 0, err[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = [r["step"] for r in rows if r.get("stage") == "maskembed" and "loss" in r]
+    assert steps == list(range(1, 41))  # one run's records, once
+    assert not (tmp_path / "lock.json").exists()  # released at the end
+
+
+# ------------------------------------------------------------------------ validated before anything runs
+def test_a_bad_config_is_refused_whole_before_anything_is_written(tiny_config, tmp_path):
+    from lalign import pipeline
+
+    tiny_config.update(total_steps=0, batch_size=0)
+    tiny_config.optimizer.lr = -1e-3
+    tiny_config.maskembed.update(sampler="unifrom", loss="mse_typo")
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as err:
+        pipeline.run(tiny_config, str(workdir))
+    message = str(err.value)
+    assert message.startswith("Invalid config (nothing was written): ")
+    for expected in ("config.total_steps must be a positive integer, got 0",
+                     "config.batch_size must be a positive integer, got 0",
+                     "config.optimizer.lr must be a positive number, got -0.001",
+                     "config.maskembed.sampler 'unifrom' is not one of", "config.maskembed.loss 'mse_typo'"):
+        assert expected in message, message
+    assert not workdir.exists()  # not even the folder: the teacher was not trained either
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.optimizer.lr=0", "config.optimizer.lr must be a positive number, got 0"),
+    ("--config.batch_size=6", "config.batch_size 6 is not divisible by the 8 batch shards of the mesh"),
+])
+def test_cli_bad_values_are_one_line(tmp_path, override, expected):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "lalign.main", "--config=configs/demo.py:tiny",
+                        f"--workdir={tmp_path / 'run'}", override, "--config.mesh.data=-1"],
+                       cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and expected in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """configs/demo.py:tiny run to its end (teacher, MaskEmbed, probes)."""
+    from conftest import load_config
+    from lalign import pipeline
+
+    workdir = tmp_path_factory.mktemp("finished")
+    pipeline.run(load_config(arg="tiny"), str(workdir))
+    return workdir
+
+
+def test_resuming_with_another_model_or_batch_is_refused_and_leaves_the_workdir_as_it_was(finished_run, tiny_config):
+    from lalign import pipeline
+
+    before = _tree(finished_run)
+    saved = (finished_run / "config.json").read_bytes()
+    tiny_config.model.width = 24
+    tiny_config.batch_size = 16
+    with pytest.raises(ValueError, match=r"holds checkpoints of another run: model: .*\"width\": 16.* now; "
+                                         r"batch_size: 8 in the workdir's checkpoints, 16 now\."):
+        pipeline.run(tiny_config, str(finished_run))
+    assert (finished_run / "config.json").read_bytes() == saved and _tree(finished_run) == before
+    step = max(int(s) for s in os.listdir(finished_run / "checkpoints" / "best"))
+    assert export.cli(["--input", str(finished_run / "checkpoints" / "best" / str(step)), "--output",
+                       str(finished_run.parent / "exported"), "--to", "bigvision"]) == 0  # still exports
+
+
+def test_extending_a_finished_run_probes_the_new_checkpoint(finished_run, tiny_config, tmp_path):
+    import json
+    import shutil
+
+    from lalign import pipeline
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run, workdir)
+    old = json.loads((workdir / "probe" / "aligned.json").read_text())
+    tiny_config.total_steps = 2 * tiny_config.total_steps
+    summary = pipeline.run(tiny_config, str(workdir))
+    new = json.loads((workdir / "probe" / "aligned.json").read_text())
+    assert summary["maskembed"]["step"] == tiny_config.total_steps
+    assert new["key"]["backbone"]["step"] == summary["maskembed"]["best_step"] != old["key"]["backbone"]["step"]
+    assert json.loads((workdir / "probe" / "results.json").read_text())["probe"]["aligned"] == new["patch"]
+
+
+def test_16_bit_images_are_scaled_not_clipped():
+    import io
+
+    from PIL import Image
+
+    from lalign.data.images import decode_and_crop
+
+    grey = np.full((32, 32), 32768, np.uint16)  # mid-grey at 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "PNG")
+    opts = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, val_crop_fraction=1.0)
+    out = decode_and_crop(buf.getvalue(), 16, False, np.random.default_rng(0), opts)
+    assert out.shape == (16, 16, 3) and np.all(out == 128)  # PIL's convert alone gives 255 (white)

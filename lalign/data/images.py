@@ -151,11 +151,24 @@ def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generato
         shrink = size / max(1.0, min(box[2] - box[0], box[3] - box[1]))
         if img.format == "JPEG" and shrink <= 0.5:  # decode at 1/2, 1/4 or 1/8 scale, never below the output
             img.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
-        rgb = img.convert("RGB")  # decodes (errors on corrupt data surface here)
+        rgb = to_rgb(img)  # decodes (errors on corrupt data surface here)
     sx, sy = rgb.size[0] / width, rgb.size[1] / height
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     out = np.asarray(rgb.resize((size, size), Image.BILINEAR, box=box))
     return out[:, ::-1] if flip else out
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (PNG 'I;16', 'I') are scaled from their full range:
+    PIL's own convert clips them at 255, which turns almost every 16-bit pixel white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max() <= 65535 else float(2 ** 32 - 1)
+        grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")
 
 
 def split_code(split: str) -> int:
