@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from lalign.checkpoints import bigvision, hf, timm
-    from lalign.checkpoints.common import model_fields, to_layout
+    from lalign.checkpoints.common import check_params, model_fields, to_layout
 
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)
@@ -319,6 +319,8 @@ def main(argv=None) -> int:
         print(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
               f"lalign.checkpoints.timm.timm_model(path) builds the model)", file=sys.stderr)
     else:
+        # as strict as the hf/timm writers: exactly the tensors the model has, with its shapes
+        check_params(to_layout(params, False), model.clone(scan=False), f"--input {args.input}", args.image_size)
         scan = model.scan if args.scan is None else args.scan
         params = to_layout(params, scan)
         if dtype is not None:

@@ -45,9 +45,11 @@ def main(argv):
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
     from lalign import pipeline  # after flag parsing: keeps --help fast
 
+    from lalign.checkpoints.manager import CheckpointError
+
     try:
         pipeline.run(f.config, f.workdir)
-    except USER_ERRORS as e:  # a wrong config, path or job setup: one clear line, not a traceback
+    except USER_ERRORS + (CheckpointError,) as e:  # a wrong config, path or job setup: one clear line, not a traceback
         if os.environ.get("LALIGN_TRACEBACK"):
             raise
         print(f"lalign.main: error: {e}  (LALIGN_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)

@@ -343,3 +343,45 @@ def test_16_bit_images_are_scaled_not_clipped():
     opts = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, val_crop_fraction=1.0)
     out = decode_and_crop(buf.getvalue(), 16, False, np.random.default_rng(0), opts)
     assert out.shape == (16, 16, 3) and np.all(out == 128)  # PIL's convert alone gives 255 (white)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("missing", "missing (1): Transformer/encoderblock_1/MlpBlock_0/Dense_0/bias"),
+    ("extra", "unexpected (1): Transformer/encoderblock_1/extra"),
+    ("shape", "Transformer/encoderblock_1/MlpBlock_0/Dense_0/bias"),
+])
+def test_export_to_bigvision_checks_the_tensors_it_writes(teacher_npz, tmp_path, capsys, damage, expected):
+    flat = dict(np.load(teacher_npz))
+    key = "Transformer/encoderblock_1/MlpBlock_0/Dense_0/bias"
+    if damage == "missing":
+        del flat[key]
+    elif damage == "extra":
+        flat["Transformer/encoderblock_1/extra"] = np.zeros(3, np.float32)
+    else:
+        flat[key] = np.zeros(31, np.float32)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **flat)
+    assert export.cli(["--input", str(bad), "--output", str(tmp_path / "out.npz"), "--to", "bigvision"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lalign.export: error: ") and expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_workdir_whose_checkpoints_are_all_damaged_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "lalign.main", "--config=configs/demo.py:tiny", f"--workdir={tmp_path}",
+           "--config.stages=('pretrain','maskembed')", "--config.checkpoint_every=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    assert subprocess.run(cmd, cwd=root, env=env, capture_output=True, timeout=300).returncode == 0
+    for step in os.listdir(tmp_path / "checkpoints" / "latest"):
+        for f in _state_files(tmp_path / "checkpoints" / "latest" / step / "default"):
+            open(f, "wb").write(b"\0" * os.path.getsize(f))
+    r = subprocess.run(cmd + ["--config.total_steps=8"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("lalign.main: error: Step 6 under "), r.stderr[-3000:]
+    assert "No checkpoint is left to resume from" in lines[-1]
+    assert "Traceback" not in r.stderr and "ERROR" not in r.stderr, r.stderr[-3000:]

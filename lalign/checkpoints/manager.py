@@ -7,6 +7,8 @@ optimizer moments; `checksums/<latest|best>/<step>.json` records what each step 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 from typing import Any, Optional
@@ -47,6 +49,18 @@ def _restore_args(like, partial: bool = False) -> ocp.args.PyTreeRestore:
 
 def _best_item(state) -> dict:
     return {"params": state["params"], "step": state["step"]}
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Orbax and tensorstore log every failed read at ERROR, pages of it for one damaged step; the step's verdict
+    is reported instead (details at debug level)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL if previous < logging.CRITICAL else previous)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 class CheckpointError(RuntimeError):
@@ -139,8 +153,10 @@ class Checkpoints:
     def _verified(self, manager, kind: str, step: int, args) -> tuple[Any, list[str]]:
         """(restored tree, problems): problems is empty when every array matches its record."""
         try:
-            tree = manager.restore(step, args=args)
+            with _quiet_libraries():
+                tree = manager.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - unreadable bytes surface as many error types
+            logging.debug("restoring %s/%s", manager.directory, step, exc_info=True)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             return None, [f"cannot be read ({type(e).__name__}: {first[:300]})"]
         expected = verify.read(verify.record_path(self.root, kind, step))
