@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 import warnings
 from typing import Optional
@@ -182,7 +181,8 @@ def decoder_path(output: str, to: str) -> str:
 def save_decoder(decoder: dict, output: str, to: str) -> str:
     """Writes the decoder beside the backbone (the paper reuses it as the VLM adapter), with flat '/'-joined
     names, at `decoder_path(output, to)`."""
-    from lalign.checkpoints.common import flatten, write_atomically
+    from lalign.checkpoints.common import flatten
+    from lalign.files import write_atomically
 
     flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(decoder).items()}
     path = decoder_path(output, to)
@@ -330,12 +330,12 @@ def main(argv=None) -> int:
         if args.to == "bigvision":
             write_in_place(args.output, lambda stage: bigvision.save_npz(stage, params))
         else:
-            from lalign.checkpoints.common import write_atomically
             from lalign.checkpoints.manager import save_params
+            from lalign.files import write_text
 
             write_in_place(args.output, lambda stage: save_params(stage, params))
             text = json.dumps(dict(model_fields(model), scan=scan), indent=2)
-            write_atomically(model_json, lambda tmp: pathlib.Path(tmp).write_text(text))
+            write_text(model_json, text)
         print(f"[export] wrote {args.to} params to {args.output}", file=sys.stderr)
     if decoder is not None:
         written["decoder"] = decoder_path(args.output, args.to)

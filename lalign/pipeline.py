@@ -17,6 +17,7 @@ from etils import epath
 from lalign import allocator
 from lalign import data as data_lib
 from lalign import distributed
+from lalign import files
 from lalign import probe as probe_lib
 from lalign import sharding
 from lalign import validate
@@ -73,6 +74,8 @@ def run(config, workdir: str) -> dict:
 
 
 def _run(config, workdir: str) -> dict:
+    if "maskembed" in config.stages:  # fail fast on a wrong data path, before writing or loading a large teacher
+        data_lib.image_source(config.data, "maskembed", seed=config.seed)
     _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     hosts = f"{jax.process_count()} processes x {jax.local_device_count()}, " if jax.process_count() > 1 else ""
     info(f"[host] jax {jax.__version__}, {hosts}{jax.device_count()} {jax.default_backend()} device(s), "
@@ -81,8 +84,6 @@ def _run(config, workdir: str) -> dict:
         info("[host] XLA:CPU steps run 1.3-2x faster with tcmalloc (Debian/Ubuntu: apt-get install "
              "libtcmalloc-minimal4; lalign/allocator.py)")
     times = {}
-    if "maskembed" in config.stages:  # fail fast on a wrong data path, before loading a large teacher
-        data_lib.image_source(config.data, "maskembed", seed=config.seed)
     t0 = time.time()
     teacher, teacher_params = get_teacher(config, workdir)
     times["teacher_s"] = time.time() - t0
@@ -172,9 +173,7 @@ def backbone_identities(config, aligned_step) -> dict[str, dict]:
 def _write(path: str, text: str) -> None:
     """Writes a small text file (local or gs://) once: on process 0 of a multi-host run."""
     if jax.process_index() == 0:
-        p = epath.Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+        files.write_text(path, text)
 
 
 def print_table(summary: dict) -> None:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lalign import files
 from lalign.models.decoder import PatchProbe
 
 
@@ -494,8 +495,7 @@ def run(config, workdir: str) -> dict:
     """The probe of one frozen backbone on `config.data`; writes `workdir/results.json` and `per_class.md`."""
     t_start = time.time()
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     model, params, path, fmt = load_backbone(config.backbone, config.get("backbone_format", ""),
                                              dict(config.get("model") or {}))
     image_size = backbone_image_size(model, params, config.data.get("image_size", 0))
@@ -552,10 +552,8 @@ def run(config, workdir: str) -> dict:
         times["image_probe_s"] = time.time() - t0
     times["total_s"] = time.time() - t_start
     results["runtime_s"] = times
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(workdir, "per_class.md"), "w") as f:
-        f.write(per_class_table(results))
+    files.write_text(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
+    files.write_text(os.path.join(workdir, "per_class.md"), per_class_table(results))
     p = results["patch"]
     warning = convergence_warning(p, results["backbone"]["path"])
     if warning:

@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lalign import files
+
 # Keys that do not define an experiment: replicates (seed) and bookkeeping.
 IGNORED = ("seed", "quiet", "async_checkpointing", "log_every", "mesh", "sharding_rules", "init_format",
            "checkpoint_every")
@@ -463,13 +465,11 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
             md += [f"**{name}** ({label})", "", f"![PCA {name}]({fname})", ""]
         md += [f"- {n}" for n in pca_notes]
     text = "\n".join(md).rstrip() + "\n"
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(text)
+    files.write_text(os.path.join(out, "report.md"), text)
     data = {"group_keys": keys, "groups": rows, "unfinished": unfinished,
             "runs": [{"name": r["name"], "path": r["path"], "group": label_of[id(r)], **r["metrics"]} for r in runs],
             "figures": {**figures, "pca": [f for _, _, f in pca_figs]}}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(data, f, indent=2)
+    files.write_text(os.path.join(out, "report.json"), json.dumps(data, indent=2))
     return data
 
 

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lalign import data as data_lib
 from lalign import distributed
+from lalign import files
 from lalign import maskembed
 from lalign import sharding
 from lalign.checkpoints.manager import Checkpoints
@@ -318,8 +319,7 @@ class HostReport:
         record = {**self.record, "outcome": outcome, "resumed_from": self.resumed_from, "step": step,
                   "seconds": round(time.time() - self._t0, 1),
                   "train_files_read": getattr(train_data, "num_read", None)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(record, indent=2))
+        files.write_text(self.path, json.dumps(record, indent=2))
 
 
 def _check_finite(value: float, step: int, ckpts: Checkpoints, what: str = "training loss") -> None:

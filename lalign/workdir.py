@@ -19,6 +19,8 @@ from typing import Optional
 
 from etils import epath
 
+from lalign import files
+
 HEARTBEAT_S = 60
 STALE_S = 15 * 60
 
@@ -82,9 +84,7 @@ class WorkdirLock:
             with os.fdopen(fd, "w") as f:
                 f.write(record)
             return True
-        tmp = self.path.parent / f".lock.json.tmp-{os.getpid()}"
-        tmp.write_text(record)
-        tmp.replace(self.path)
+        files.write_text(self.path, record)
         return True
 
     def acquire(self) -> "WorkdirLock":

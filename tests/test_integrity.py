@@ -125,7 +125,6 @@ def _flip_bytes(step_dir, seed=0) -> list[str]:
 
 
 def test_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_step(tiny_config, teacher, tmp_path):
-    from lalign.checkpoints.manager import restore_arrays
     from lalign.train import train_maskembed
 
     tiny_config.update(total_steps=6, checkpoint_every=2, eval_every=0)
@@ -239,7 +238,7 @@ def test_a_second_run_on_a_busy_workdir_refuses_and_leaves_it_alone(tmp_path):
         time.sleep(0.05)
     second = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr[-2000:]
-    assert f"is in use by another run (host" in second.stderr and f"pid {first.pid}," in second.stderr
+    assert "is in use by another run (host" in second.stderr and f"pid {first.pid}," in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
     out, err = first.communicate(timeout=400)
     assert first.returncode == 0, err[-3000:]

@@ -147,7 +147,7 @@ def test_sigterm_at_different_moments_saves_one_step_and_resumes_exactly(pod_run
         elastic = str(tmp_path / f"elastic{devices}")
         shutil.copytree(preempted, elastic)
         r = _single(elastic, data, devices, *mesh)
-        assert f"resumed from" in r.stdout and f"at step {step}" in r.stdout, r.stdout[-2000:]
+        assert "resumed from" in r.stdout and f"at step {step}" in r.stdout, r.stdout[-2000:]
         _assert_close(_params(elastic)["params"], _params(single_runs[reference])["params"], atol=1e-6)
 
 

@@ -25,8 +25,9 @@ from typing import Any, Mapping, Optional
 import ml_dtypes
 import numpy as np
 
+from lalign.files import write_atomically
 from lalign.checkpoints.common import (blocks_to_scan, check_shapes, flatten, infer_model, is_scanned,  # noqa: F401
-                                       scan_to_blocks, to_layout, to_numpy, unflatten, write_atomically)
+                                       scan_to_blocks, to_layout, to_numpy, unflatten)
 
 __all__ = ["load_npz", "save_npz", "read_npz_flat", "scan_to_blocks", "blocks_to_scan", "infer_model"]
 

@@ -5,9 +5,7 @@ Everything here works on plain numpy trees (nested dicts of arrays) and needs ne
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -274,18 +272,3 @@ def take_map_head(head_params: Optional[Mapping]) -> Optional[dict]:
                          f"{sorted(head_params)}).")
     return to_numpy(head_params)
 
-
-def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:
-    """`write(tmp)` into a temporary file beside `path`, renamed over `path` only once complete: an error or a
-    crash never leaves a half-written file there. `suffix`: what the writer insists on (np.savez adds .npz)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

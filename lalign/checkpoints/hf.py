@@ -38,8 +38,9 @@ from typing import Mapping, Optional
 import numpy as np
 
 from lalign.checkpoints import torch_layout as tl
+from lalign.files import write_atomically
 from lalign.checkpoints.common import (check_params, grid_of, random_map_head, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy, write_atomically)
+                                       to_layout, to_numpy)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 KINDS = ("siglip", "clip")

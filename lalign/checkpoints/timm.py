@@ -32,8 +32,9 @@ from typing import Mapping, Optional
 import numpy as np
 
 from lalign.checkpoints import torch_layout as tl
+from lalign.files import write_atomically
 from lalign.checkpoints.common import (check_params, grid_of, model_fields, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy, write_atomically)
+                                       to_layout, to_numpy)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from lalign import files
 from lalign.sharding import path_str
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
@@ -89,11 +90,7 @@ def write(path: str, step: int, record: dict) -> None:
     """Written atomically (a temporary name, then a rename): by process 0 of a multi-host run."""
     if jax.process_index() != 0:
         return
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"step": int(step), "arrays": record}))
-    tmp.replace(p)  # over an older record of the same step (a step saved again after a fallback)
+    files.write_text(path, json.dumps({"step": int(step), "arrays": record}))
 
 
 def read(path: str) -> Optional[dict]:
