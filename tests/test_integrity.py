@@ -384,3 +384,15 @@ def test_a_workdir_whose_checkpoints_are_all_damaged_is_one_clear_line(tmp_path)
     assert r.returncode == 2 and lines[-1].startswith("lalign.main: error: Step 6 under "), r.stderr[-3000:]
     assert "No checkpoint is left to resume from" in lines[-1]
     assert "Traceback" not in r.stderr and "ERROR" not in r.stderr, r.stderr[-3000:]
+
+
+def test_an_image_border_outside_the_patch_grid_is_stated(capsys, tmp_path):
+    """So400m/14 at 384 px leaves 6 pixel rows and columns outside the patch grid by design; never silently."""
+    from conftest import load_config
+    from lalign import pipeline
+
+    c = load_config("configs/siglip_so400m.py", "smoke")  # 30 px, patch 7: the grid covers 28
+    c.update(total_steps=1, eval_every=1, quiet=True)
+    pipeline.run(c, str(tmp_path))
+    assert ("[maskembed] image 30 px, patch 7: the patch grid covers 28 px; the last 2 pixel rows and columns are "
+            "outside it") in capsys.readouterr().out
