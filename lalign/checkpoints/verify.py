@@ -13,6 +13,7 @@ on a host (`lalign.export`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Optional
@@ -39,12 +40,18 @@ def _device_sums(x):
                       finite.astype(jnp.uint32)])
 
 
+@functools.lru_cache(maxsize=8)
+def _record_fn(out_sharding):
+    """One jitted function per output sharding (jit then caches one program per state structure): a save does
+    not compile again."""
+    return jax.jit(lambda xs: jnp.stack([_device_sums(x) for x in xs]), out_shardings=out_sharding)
+
+
 def device_record(tree, out_sharding=None) -> dict[str, dict]:
     """{path: {'sums': [plain, weighted], 'finite': bool, 'shape', 'dtype'}} of a pytree of (sharded) arrays:
     one jitted pass and one transfer of 3 numbers per array."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)
-    fn = jax.jit(lambda xs: jnp.stack([_device_sums(x) for x in xs]), out_shardings=out_sharding)
-    table = np.asarray(jax.device_get(fn([x for _, x in leaves])))
+    table = np.asarray(jax.device_get(_record_fn(out_sharding)([x for _, x in leaves])))
     return {path_str(p): {"sums": [int(a), int(b)], "finite": bool(f), "shape": list(np.shape(x)),
                           "dtype": str(x.dtype)} for (p, x), (a, b, f) in zip(leaves, table)}
 
