@@ -90,7 +90,9 @@ def get_config(arg: str = "full"):
     c.total_steps = math.ceil(EPOCHS * IMAGENET21K_IMAGES / BATCH)  # 64,227
     c.batch_size = BATCH
     c.grad_accum_steps = 1  # >1: micro-batches with the same gradient, for slices with less memory per chip
-    c.optimizer = dict(lr=2e-4, wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0, warmup_steps=0, lr_min_ratio=0.1)
+    # weight_decay_on "reference": no decay on biases, norms and LayerScale, as timm's optimizer factory does
+    c.optimizer = dict(lr=2e-4, wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0, warmup_steps=0, lr_min_ratio=0.1,
+                       weight_decay_on="reference")
     c.mesh = dict(data=-1, fsdp=16, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
     c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
     c.log_every = 50

@@ -32,11 +32,33 @@ from lalign.metrics import MetricWriter, info
 from lalign.models.vit import ViT
 
 
+# Which parameters AdamW's weight decay applies to (`optimizer.weight_decay_on`), by leaf name so that the rule
+# reads the same in both block layouts and does not depend on Flax's shapes (q/k/v biases are 2-D here, 1-D in
+# torch).
+DECAYED = {
+    # The reference: timm's create_optimizer_v2(weight_decay=0.01) puts every 1-D parameter and every bias in a
+    # group without decay (LayerNorm, biases, LayerScale); kernels (the patch embedding's too), position
+    # embeddings and the class token are decayed.
+    "reference": ("kernel", "pos_embedding", "cls"),
+    "kernels": ("kernel",),  # big_vision's recipes
+    "all": None,  # every parameter (optax.adamw's default)
+}
+
+
+def weight_decay_mask(params, rule: str = "reference"):
+    """A tree of bools: True where `rule` (a key of DECAYED) decays the parameter."""
+    if rule not in DECAYED:
+        raise ValueError(f"optimizer.weight_decay_on {rule!r}: choose from {sorted(DECAYED)}.")
+    names = DECAYED[rule]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: names is None or sharding.path_str(path).rsplit("/", 1)[-1] in names, params)
+
+
 def make_optimizer(cfg, total_steps: int):
     """AdamW with global-norm clipping; linear warmup then cosine decay to lr * lr_min_ratio.
 
-    Returns (optax transform, schedule). Defaults are the paper's: b1 0.9, b2 0.95, wd 0.01, clip 1.0, decay to
-    lr/10, no warmup.
+    Returns (optax transform, schedule). Defaults are the paper's: b1 0.9, b2 0.95, wd 0.01 on the reference's
+    parameters (`weight_decay_mask`), clip 1.0, decay to lr/10, no warmup.
     """
     warmup = int(cfg.get("warmup_steps", 0))
     end = cfg.lr * cfg.get("lr_min_ratio", 0.1)
@@ -47,7 +69,10 @@ def make_optimizer(cfg, total_steps: int):
     parts = []
     if cfg.get("grad_clip"):
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), weight_decay=cfg.get("wd", 0.01)))
+    rule = cfg.get("weight_decay_on", "reference")
+    weight_decay_mask({}, rule)  # an unknown rule is an error now, not at the first step
+    parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
+                             weight_decay=cfg.get("wd", 0.01), mask=functools.partial(weight_decay_mask, rule=rule)))
     return optax.chain(*parts), schedule
 
 

@@ -185,3 +185,61 @@ def test_losses_match_hand_computed_values():
     assert np.isclose(me.maskembed_loss(pred, target, tm, "mse_unmasked", num_prefix_tokens=1), 0.5)
     with pytest.raises(ValueError, match="loss"):
         me.maskembed_loss(pred, target, tm, "huber")
+
+
+def test_weight_decay_falls_on_the_parameters_the_reference_decays():
+    """Rule (the reference's timm create_optimizer_v2): decay iff the leaf is a kernel, pos_embedding or cls;
+    every bias (q/k/v biases are 2-D in Flax), LayerNorm scale and LayerScale is left alone."""
+    from conftest import load_config
+    from lalign.pretrain import teacher_model
+    from lalign.sharding import path_str
+    from lalign.train import make_optimizer, weight_decay_mask
+
+    c = load_config(arg="tiny")
+    c.model.update(class_token=True)  # a CLIP-style student: a cls to decay too
+    teacher = teacher_model(c, num_classes=3)
+    tparams = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    model = me.make_maskembed_model(teacher, c.maskembed)
+    params = me.init_from_teacher(model, tparams, jax.random.key(1), jnp.zeros((2, 16, 16, 3)), 3)
+    mask = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(weight_decay_mask(params))}
+    block = "Transformer/encoderblock_0"
+    decayed = {"student/cls", "student/embedding/kernel", "student/pos_embedding", "proj/kernel",
+               "decoder/pos_embedding", "decoder/head/kernel",
+               *(f"student/{block}/{m}" for m in ("MultiHeadDotProductAttention_0/query/kernel",
+                                                  "MultiHeadDotProductAttention_0/key/kernel",
+                                                  "MultiHeadDotProductAttention_0/value/kernel",
+                                                  "MultiHeadDotProductAttention_0/out/kernel",
+                                                  "MlpBlock_0/Dense_0/kernel", "MlpBlock_0/Dense_1/kernel"))}
+    not_decayed = {"student/embedding/bias", "student/Transformer/encoder_norm/scale",
+                   "student/Transformer/encoder_norm/bias", "proj/bias", "decoder/head/bias",
+                   "decoder/encoderblock_0/LayerScale_0", "decoder/encoderblock_0/LayerScale_1",
+                   *(f"student/{block}/{m}" for m in ("LayerNorm_0/scale", "LayerNorm_0/bias", "LayerNorm_1/scale",
+                                                      "LayerNorm_1/bias", "MultiHeadDotProductAttention_0/query/bias",
+                                                      "MultiHeadDotProductAttention_0/key/bias",
+                                                      "MultiHeadDotProductAttention_0/value/bias",
+                                                      "MultiHeadDotProductAttention_0/out/bias",
+                                                      "MlpBlock_0/Dense_0/bias", "MlpBlock_0/Dense_1/bias"))}
+    assert decayed <= {k for k, v in mask.items() if v} and not_decayed <= {k for k, v in mask.items() if not v}
+    assert all(mask[k] == (k.rsplit("/", 1)[-1] in ("kernel", "pos_embedding", "cls")) for k in mask)
+
+    # One AdamW update with and without weight decay: they differ by exactly -lr * wd * p on the decayed set and
+    # not at all elsewhere.
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+    updates = {}
+    for wd in (0.0, 0.1):
+        cfg = dict(lr=1e-2, wd=wd, b1=0.9, b2=0.95, grad_clip=0.0, warmup_steps=0, lr_min_ratio=1.0)
+        tx, _ = make_optimizer(ml_collections.ConfigDict(cfg), 10)
+        updates[wd] = tx.update(grads, tx.init(params), params)[0]
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+        name = path_str(path)
+        diff = _leaf(updates[0.1], path) - _leaf(updates[0.0], path)
+        expected = -1e-2 * 0.1 * p if mask[name] else jnp.zeros_like(p)
+        np.testing.assert_allclose(diff, expected, rtol=1e-4, atol=1e-8, err_msg=name)  # rounding of two updates
+    with pytest.raises(ValueError, match="optimizer.weight_decay_on 'biases'"):
+        weight_decay_mask(params, "biases")
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
