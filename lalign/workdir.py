@@ -4,7 +4,7 @@ Two runs in one workdir interleave their metrics and overwrite each other's chec
 second one refuse at once, naming the first. It is taken before anything is written (by process 0 of a
 multi-host run, which tells the other hosts the outcome) and released when the run ends, however it ends short
 of SIGKILL. A lock left by a run that was killed is taken over with a message when its owner is provably gone:
-the same host and a pid that no longer runs, or no heartbeat (the owner rewrites the file every
+the same host and a pid that no longer runs (or a reboot since), or no heartbeat (the owner rewrites the file every
 `HEARTBEAT_S`) for `STALE_S` — what a preempted VM on another host leaves behind.
 """
 from __future__ import annotations
@@ -27,6 +27,16 @@ STALE_S = 15 * 60
 
 class WorkdirBusy(ValueError):
     """Another live run owns the workdir."""
+
+
+def _boot_id() -> str:
+    """Changes at every boot: a lock from before a reboot (a preempted VM recreated under its old name) is stale
+    even if its pid now belongs to another process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
@@ -54,7 +64,7 @@ class WorkdirLock:
         self.note: Optional[str] = None  # what happened to a stale lock, for the run's log
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+        self._me = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "started": time.time(),
                     "command": [os.path.basename(sys.executable)] + sys.argv}
 
     def _read(self) -> Optional[dict]:
@@ -66,8 +76,11 @@ class WorkdirLock:
             return {"host": "?", "pid": -1, "started": 0, "heartbeat": 0}
 
     def _stale(self, owner: dict) -> Optional[str]:
-        if owner.get("host") == self._me["host"] and not _alive(int(owner.get("pid", -1))):
-            return f"its process {owner.get('pid')} on this host is gone"
+        if owner.get("host") == self._me["host"]:
+            if owner.get("boot", self._me["boot"]) != self._me["boot"]:
+                return "this host has rebooted since"
+            if not _alive(int(owner.get("pid", -1))):
+                return f"its process {owner.get('pid')} on this host is gone"
         age = time.time() - float(owner.get("heartbeat", owner.get("started", 0)))
         if age > self.stale_s:
             return f"it has not been renewed for {age / 60:.0f} minutes"
@@ -98,7 +111,8 @@ class WorkdirLock:
             why = self._stale(owner)
             if why is None:
                 raise WorkdirBusy(f"{self.path.parent} is in use by another run ({_describe(owner)}). Wait for it "
-                                  f"to finish, stop it, or use another --workdir.")
+                                  f"to finish, stop it, or use another --workdir (if that run is gone, delete "
+                                  f"{self.path}).")
             self.note = f"took over the lock of an earlier run ({_describe(owner)}): {why}"
             self.path.unlink(missing_ok=True)
         else:

@@ -396,3 +396,18 @@ def test_an_image_border_outside_the_patch_grid_is_stated(capsys, tmp_path):
     pipeline.run(c, str(tmp_path))
     assert ("[maskembed] image 30 px, patch 7: the patch grid covers 28 px; the last 2 pixel rows and columns are "
             "outside it") in capsys.readouterr().out
+
+
+def test_a_lock_from_before_a_reboot_is_stale(tmp_path):
+    import json
+    import socket
+    import time
+
+    from lalign.workdir import WorkdirLock
+
+    owner = {"host": socket.gethostname(), "boot": "an-earlier-boot", "pid": os.getpid(), "started": time.time(),
+             "heartbeat": time.time(), "command": []}  # the pid is alive now, but it is not that run
+    (tmp_path / "lock.json").write_text(json.dumps(owner))
+    lock = WorkdirLock(str(tmp_path)).acquire()
+    assert "this host has rebooted since" in lock.note
+    lock.release()
