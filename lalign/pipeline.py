@@ -122,7 +122,7 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
     model = aligned["model"]
     # Each host probes on its own devices (the same computation everywhere; process 0 writes the results).
-    teacher_params, aligned_params = sharding.to_host((teacher_params, aligned["params"]))
+    teacher_params, aligned_params = sharding.local_copy((teacher_params, aligned["params"]))
     backbones = {
         "teacher": lambda x: backbone.apply({"params": teacher_params}, x)[1]["encoded"],
         "aligned": lambda x: model.features(aligned_params, x),

@@ -159,15 +159,18 @@ def put_batch(x: np.ndarray, mesh: Mesh):
     return jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x))
 
 
-def to_host(tree):
-    """A pytree of (possibly multi-host) arrays as numpy arrays, whole, on every host: for work each host does on
-    its own devices after training (the probe). Every host must call it (a collective when arrays span hosts)."""
+def local_copy(tree):
+    """A pytree every host can compute with on its own devices (the probe, after training): arrays spread over
+    several hosts' devices are gathered whole as numpy arrays; arrays this host holds whole are returned as they
+    are (so a one-process run computes exactly what it did before). Every host must call it (a collective when
+    arrays span hosts)."""
     leaves, treedef = jax.tree.flatten(tree)
     spread = [i for i, x in enumerate(leaves) if not getattr(x, "is_fully_addressable", True)]
-    if spread:  # arrays over several hosts' devices: gathered whole (a host's own arrays are already whole)
-        from jax.experimental import multihost_utils
+    if not spread:
+        return tree
+    from jax.experimental import multihost_utils
 
-        gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
-        for i, x in zip(spread, gathered):
-            leaves[i] = np.asarray(x)
-    return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])
+    gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
+    for i, x in zip(spread, gathered):
+        leaves[i] = np.asarray(x)
+    return jax.tree.unflatten(treedef, leaves)
