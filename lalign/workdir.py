@@ -97,6 +97,8 @@ class WorkdirLock:
             with os.fdopen(fd, "w") as f:
                 f.write(record)
             return True
+        if exclusive and self.path.exists():  # a bucket has no atomic create: look first (a small race window)
+            return False
         files.write_text(self.path, record)
         return True
 
@@ -123,17 +125,18 @@ class WorkdirLock:
 
     def _beat(self):
         while not self._stop.wait(self.heartbeat_s):
-            owner = self._read()
-            if owner and owner.get("pid") == self._me["pid"] and owner.get("host") == self._me["host"]:
+            if self._mine(self._read()):
                 self._write(exclusive=False)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        owner = self._read()
-        if owner and owner.get("pid") == self._me["pid"] and owner.get("host") == self._me["host"]:
+        if self._mine(self._read()):
             self.path.unlink(missing_ok=True)
+
+    def _mine(self, owner: Optional[dict]) -> bool:
+        return bool(owner) and owner.get("pid") == self._me["pid"] and owner.get("host") == self._me["host"]
 
     def __enter__(self):
         return self.acquire()
