@@ -22,8 +22,13 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "--distributed: seconds after whi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# What a user can fix (config, paths, the job's hosts); anything else keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+def is_user_error(e: BaseException) -> bool:
+    """What a user can fix (config, paths, checkpoints, the job's hosts): reported as one line. Anything else
+    keeps its traceback."""
+    from lalign.checkpoints.manager import CheckpointError
+    from lalign.distributed import JoinError
+
+    return isinstance(e, (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, JoinError))
 
 
 def main(argv):
@@ -31,30 +36,23 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; our progress lines are enough
     f = flags.FLAGS
-    if f.distributed:
-        from lalign import distributed
+    if not f.distributed and (f.coordinator_address or f.num_processes is not None or f.process_id is not None):
+        raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
+    try:
+        if f.distributed:
+            from lalign import distributed
 
-        try:
             distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                                    initialization_timeout_s=f.distributed_timeout,
                                    heartbeat_timeout_s=f.heartbeat_timeout)
-        except (ValueError, distributed.JoinError) as e:
-            print(f"lalign.main: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
-    elif f.coordinator_address or f.num_processes is not None or f.process_id is not None:
-        raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
-    from lalign import pipeline  # after flag parsing: keeps --help fast
+        from lalign import pipeline  # after joining the job, and after flag parsing: keeps --help fast
 
-    from lalign.checkpoints.manager import CheckpointError
-
-    try:
         pipeline.run(f.config, f.workdir)
-    except USER_ERRORS + (CheckpointError,) as e:  # a wrong config, path or job setup: one clear line, not a traceback
-        if os.environ.get("LALIGN_TRACEBACK"):
+    except Exception as e:  # noqa: BLE001 - sorted by is_user_error
+        if not is_user_error(e) or os.environ.get("LALIGN_TRACEBACK"):
             raise
         print(f"lalign.main: error: {e}  (LALIGN_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()  # re-runs this command with tcmalloc when installed: see lalign/allocator.py

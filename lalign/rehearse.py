@@ -216,7 +216,8 @@ def main(argv=None) -> int:
         if any(c != 143 for c in codes):
             problems.append(f"after SIGTERM the hosts exited {codes}, not 143 each")
         if len(saved) != 1 or any(r.get("outcome") != "preempted" for r in reports):
-            problems.append(f"the hosts did not all save one step: {[(r.get('outcome'), r.get('step')) for r in reports]}")
+            outcomes = [(r.get("outcome"), r.get("step")) for r in reports]
+            problems.append(f"the hosts did not all save one step: {outcomes}")
         resumed_from = sorted(saved)[0] if len(saved) == 1 else None
         if not problems:
             procs = start_hosts(args.config, workdir, n, k, overrides, log_suffix="_restart")

@@ -128,13 +128,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch(batch_size: int, data: int, fsdp: int, accum: int = 1) -> None:
+    """The global batch, and each of its `accum` micro-batches, splits evenly over the data x fsdp batch shards."""
+    shards = data * fsdp
     if batch_size % shards:
         raise ValueError(f"config.batch_size {batch_size} is not divisible by the {shards} batch shards of the mesh "
-                         f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}). Resuming on another mesh keeps "
-                         f"the global batch (the data order depends on it): choose config.mesh so that data x fsdp "
-                         f"divides it.")
+                         f"(data={data} x fsdp={fsdp}). Resuming on another mesh keeps the global batch (the data "
+                         f"order depends on it): choose config.mesh so that data x fsdp divides it.")
+    if accum > 1:
+        if batch_size % accum:
+            raise ValueError(f"config.batch_size {batch_size} is not divisible by config.grad_accum_steps {accum}.")
+        micro = batch_size // accum
+        if micro % shards:
+            raise ValueError(f"With config.grad_accum_steps={accum}, each micro-batch of {micro} images is split over "
+                             f"the mesh, but {micro} is not divisible by its {shards} batch shards (data={data} x "
+                             f"fsdp={fsdp}).")
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, accum: int = 1) -> None:
+    check_batch(batch_size, mesh.shape["data"], mesh.shape["fsdp"], accum)
 
 
 def host_shard(batch_size: int, mesh: Mesh) -> tuple[int, int]:

@@ -146,16 +146,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
 
     # --- Sharding: one mesh; every array of the state, the teacher and the batch gets an explicit sharding.
     mesh = sharding.make_mesh(config.get("mesh", {}))
-    sharding.check_batch_divisible(config.batch_size, mesh)
-    if accum > 1:
-        if config.batch_size % accum:
-            raise ValueError(f"config.batch_size {config.batch_size} is not divisible by config.grad_accum_steps "
-                             f"{accum}.")
-        try:
-            sharding.check_batch_divisible(config.batch_size // accum, mesh)
-        except ValueError as e:
-            raise ValueError(f"With config.grad_accum_steps={accum}, each micro-batch of "
-                             f"{config.batch_size // accum} images is split over the mesh: {e}") from None
+    sharding.check_batch_divisible(config.batch_size, mesh, accum)
     rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
     init_state = make_init_state(model, tx, cfg, jnp.asarray(example_images))
 

@@ -96,16 +96,11 @@ def config_errors(config, num_devices: int) -> list[str]:
 
     if errors:  # the mesh checks need sane sizes
         return errors
-    try:
-        mesh = sharding.mesh_shape(c.get("mesh", {}), _mesh_devices(c, num_devices))
+    try:  # the checks the step itself makes, on the mesh it will build
+        data, fsdp, _ = sharding.mesh_shape(c.get("mesh", {}), _mesh_devices(c, num_devices))
+        sharding.check_batch(c.batch_size, data, fsdp, accum)
     except ValueError as e:
-        return [str(e)]
-    shards = mesh[0] * mesh[1]
-    need(c.batch_size % accum == 0, f"config.batch_size {c.batch_size} is not divisible by "
-                                    f"config.grad_accum_steps {accum}")
-    need((c.batch_size // accum) % shards == 0,
-         f"config.batch_size {c.batch_size}{f' / grad_accum_steps {accum}' if accum > 1 else ''} is not divisible "
-         f"by the {shards} batch shards of the mesh (data={mesh[0]} x fsdp={mesh[1]})")
+        return [str(e).rstrip(".")]
     return errors
 
 

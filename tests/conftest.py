@@ -36,12 +36,9 @@ sys.path.insert(0, ROOT)
 
 
 def load_config(name: str = "configs/demo.py", arg: str = "smoke"):
-    import importlib.util
+    from lalign.rehearse import load_config as load
 
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load(f"{name}:{arg}")
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from lalign.checkpoints import torch_layout as tl
-from lalign.files import write_atomically
+from lalign.files import write_atomically, write_text
 from lalign.checkpoints.common import (check_params, grid_of, random_map_head, scan_to_blocks, take_map_head,
                                        to_layout, to_numpy)
 from lalign.models.vit import ViT, posemb_sincos_2d
@@ -241,14 +241,8 @@ def to_hf(params: Mapping, model: ViT, outdir: str, kind: Optional[str] = None, 
         sd = {k: v.astype(dtype) for k, v in sd.items()}
     write_atomically(os.path.join(outdir, "model.safetensors"),
                      lambda f: _safetensors_numpy().save_file(sd, f, metadata={"format": "pt"}))
-    write_atomically(os.path.join(outdir, "config.json"),
-                     lambda f: _write_text(f, json.dumps(config, indent=2) + "\n"))
+    write_text(os.path.join(outdir, "config.json"), json.dumps(config, indent=2) + "\n")
     return config
-
-
-def _write_text(path: str, text: str):
-    with open(path, "w") as f:
-        f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------- import

@@ -28,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from lalign.data import images
+from lalign.files import write_text
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 OPTIONS = dict(path="", val_path="", num_val=10_000, file_list="")
@@ -62,9 +63,7 @@ def list_images(root: str) -> list[str]:
 
 def write_file_list(root: str, list_path: str) -> int:
     files = list_images(root)
-    tmp = epath.Path(f"{list_path}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(files) + "\n")
-    tmp.replace(list_path)  # atomic on a local disk: a concurrent reader sees the whole list or none
+    write_text(list_path, "\n".join(files) + "\n")  # a concurrent reader sees the whole list or none
     return len(files)
 
 
