@@ -1,4 +1,4 @@
-"""The reviewers' ablations on the embedded demo: one MaskEmbed setting changed at a time from the demo default.
+"""Ablations on the embedded demo: one MaskEmbed setting changed at a time from the demo default.
 
     python -m lalign.main --config=configs/demo_ablations.py:bernoulli_p25 --workdir=DIR --config.seed=0
     python scripts/run_ablations.py --out=/tmp/ablations --teachers=/tmp/runs/final_last_s{seed}   # all x 3 seeds
