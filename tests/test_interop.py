@@ -103,6 +103,52 @@ def nchw(torch, x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
+# ---------------------------------------------------------------------------------------- conversion tables
+def test_every_conversion_kind_is_exactly_invertible():
+    from lalign.checkpoints import mapping
+
+    rng = np.random.default_rng(0)
+    shapes = {"copy": (3, 4), "linear": (6, 5), "conv": (2, 3, 3, 8), "heads_in": (8, 2, 4), "heads_out": (2, 4, 8),
+              "flatten": (1, 1, 8), "unbatch": (1, 5, 8)}
+    assert set(shapes) == set(mapping.KINDS)
+    for kind, shape in shapes.items():
+        a = rng.normal(size=shape).astype(np.float32)
+        to, back = mapping.KINDS[kind]
+        np.testing.assert_array_equal(back(to(a), shape), a, err_msg=kind)
+    # torch layouts, spelled out: Linear (out, in); Conv2d (D, 3, ph, pw); q/k/v (H*hd, D); out (D, H*hd)
+    assert mapping.KINDS["linear"][0](np.zeros((6, 5))).shape == (5, 6)
+    assert mapping.KINDS["conv"][0](np.zeros((2, 3, 3, 8))).shape == (8, 3, 2, 3)
+    assert mapping.KINDS["heads_in"][0](np.zeros((8, 2, 4))).shape == (8, 8)
+    assert mapping.KINDS["heads_out"][0](np.zeros((2, 4, 8))).shape == (8, 8)
+
+
+def test_a_table_uses_every_parameter_and_every_tensor():
+    from lalign.checkpoints import mapping
+
+    rules = [mapping.Rule("a/kernel", "fc.weight", "linear"),
+             mapping.Rule(("q/kernel", "k/kernel"), "blocks.{i}.qk.weight", "heads_in")]
+    params = {"a/kernel": np.ones((2, 3)), "q/kernel": np.ones((4, 2, 2)), "k/kernel": np.zeros((4, 2, 2))}
+    sd = mapping.export(params, rules[:1] + [mapping.Rule(("q/kernel", "k/kernel"), "qk.weight", "heads_in")], 1,
+                        "fmt")
+    assert sd["qk.weight"].shape == (8, 4) and sd["fc.weight"].shape == (3, 2)
+    back = mapping.import_params(sd, rules[:1] + [mapping.Rule(("q/kernel", "k/kernel"), "qk.weight", "heads_in")],
+                                 params, 1, "file")
+    assert all(np.array_equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match=r"fmt has no place for the parameter\(s\) \['extra'\]"):
+        mapping.export(dict(params, extra=np.ones(2)), rules, 1, "fmt")
+    with pytest.raises(ValueError, match=r"file: unexpected keys for the model: \['stray'\]"):
+        mapping.import_params(dict(sd, stray=np.ones(1)), rules[:1] + [
+            mapping.Rule(("q/kernel", "k/kernel"), "qk.weight", "heads_in")], params, 1, "file")
+    with pytest.raises(ValueError, match="file: missing weight 'blocks.0.qk.weight'"):
+        mapping.import_params(sd, rules, params, 1, "file")
+    with pytest.raises(ValueError, match=r"holds \['q/kernel', 'k/kernel'\], but the model has only \['q/kernel'\]"):
+        mapping.import_params(sd, rules, {"a/kernel": np.ones((2, 3)), "q/kernel": np.ones((4, 2, 2))}, 1, "file")
+    with pytest.raises(ValueError, match=r"file: this format has no tensor for \['b'\]"):
+        mapping.import_params(sd, rules[:1] + [mapping.Rule(("q/kernel", "k/kernel"), "qk.weight", "heads_in")],
+                              dict(params, b=np.ones(3)), 1, "file")
+    assert [r.theirs for r in mapping.expand(rules, 2)] == ["fc.weight", "blocks.0.qk.weight", "blocks.1.qk.weight"]
+
+
 # ------------------------------------------------------------------------------------------- big_vision npz
 def test_layout_helpers_are_inverse(siglip):
     _, params, *_ = siglip

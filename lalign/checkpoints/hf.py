@@ -37,10 +37,10 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from lalign.checkpoints import torch_layout as tl
+from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically, write_text
-from lalign.checkpoints.common import (check_params, grid_of, random_map_head, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy)
+from lalign.checkpoints.common import (check_params, describe, expected_shapes, flatten, grid_of, random_map_head,
+                                       scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 KINDS = ("siglip", "clip")
@@ -99,65 +99,39 @@ def hf_problems(model: ViT, kind: str) -> list[str]:
     return why
 
 
-# ------------------------------------------------------------------------------------------------ encoder
-def _encoder_to_hf(p: Mapping, depth: int) -> dict:
-    sd = {}
-    for i in range(depth):
-        b = p["Transformer"][f"encoderblock_{i}"]
-        pre = f"{P}encoder.layers.{i}."
-        ws, bs, (ow, ob) = tl.attn_qkv_out_to_torch(b["MultiHeadDotProductAttention_0"])
-        for n, w, bias in zip(("q", "k", "v"), ws, bs):
-            sd[f"{pre}self_attn.{n}_proj.weight"], sd[f"{pre}self_attn.{n}_proj.bias"] = w, bias
-        sd[f"{pre}self_attn.out_proj.weight"], sd[f"{pre}self_attn.out_proj.bias"] = ow, ob
-        sd.update(tl.ln_to_torch(b["LayerNorm_0"], f"{pre}layer_norm1"))
-        sd.update(tl.ln_to_torch(b["LayerNorm_1"], f"{pre}layer_norm2"))
-        sd.update(tl.mlp_to_torch(b["MlpBlock_0"], f"{pre}mlp"))
-    sd.update(tl.ln_to_torch(p["Transformer"]["encoder_norm"], f"{P}post_layernorm"))
-    return sd
-
-
-def _encoder_from_hf(sd: Mapping, depth: int, heads: int, take) -> dict:
-    tr = {}
-    for i in range(depth):
-        pre = f"{P}encoder.layers.{i}."
-        ws = [take(f"{pre}self_attn.{n}_proj.weight") for n in "qkv"]
-        bs = [take(f"{pre}self_attn.{n}_proj.bias") for n in "qkv"]
-        tr[f"encoderblock_{i}"] = {
-            "LayerNorm_0": {"scale": take(f"{pre}layer_norm1.weight"), "bias": take(f"{pre}layer_norm1.bias")},
-            "MultiHeadDotProductAttention_0": tl.attn_from_torch(
-                ws, bs, take(f"{pre}self_attn.out_proj.weight"), take(f"{pre}self_attn.out_proj.bias"), heads),
-            "LayerNorm_1": {"scale": take(f"{pre}layer_norm2.weight"), "bias": take(f"{pre}layer_norm2.bias")},
-            "MlpBlock_0": {"Dense_0": {"kernel": tl.linear_from_torch(take(f"{pre}mlp.fc1.weight")),
-                                       "bias": take(f"{pre}mlp.fc1.bias")},
-                           "Dense_1": {"kernel": tl.linear_from_torch(take(f"{pre}mlp.fc2.weight")),
-                                       "bias": take(f"{pre}mlp.fc2.bias")}},
-        }
-    tr["encoder_norm"] = {"scale": take(f"{P}post_layernorm.weight"), "bias": take(f"{P}post_layernorm.bias")}
-    return tr
-
-
-def _map_head_to_hf(h: Mapping) -> dict:
-    ws, bs, (ow, ob) = tl.attn_qkv_out_to_torch(h["MultiHeadDotProductAttention_0"])
-    sd = {f"{P}head.probe": np.asarray(h["probe"]),
-          f"{P}head.attention.in_proj_weight": np.concatenate(ws, axis=0),
-          f"{P}head.attention.in_proj_bias": np.concatenate(bs, axis=0),
-          f"{P}head.attention.out_proj.weight": ow, f"{P}head.attention.out_proj.bias": ob}
-    sd.update(tl.ln_to_torch(h["LayerNorm_0"], f"{P}head.layernorm"))
-    sd.update(tl.mlp_to_torch(h["MlpBlock_0"], f"{P}head.mlp"))
-    return sd
-
-
-def _map_head_from_hf(take, heads: int) -> dict:
-    w, b = take(f"{P}head.attention.in_proj_weight"), take(f"{P}head.attention.in_proj_bias")
-    attn = tl.attn_from_torch(np.split(w, 3, axis=0), np.split(b, 3, axis=0),
-                              take(f"{P}head.attention.out_proj.weight"), take(f"{P}head.attention.out_proj.bias"),
-                              heads)
-    return {"probe": take(f"{P}head.probe"), "MultiHeadDotProductAttention_0": attn,
-            "LayerNorm_0": {"scale": take(f"{P}head.layernorm.weight"), "bias": take(f"{P}head.layernorm.bias")},
-            "MlpBlock_0": {"Dense_0": {"kernel": tl.linear_from_torch(take(f"{P}head.mlp.fc1.weight")),
-                                       "bias": take(f"{P}head.mlp.fc1.bias")},
-                           "Dense_1": {"kernel": tl.linear_from_torch(take(f"{P}head.mlp.fc2.weight")),
-                                       "bias": take(f"{P}head.mlp.fc2.bias")}}}
+# ------------------------------------------------------------------------------------------------ tables
+# HF names without the "vision_model." prefix (added on export, stripped on import).
+_LAYER = "encoder.layers.{i}"
+_ENCODER = [
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_0", f"{_LAYER}.layer_norm1"),
+    *m.attention(f"{m.BLOCK}/MultiHeadDotProductAttention_0", *(f"{_LAYER}.self_attn.{n}_proj" for n in "qkv"),
+                 f"{_LAYER}.self_attn.out_proj"),
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_1", f"{_LAYER}.layer_norm2"),
+    *m.mlp(f"{m.BLOCK}/MlpBlock_0", f"{_LAYER}.mlp.fc1", f"{_LAYER}.mlp.fc2"),
+    *m.layernorm("Transformer/encoder_norm", "post_layernorm"),
+]
+_MAP_HEAD = [
+    m.Rule("MAPHead_0/probe", "head.probe"),
+    *m.packed_attention("MAPHead_0/MultiHeadDotProductAttention_0", "head.attention.", "head.attention.out_proj",
+                        in_proj=True),
+    *m.layernorm("MAPHead_0/LayerNorm_0", "head.layernorm"),
+    *m.mlp("MAPHead_0/MlpBlock_0", "head.mlp.fc1", "head.mlp.fc2"),
+]
+TABLES = {
+    "siglip": [
+        m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "conv"),
+        m.Rule("embedding/bias", "embeddings.patch_embedding.bias"),
+        m.Rule("pos_embedding", "embeddings.position_embedding.weight", "unbatch"),
+        *_ENCODER, *_MAP_HEAD,
+    ],
+    "clip": [
+        m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "conv"),
+        m.Rule("cls", "embeddings.class_embedding", "flatten"),
+        m.Rule("pos_embedding", "embeddings.position_embedding.weight", "unbatch"),
+        *m.layernorm("pre_norm", "pre_layrnorm"),  # (sic: HF's name)
+        *_ENCODER,
+    ],
+}
 
 
 # ----------------------------------------------------------------------------------------------- export
@@ -180,13 +154,9 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
         warnings.warn(f"The classifier 'head' ({model.num_classes} classes) is not part of an HF vision tower and "
                       f"is not exported.", stacklevel=3)
 
-    if model.posemb == "learn":
-        pos = np.asarray(p["pos_embedding"])[0]
-    else:  # fixed sin-cos: written as the (frozen) values of a learned table.
-        pos = np.asarray(posemb_sincos_2d(gh, gw, width))[0].astype(np.asarray(p["embedding"]["kernel"]).dtype)
-    sd = {f"{P}embeddings.patch_embedding.weight": tl.conv_to_torch(p["embedding"]["kernel"]),
-          f"{P}embeddings.position_embedding.weight": pos}
-    sd.update(_encoder_to_hf(p, model.depth))
+    flat = {k: v for k, v in flatten(p).items() if not k.startswith("head/")}
+    if model.posemb != "learn":  # fixed sin-cos: written as the (frozen) values of a learned table.
+        flat["pos_embedding"] = np.asarray(posemb_sincos_2d(gh, gw, width)).astype(flat["embedding/kernel"].dtype)
     config = dict(hidden_size=width, intermediate_size=model.mlp_dim or 4 * width,
                   num_hidden_layers=model.depth, num_attention_heads=model.num_heads, num_channels=3,
                   image_size=gh * patch, patch_size=patch, hidden_act=ACT_TO_HF[model.act],
@@ -194,10 +164,8 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
     meta = {"pool_type": model.pool_type, "features": "", "head": None, "image_size": gh * patch}
 
     if kind == "siglip":
-        sd[f"{P}embeddings.patch_embedding.bias"] = np.asarray(p["embedding"]["bias"])
-        head = p.get("MAPHead_0")
-        meta["head"] = "model" if head is not None else None
-        if head is None and not drop_head:
+        meta["head"] = "model" if "MAPHead_0" in p else None
+        if "MAPHead_0" not in p and not drop_head:
             head = take_map_head(head_params)
             meta["head"] = "given"
             if head is None:
@@ -207,22 +175,20 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
                               "teacher's head, or drop_head=True to write vision_use_head=false.", stacklevel=3)
                 head = random_map_head(model, seed)
                 meta["head"] = "random"
-        if head is not None:
-            sd.update(_map_head_to_hf(head))
+            # a teacher head of another width would load silently wrong
+            if np.shape(head["probe"]) != (1, 1, width):
+                raise ValueError(f"head_params: probe has shape {np.shape(head['probe'])}, expected (1, 1, {width}).")
+            flat.update(flatten(head, "MAPHead_0/"))
         config.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
-                      vision_use_head=head is not None)
+                      vision_use_head=meta["head"] is not None)
         meta["features"] = "last_hidden_state"
     else:
-        sd[f"{P}embeddings.class_embedding"] = np.asarray(p["cls"]).reshape(width)
-        sd.update(tl.ln_to_torch(p["pre_norm"], f"{P}pre_layrnorm"))
         config.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"], projection_dim=width,
                       initializer_range=0.02, initializer_factor=1.0)
         meta["features"] = "post_layernorm(last_hidden_state)"
-    # Head-specific shape check (a teacher head of another width would load silently wrong otherwise).
-    if f"{P}head.probe" in sd and sd[f"{P}head.probe"].shape != (1, 1, width):
-        raise ValueError(f"head_params: probe has shape {sd[f'{P}head.probe'].shape}, expected (1, 1, {width}).")
+    sd = m.export(flat, TABLES[kind], model.depth, f"HF {kind}", prefix=P)
     config["lalign"] = meta
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}, config
+    return sd, config
 
 
 def to_hf(params: Mapping, model: ViT, outdir: str, kind: Optional[str] = None, *, head_params=None,
@@ -318,35 +284,14 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
                     patch_bias=False, act=ACT_FROM_HF[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]), scan=scan)
 
     vision = {k: v for k, v in sd.items() if k.startswith(P)}
-    if not vision:
+    if not vision:  # transformers 5's save_pretrained of a vision model: no prefix
         vision = {P + k: v for k, v in sd.items() if k.startswith(("embeddings.", "encoder.", "post_layernorm",
                                                                     "pre_layrnorm", "head."))}
-    used = set()
-
-    def take(k):
-        if k not in vision:
-            raise ValueError(f"{path}: missing weight {k!r} (expected for a {kind} vision model with "
-                             f"{depth} layers{', with head' if use_head else ''}).")
-        used.add(k)
-        return np.asarray(vision[k])
-
-    params = {"embedding": {"kernel": tl.conv_from_torch(take(f"{P}embeddings.patch_embedding.weight"))},
-              "pos_embedding": take(f"{P}embeddings.position_embedding.weight")[None]}
-    if kind == "siglip":
-        params["embedding"]["bias"] = take(f"{P}embeddings.patch_embedding.bias")
-    else:
-        params["cls"] = take(f"{P}embeddings.class_embedding").reshape(1, 1, -1)
-        params["pre_norm"] = {"scale": take(f"{P}pre_layrnorm.weight"), "bias": take(f"{P}pre_layrnorm.bias")}
-    params["Transformer"] = _encoder_from_hf(vision, depth, heads, take)
-    if use_head:
-        head = _map_head_from_hf(take, heads)
-        if not drop:
-            params["MAPHead_0"] = head
-    ignored = {k for k in vision if k.endswith("position_ids")}
-    unexpected = set(vision) - used - ignored
-    if unexpected:
-        raise ValueError(f"{path}: unexpected vision weights (not part of a {kind} vision model as configured): "
-                         f"{sorted(unexpected)[:8]}")
+    vision = {k: v for k, v in vision.items() if not k.endswith("position_ids")}  # a buffer, not a weight
     g = int(c["image_size"]) // int(c["patch_size"])
-    check_params(params, model.clone(scan=False), f"{path}/model.safetensors", image_size=g * int(c["patch_size"]))
-    return model, to_layout(params, scan)
+    stored = model.clone(scan=False, pool_type="map") if use_head else model.clone(scan=False)
+    flat = m.import_params(vision, TABLES[kind], expected_shapes(stored, (g, g)), depth, f"{path}/model.safetensors",
+                           f"a {kind} vision model ({describe(stored)})", prefix=P)
+    if drop:
+        flat = {k: v for k, v in flat.items() if not k.startswith("MAPHead_0/")}
+    return model, to_layout(unflatten(flat), scan)

@@ -31,10 +31,10 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from lalign.checkpoints import torch_layout as tl
+from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically
-from lalign.checkpoints.common import (check_params, grid_of, model_fields, scan_to_blocks, take_map_head,
-                                       to_layout, to_numpy)
+from lalign.checkpoints.common import (check_params, expected_shapes, flatten, grid_of, model_fields,
+                                       scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
@@ -84,6 +84,31 @@ def timm_kwargs(model: ViT, grid: tuple[int, int], *, with_map_head: Optional[bo
     )
 
 
+_BLK = "blocks.{i}"
+TABLE = [
+    m.Rule("embedding/kernel", "patch_embed.proj.weight", "conv"),
+    m.Rule("embedding/bias", "patch_embed.proj.bias"),
+    m.Rule("pos_embedding", "pos_embed"),
+    m.Rule("cls", "cls_token"),
+    *m.layernorm("pre_norm", "norm_pre"),
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_0", f"{_BLK}.norm1"),
+    *m.packed_attention(f"{m.BLOCK}/MultiHeadDotProductAttention_0", f"{_BLK}.attn.qkv", f"{_BLK}.attn.proj"),
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_1", f"{_BLK}.norm2"),
+    *m.mlp(f"{m.BLOCK}/MlpBlock_0", f"{_BLK}.mlp.fc1", f"{_BLK}.mlp.fc2"),
+    *m.layernorm("Transformer/encoder_norm", "norm"),
+    # MAP head: one learned query (latent), q on its own, k and v packed
+    m.Rule("MAPHead_0/probe", "attn_pool.latent"),
+    *m.packed("MAPHead_0/MultiHeadDotProductAttention_0", ("query",), "attn_pool.q.weight", "attn_pool.q.bias"),
+    *m.packed("MAPHead_0/MultiHeadDotProductAttention_0", ("key", "value"), "attn_pool.kv.weight",
+              "attn_pool.kv.bias"),
+    m.Rule("MAPHead_0/MultiHeadDotProductAttention_0/out/kernel", "attn_pool.proj.weight", "heads_out"),
+    m.Rule("MAPHead_0/MultiHeadDotProductAttention_0/out/bias", "attn_pool.proj.bias"),
+    *m.layernorm("MAPHead_0/LayerNorm_0", "attn_pool.norm"),
+    *m.mlp("MAPHead_0/MlpBlock_0", "attn_pool.mlp.fc1", "attn_pool.mlp.fc2"),
+    *m.dense("head", "head"),
+]
+
+
 def to_timm_state_dict(params: Mapping, model: ViT, *, head_params=None, image_size=None) -> tuple[dict, dict]:
     """(timm state dict of numpy arrays, timm kwargs)."""
     why = timm_problems(model)
@@ -92,44 +117,17 @@ def to_timm_state_dict(params: Mapping, model: ViT, *, head_params=None, image_s
     p = to_numpy(params)
     check_params(p, model, "to_timm(params)", image_size)
     grid = grid_of(p, model, image_size)
-    p = scan_to_blocks(p)
-    width = model.width
-    sd = {"patch_embed.proj.weight": tl.conv_to_torch(p["embedding"]["kernel"])}
-    if model.patch_bias:
-        sd["patch_embed.proj.bias"] = p["embedding"]["bias"]
-    if model.posemb == "learn":
-        sd["pos_embed"] = p["pos_embedding"]
-    else:  # fixed sin-cos, written as the values of timm's learned table
-        sd["pos_embed"] = np.asarray(posemb_sincos_2d(*grid, width)).astype(p["embedding"]["kernel"].dtype)
-    if model.has_class_token:
-        sd["cls_token"] = p["cls"]
-    if model.pre_norm:
-        sd.update(tl.ln_to_torch(p["pre_norm"], "norm_pre"))
-    for i in range(model.depth):
-        b, pre = p["Transformer"][f"encoderblock_{i}"], f"blocks.{i}."
-        ws, bs, (ow, ob) = tl.attn_qkv_out_to_torch(b["MultiHeadDotProductAttention_0"])
-        sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"] = np.concatenate(ws), np.concatenate(bs)
-        sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"] = ow, ob
-        sd.update(tl.ln_to_torch(b["LayerNorm_0"], pre + "norm1"))
-        sd.update(tl.ln_to_torch(b["LayerNorm_1"], pre + "norm2"))
-        sd.update(tl.mlp_to_torch(b["MlpBlock_0"], pre + "mlp"))
-    sd.update(tl.ln_to_torch(p["Transformer"]["encoder_norm"], "norm"))
-    head = p.get("MAPHead_0")
-    if head is None and head_params is not None:
+    flat = flatten(scan_to_blocks(p))
+    if model.posemb != "learn":  # fixed sin-cos, written as the values of timm's learned table
+        flat["pos_embedding"] = np.asarray(posemb_sincos_2d(*grid, model.width)).astype(flat["embedding/kernel"].dtype)
+    if "MAPHead_0" not in p and head_params is not None:
         head = take_map_head(head_params)
-        if np.shape(head["probe"]) != (1, 1, width):
-            raise ValueError(f"head_params: probe has shape {np.shape(head['probe'])}, expected (1, 1, {width}).")
-    if head is not None:
-        ws, bs, (ow, ob) = tl.attn_qkv_out_to_torch(head["MultiHeadDotProductAttention_0"])
-        sd.update({"attn_pool.latent": head["probe"], "attn_pool.q.weight": ws[0], "attn_pool.q.bias": bs[0],
-                   "attn_pool.kv.weight": np.concatenate(ws[1:]), "attn_pool.kv.bias": np.concatenate(bs[1:]),
-                   "attn_pool.proj.weight": ow, "attn_pool.proj.bias": ob})
-        sd.update(tl.ln_to_torch(head["LayerNorm_0"], "attn_pool.norm"))
-        sd.update(tl.mlp_to_torch(head["MlpBlock_0"], "attn_pool.mlp"))
-    if model.num_classes:
-        sd.update(tl.dense_to_torch(p["head"], "head"))
-    kwargs = timm_kwargs(model, grid, with_map_head=head is not None)
-    return {k: np.ascontiguousarray(v) for k, v in sd.items()}, kwargs
+        if np.shape(head["probe"]) != (1, 1, model.width):
+            raise ValueError(f"head_params: probe has shape {np.shape(head['probe'])}, expected "
+                             f"(1, 1, {model.width}).")
+        flat.update(flatten(head, "MAPHead_0/"))
+    sd = m.export(flat, TABLE, model.depth, "timm VisionTransformer")
+    return sd, timm_kwargs(model, grid, with_map_head="attn_pool.latent" in sd)
 
 
 def to_timm(params: Mapping, model: ViT, path: str, *, head_params=None, image_size=None, dtype=None) -> dict:
@@ -162,64 +160,20 @@ def from_timm_state_dict(sd: Mapping, model: ViT, source: str = "timm state dict
     Every key must be used: an unexpected or missing key, or a shape that does not match `model`, is a ValueError.
     """
     sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in sd.items()}
-    heads, used = model.num_heads, set()
-
-    def take(k):
-        if k not in sd:
-            raise ValueError(f"{source}: missing key {k!r} for a ViT with {describe_short(model)}.")
-        used.add(k)
-        return sd[k]
-
-    p = {"embedding": {"kernel": tl.conv_from_torch(take("patch_embed.proj.weight"))}}
-    if model.patch_bias:
-        p["embedding"]["bias"] = take("patch_embed.proj.bias")
-    if model.posemb == "learn":
-        p["pos_embedding"] = take("pos_embed")
-    elif "pos_embed" in sd:
-        used.add("pos_embed")  # materialized sin-cos table; the ViT recomputes it
-    if model.has_class_token:
-        p["cls"] = take("cls_token")
-    if model.pre_norm:
-        p["pre_norm"] = {"scale": take("norm_pre.weight"), "bias": take("norm_pre.bias")}
-    tr = {}
-    for i in range(model.depth):
-        pre = f"blocks.{i}."
-        qkv_w, qkv_b = take(pre + "attn.qkv.weight"), take(pre + "attn.qkv.bias")
-        tr[f"encoderblock_{i}"] = {
-            "LayerNorm_0": {"scale": take(pre + "norm1.weight"), "bias": take(pre + "norm1.bias")},
-            "MultiHeadDotProductAttention_0": tl.attn_from_torch(
-                np.split(qkv_w, 3), np.split(qkv_b, 3), take(pre + "attn.proj.weight"), take(pre + "attn.proj.bias"),
-                heads),
-            "LayerNorm_1": {"scale": take(pre + "norm2.weight"), "bias": take(pre + "norm2.bias")},
-            "MlpBlock_0": {"Dense_0": {"kernel": tl.linear_from_torch(take(pre + "mlp.fc1.weight")),
-                                       "bias": take(pre + "mlp.fc1.bias")},
-                           "Dense_1": {"kernel": tl.linear_from_torch(take(pre + "mlp.fc2.weight")),
-                                       "bias": take(pre + "mlp.fc2.bias")}},
-        }
-    tr["encoder_norm"] = {"scale": take("norm.weight"), "bias": take("norm.bias")}
-    p["Transformer"] = tr
-    if model.pool_type == "map":
-        kv_w, kv_b = np.split(take("attn_pool.kv.weight"), 2), np.split(take("attn_pool.kv.bias"), 2)
-        head = {
-            "probe": take("attn_pool.latent"),
-            "MultiHeadDotProductAttention_0": tl.attn_from_torch(
-                [take("attn_pool.q.weight"), *kv_w], [take("attn_pool.q.bias"), *kv_b],
-                take("attn_pool.proj.weight"), take("attn_pool.proj.bias"), heads),
-            "LayerNorm_0": {"scale": take("attn_pool.norm.weight"), "bias": take("attn_pool.norm.bias")},
-            "MlpBlock_0": {"Dense_0": {"kernel": tl.linear_from_torch(take("attn_pool.mlp.fc1.weight")),
-                                       "bias": take("attn_pool.mlp.fc1.bias")},
-                           "Dense_1": {"kernel": tl.linear_from_torch(take("attn_pool.mlp.fc2.weight")),
-                                       "bias": take("attn_pool.mlp.fc2.bias")}},
-        }
-        p["MAPHead_0"] = head
-    if model.num_classes:
-        p["head"] = {"kernel": tl.linear_from_torch(take("head.weight")), "bias": take("head.bias")}
-    unexpected = set(sd) - used
-    if unexpected:
-        raise ValueError(f"{source}: unexpected keys for a ViT with {describe_short(model)}: "
-                         f"{sorted(unexpected)[:8]}")
-    check_params(p, model.clone(scan=False), source, image_size)
-    return to_layout(p, model.scan)
+    stored = model.clone(scan=False)
+    if model.posemb != "learn":
+        sd.pop("pos_embed", None)  # a materialized sin-cos table; the ViT recomputes it
+    if image_size is None and "pos_embed" in sd:
+        rows = sd["pos_embed"].shape[1] - int(model.has_class_token and model.cls_posemb)
+        side = math.isqrt(rows)
+        if side * side != rows:
+            raise ValueError(f"{source}: pos_embed has {rows} patch rows, not a square grid: pass image_size.")
+        grid = (side, side)
+    else:
+        grid = grid_of({}, model, image_size)
+    flat = m.import_params(sd, TABLE, expected_shapes(stored, grid), model.depth, source,
+                           f"a ViT with {describe_short(model)}")
+    return to_layout(unflatten(flat), model.scan)
 
 
 def describe_short(model: ViT) -> str:
