@@ -36,29 +36,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from typing import Optional
 
+import jax
 import numpy as np
+from safetensors.numpy import save_file
 
-FORMATS = ("orbax", "bigvision", "hf", "timm")
+from lalign.checkpoints import bigvision, hf, timm
+from lalign.checkpoints.common import check_params, flatten, model_fields, to_layout
+from lalign.checkpoints.load import FORMATS, load_any, load_decoder
+from lalign.checkpoints.manager import save_params
+from lalign.files import write_atomically, write_text
+
 OUTPUTS = ("hf", "timm", "bigvision", "orbax")
-
-
-def guess_format(path: str) -> str:
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "config.json")) and any(
-                os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            return "hf"
-        return "orbax"
-    if path.endswith(".npz"):
-        return "bigvision"
-    if path.endswith(".safetensors"):
-        return "timm"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    raise ValueError(f"Cannot tell the format of {path}: pass --from ({'/'.join(FORMATS)}).")
 
 
 def _fields_from_args(args) -> dict:
@@ -77,98 +70,6 @@ def _fields_from_args(args) -> dict:
     return fields
 
 
-def _workdir_config(path: str) -> tuple[Optional[str], dict]:
-    """(source, {"model": fields, ...}): `PATH.model.json`, else the nearest config.json with a "model" section
-    in PATH's parents (up to 4 levels: a lalign workdir's config)."""
-    own = path.rstrip("/") + ".model.json"
-    if os.path.isfile(own):
-        with open(own) as f:
-            return own, {"model": json.load(f)}
-    d = os.path.abspath(path)
-    for _ in range(4):
-        d = os.path.dirname(d)
-        cand = os.path.join(d, "config.json")
-        if os.path.isfile(cand):
-            with open(cand) as f:
-                cfg = json.load(f)
-            if isinstance(cfg.get("model"), dict):
-                return cand, cfg
-    return None, {}
-
-
-def _restore_orbax(path: str):
-    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record."""
-    from lalign.checkpoints import verify
-    from lalign.checkpoints.manager import restore_arrays
-
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
-        path = os.path.join(path, "default")
-    tree = restore_arrays(path)
-    record = verify.for_step_dir(path)
-    if record is not None:
-        problems = verify.mismatches(verify.read(record), verify.host_record(tree))
-        if problems:
-            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. Its bytes "
-                             f"changed after it was saved; use another step.")
-    return tree
-
-
-def load_any(path: str, fmt: Optional[str], fields: dict, *, tower: str = "img", quiet: bool = False):
-    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields`."""
-    from lalign.checkpoints import bigvision, hf, timm
-    from lalign.checkpoints.common import infer_model
-
-    fmt = fmt or guess_format(path)
-    if fmt == "hf":
-        if fields and not quiet:
-            print(f"[export] {path}: the HF config defines the model; ignoring {sorted(fields)}", file=sys.stderr)
-        return hf.from_hf(path)
-    if fmt == "timm":
-        f = dict(fields)
-        variant = f.pop("variant", None)
-        if variant:
-            from lalign.models.vit import decode_variant
-
-            f.setdefault("num_heads", decode_variant(variant)["num_heads"])
-        heads = f.pop("num_heads", None)
-        f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size")}
-        return timm.from_timm(path, num_heads=heads, **f)
-    if fmt == "bigvision":
-        params = bigvision.load_npz(path, tower=tower)
-        return infer_model(params, **fields), params
-    if fmt == "orbax":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
-        tree = _restore_orbax(path)
-        student = False
-        if "params" in tree and isinstance(tree["params"], dict):
-            tree = tree["params"]
-        if "student" in tree:
-            tree, student = tree["student"], True
-        src, cfg = _workdir_config(path)
-        f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
-        if student:
-            f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
-            f["pool_type"] = "none"
-        if src and not quiet:
-            print(f"[export] model fields from {src}", file=sys.stderr)
-        f.update(fields)
-        return infer_model(tree, **f), tree
-    raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
-
-
-def load_decoder(path: str, fmt: Optional[str]) -> Optional[dict]:
-    """The MaskEmbed projection + decoder ({'proj', 'decoder'}) of a training checkpoint, else None."""
-    if (fmt or guess_format(path)) != "orbax" or not os.path.isdir(path):
-        return None
-    tree = _restore_orbax(path)
-    tree = tree.get("params", tree) if isinstance(tree.get("params"), dict) else tree
-    if "decoder" not in tree or "proj" not in tree:
-        return None
-    return {"proj": tree["proj"], "decoder": tree["decoder"]}
-
-
 def decoder_path(output: str, to: str) -> str:
     """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
     `OUTPUT_STEM.decoder.{safetensors,npz}`."""
@@ -181,14 +82,9 @@ def decoder_path(output: str, to: str) -> str:
 def save_decoder(decoder: dict, output: str, to: str) -> str:
     """Writes the decoder beside the backbone (the paper reuses it as the VLM adapter), with flat '/'-joined
     names, at `decoder_path(output, to)`."""
-    from lalign.checkpoints.common import flatten
-    from lalign.files import write_atomically
-
     flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(decoder).items()}
     path = decoder_path(output, to)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
-
         write_atomically(path, lambda tmp: save_file(flat, tmp), ".safetensors")
     else:
         write_atomically(path, lambda tmp: np.savez(tmp, **flat), ".npz")
@@ -223,8 +119,6 @@ def write_in_place(path: str, write) -> None:
     """`write(stage)` writes the output (file or directory) at a staging path beside `path`; only once it is
     complete does it take `path`'s place, and an output it replaces (--overwrite) is removed only then. An error
     or a kill leaves the old output, or nothing, never half of one."""
-    import shutil
-
     parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
     os.makedirs(parent, exist_ok=True)
     ext = os.path.splitext(name)[1] if os.path.splitext(name)[1] in (".npz", ".safetensors") else ""
@@ -278,9 +172,6 @@ def main(argv=None) -> int:
                    help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
 
-    from lalign.checkpoints import bigvision, hf, timm
-    from lalign.checkpoints.common import check_params, model_fields, to_layout
-
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)
     fields = _fields_from_args(args)
@@ -324,15 +215,10 @@ def main(argv=None) -> int:
         scan = model.scan if args.scan is None else args.scan
         params = to_layout(params, scan)
         if dtype is not None:
-            import jax
-
             params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         if args.to == "bigvision":
             write_in_place(args.output, lambda stage: bigvision.save_npz(stage, params))
         else:
-            from lalign.checkpoints.manager import save_params
-            from lalign.files import write_text
-
             write_in_place(args.output, lambda stage: save_params(stage, params))
             text = json.dumps(dict(model_fields(model), scan=scan), indent=2)
             write_text(model_json, text)

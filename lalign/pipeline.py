@@ -22,6 +22,8 @@ from lalign import probe as probe_lib
 from lalign import sharding
 from lalign import validate
 from lalign import workdir as workdir_lib
+from lalign.checkpoints.common import to_layout
+from lalign.checkpoints.load import load_any
 from lalign.metrics import info
 from lalign.pretrain import pretrain_teacher, teacher_model
 from lalign.train import train_maskembed
@@ -42,9 +44,6 @@ def get_teacher(config, workdir: str):
         model = teacher_model(config, num_classes=None)
         size = config.data.image_size
         return model, jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))["params"]
-    from lalign.checkpoints.common import to_layout
-    from lalign.export import load_any
-
     fields = {k: v for k, v in config.model.items() if v is not None and v != ""}
     scan = fields.pop("scan", None)
     model, params = load_any(config.init_from, config.get("init_format") or None, fields)

@@ -9,7 +9,7 @@ tuned on the test scenes.
 Image probe: logistic regression on mean-pooled patch features (does global knowledge survive alignment?),
 reported as macro average precision (mAP) over classes.
 
-Command line (any backbone `lalign.export.load_any` reads: a lalign orbax params dir, a MaskEmbed training
+Command line (any backbone `lalign.checkpoints.load.load_any` reads: a lalign orbax params dir, a MaskEmbed training
 checkpoint step dir or a pipeline workdir (its aligned student, best checkpoint), a big_vision npz, a Hugging Face
 directory, a timm .safetensors):
 
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from lalign import files
+from lalign.checkpoints.load import guess_format, load_any
 from lalign.models.decoder import PatchProbe
 
 
@@ -262,8 +263,7 @@ def resolve_backbone(path: str) -> str:
 
 
 def load_backbone(path: str, fmt: str = "", fields: Optional[dict] = None):
-    """(ViT, params, resolved path, format) of a frozen backbone in any format `lalign.export.load_any` reads."""
-    from lalign.export import guess_format, load_any
+    """(ViT, params, resolved path, format) of a frozen backbone in any format `lalign.checkpoints.load.load_any` reads."""
 
     if not path:
         raise ValueError("config.backbone must name the backbone checkpoint (orbax dir, training checkpoint step "

@@ -246,7 +246,7 @@ def load_backbones(run: dict):
     """{'teacher': (ViT, params), 'aligned': (ViT, params)} of a run, read from its workdir (never written)."""
     import ml_collections
 
-    from lalign.export import load_any
+    from lalign.checkpoints.load import load_any
 
     workdir, config = run["path"], ml_collections.ConfigDict(run["config"])
     if "pretrain" in config.stages:

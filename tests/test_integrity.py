@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lalign import export
-from lalign.checkpoints import bigvision
+from lalign.checkpoints import bigvision, load
 from lalign.models.vit import ViT
 
 
@@ -49,7 +49,7 @@ def test_export_refuses_an_existing_output_unless_overwrite(teacher_npz, tmp_pat
     assert export.cli(args + ["--overwrite"]) == 0
     assert not (out / "metrics.jsonl").exists() if out.is_dir() else out.read_bytes() != before
     assert not [f for f in os.listdir(tmp_path) if ".partial-" in f or ".replaced-" in f]  # no leftovers
-    model, params = export.load_any(str(out), to, {"num_heads": 2})
+    model, params = load.load_any(str(out), to, {"num_heads": 2})
     assert model.width == 16
 
 
@@ -62,7 +62,7 @@ def test_export_never_replaces_its_own_input(teacher_npz, tmp_path, capsys):
         code = export.cli(["--input", str(workdir / "teacher" / "params"), "--output", str(output), "--to",
                            "orbax", "--overwrite"])
         assert code == 2 and "would replace the input" in capsys.readouterr().err
-    assert export.load_any(str(workdir / "teacher" / "params"), "orbax", {})[0].width == 16
+    assert load.load_any(str(workdir / "teacher" / "params"), "orbax", {})[0].width == 16
 
 
 def test_a_failed_write_keeps_the_old_output(tmp_path):
@@ -144,7 +144,7 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_step(t
     changed = _flip_bytes(latest / "6", seed=1)
     with pytest.raises(ValueError, match=rf"failed verification against .*checksums/latest/6.json: "
                                          rf"{re.escape(changed[0])} "):
-        export._restore_orbax(str(latest / "6"))
+        load.restore_verified(str(latest / "6"))
 
 
 def test_no_checkpoint_verifies_is_a_clear_error(tiny_config, teacher, tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lalign import rehearse
-from lalign.export import _restore_orbax
+from lalign.checkpoints.load import restore_verified
 
 CONFIG = "configs/siglip_so400m.py:smoke_folder"
 STEPS = 10
@@ -59,7 +59,7 @@ def _finish_pod(workdir, data, *extra):
 
 
 def _params(workdir, step=STEPS):
-    return _restore_orbax(os.path.join(workdir, "checkpoints", "latest", str(step)))
+    return restore_verified(os.path.join(workdir, "checkpoints", "latest", str(step)))
 
 
 def _losses(workdir):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from lalign.export import _restore_orbax
+from lalign.checkpoints.load import restore_verified
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/demo.py:tiny", "--config.stages=('pretrain','maskembed')", "--config.total_steps=30",
@@ -52,7 +52,7 @@ def _finish(workdir):
 
 
 def _final_params(workdir):
-    return _restore_orbax(os.path.join(workdir, "checkpoints", "latest", "30"))["params"]
+    return restore_verified(os.path.join(workdir, "checkpoints", "latest", "30"))["params"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""Any checkpoint lalign reads -> (ViT, params): one place for loading, used by the pipeline, probe, report and
+export.
+
+    model, params = load_any("siglip_b16_224.npz", None, {"variant": "B/16"})
+    model, params = load_any("WORKDIR/checkpoints/best/2000", "orbax", {})   # the aligned student
+    decoder = load_decoder("WORKDIR/checkpoints/best/2000")                  # its MaskEmbed projection + decoder
+
+Formats (guessed from the path when not given): `orbax` (a params dir written by `manager.save_params`, or a
+training checkpoint step dir, verified against its checksum record), `bigvision` (.npz), `hf` (a directory with
+config.json + model.safetensors), `timm` (.safetensors).
+
+Model fields: HF configs and files lalign writes record the architecture; for the others the parameter shapes give
+width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and classifier. What shapes
+cannot tell (activation, LayerNorm eps, the heads of a timm file, pooling without a head) comes from, in order:
+`fields`, then for orbax inputs `PATH.model.json` or the nearest `config.json` above PATH (a lalign workdir's
+config: its "model" section, and for a student the MaskEmbed attn_softcap), else big_vision's defaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+from lalign.checkpoints import bigvision, hf, timm, verify
+from lalign.checkpoints.common import infer_model
+from lalign.checkpoints.manager import restore_arrays
+from lalign.models.vit import ViT, decode_variant
+
+FORMATS = ("orbax", "bigvision", "hf", "timm")
+
+
+def guess_format(path: str) -> str:
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+            return "hf"
+        return "orbax"
+    if path.endswith(".npz"):
+        return "bigvision"
+    if path.endswith(".safetensors"):
+        return "timm"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    raise ValueError(f"Cannot tell the format of {path}: pass --from ({'/'.join(FORMATS)}).")
+
+
+def workdir_config(path: str) -> tuple[Optional[str], dict]:
+    """(source, {"model": fields, ...}): `PATH.model.json`, else the nearest config.json with a "model" section
+    in PATH's parents (up to 4 levels: a lalign workdir's config)."""
+    own = path.rstrip("/") + ".model.json"
+    if os.path.isfile(own):
+        with open(own) as f:
+            return own, {"model": json.load(f)}
+    d = os.path.abspath(path)
+    for _ in range(4):
+        d = os.path.dirname(d)
+        cand = os.path.join(d, "config.json")
+        if os.path.isfile(cand):
+            with open(cand) as f:
+                cfg = json.load(f)
+            if isinstance(cfg.get("model"), dict):
+                return cand, cfg
+    return None, {}
+
+
+def restore_verified(path: str):
+    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
+        path = os.path.join(path, "default")
+    tree = restore_arrays(path)
+    record = verify.for_step_dir(path)
+    if record is not None:
+        problems = verify.mismatches(verify.read(record), verify.host_record(tree))
+        if problems:
+            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. Its bytes "
+                             f"changed after it was saved; use another step.")
+    return tree
+
+
+def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
+             quiet: bool = False) -> tuple[ViT, dict]:
+    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields`."""
+    fields = dict(fields or {})
+    fmt = fmt or guess_format(path)
+    if fmt == "hf":
+        if fields and not quiet:
+            print(f"[load] {path}: the HF config defines the model; ignoring {sorted(fields)}", file=sys.stderr)
+        return hf.from_hf(path)
+    if fmt == "timm":
+        f = dict(fields)
+        variant = f.pop("variant", None)
+        if variant:
+            f.setdefault("num_heads", decode_variant(variant)["num_heads"])
+        heads = f.pop("num_heads", None)
+        f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size")}
+        return timm.from_timm(path, num_heads=heads, **f)
+    if fmt == "bigvision":
+        params = bigvision.load_npz(path, tower=tower)
+        return infer_model(params, **fields), params
+    if fmt == "orbax":
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
+        tree = restore_verified(path)
+        student = False
+        if "params" in tree and isinstance(tree["params"], dict):
+            tree = tree["params"]
+        if "student" in tree:
+            tree, student = tree["student"], True
+        src, cfg = workdir_config(path)
+        f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
+        if student:
+            f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
+            f["pool_type"] = "none"
+        if src and not quiet:
+            print(f"[load] model fields from {src}", file=sys.stderr)
+        f.update(fields)
+        return infer_model(tree, **f), tree
+    raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
+
+
+def load_decoder(path: str, fmt: Optional[str] = None) -> Optional[dict]:
+    """The MaskEmbed projection + decoder ({'proj', 'decoder'}) of a training checkpoint, else None."""
+    if (fmt or guess_format(path)) != "orbax" or not os.path.isdir(path):
+        return None
+    tree = restore_verified(path)
+    tree = tree.get("params", tree) if isinstance(tree.get("params"), dict) else tree
+    if "decoder" not in tree or "proj" not in tree:
+        return None
+    return {"proj": tree["proj"], "decoder": tree["decoder"]}
+
+
