@@ -14,10 +14,13 @@ from lalign.models.vit import ViT, decode_variant
 SEP = "/"
 # ViT fields that the parameters determine (a value given for them must agree with the parameters).
 STRUCTURAL = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "class_token", "pre_norm", "patch_bias",
-              "posemb", "num_classes")
+              "posemb", "num_classes", "num_registers")
 # Every ViT field a converter writes into / reads from its metadata.
 MODEL_FIELDS = ("num_classes", "patch_size", "width", "depth", "mlp_dim", "num_heads", "posemb", "pool_type",
-                "class_token", "act", "ln_eps", "pre_norm", "cls_posemb", "patch_bias", "attn_softcap", "scan")
+                "class_token", "act", "ln_eps", "pre_norm", "cls_posemb", "patch_bias", "attn_softcap", "scan",
+                "layerscale_init", "num_registers")
+# The init value of a loaded LayerScale does not matter (the parameters are loaded); DINOv2's, for the record.
+LOADED_LAYERSCALE_INIT = 1e-5
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -198,7 +201,7 @@ def infer_model(params: Mapping, **fields) -> ViT:
     """The ViT that `params` (big_vision names, either layout) belong to.
 
     Shapes determine width, depth, mlp_dim, num_heads, patch size, class token, pre-norm, patch bias, position
-    embedding kind, MAP head and classifier. `fields` supply what shapes cannot tell (act, ln_eps, attn_softcap,
+    embedding kind, registers, LayerScale, MAP head and classifier. `fields` supply what shapes cannot tell (act, ln_eps, attn_softcap,
     ..., default: big_vision's) and may include `variant` ('B/16'); a field that contradicts the parameters is an
     error. pool_type: 'map' with a MAPHead_0; else the given pool_type if it is 'tok'/'gap'/'none', else 'none'
     (a MaskEmbed student, whose config still names its teacher's 'map', has no head).
@@ -233,12 +236,17 @@ def infer_model(params: Mapping, **fields) -> ViT:
         patch_size=(int(ph), int(pw)), class_token="cls" in params, pre_norm="pre_norm" in params,
         patch_bias="embedding/bias" in flat, posemb="learn" if "pos_embedding" in params else "sincos2d",
         num_classes=int(np.shape(flat["head/kernel"])[-1]) if "head/kernel" in flat else None,
+        num_registers=int(np.shape(params["registers"])[1]) if "registers" in params else 0,
     )
     for k in STRUCTURAL:
         if k in fields and fields[k] != inferred[k]:
             raise ValueError(f"Model field {k}={fields[k]!r} contradicts the parameters, which have {k}="
                              f"{inferred[k]!r}.")
     spec = dict(fields, **inferred, scan=scanned)
+    if blk + "LayerScale_0" in flat:
+        spec["layerscale_init"] = fields.get("layerscale_init") or LOADED_LAYERSCALE_INIT
+    else:
+        spec["layerscale_init"] = None
     if "MAPHead_0" in params:
         spec["pool_type"] = "map"
     elif fields.get("pool_type") not in ("tok", "gap", "none"):
@@ -247,6 +255,72 @@ def infer_model(params: Mapping, **fields) -> ViT:
         rows = np.shape(params["pos_embedding"])[1]
         spec["cls_posemb"] = math.isqrt(rows) ** 2 != rows and math.isqrt(rows - 1) ** 2 == rows - 1
     return ViT(**spec)
+
+
+# --------------------------------------------------------------------------------- position-table resizing
+def _bicubic_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
+    """(n_out, n_in) weights of torch's `interpolate(mode='bicubic', align_corners=False)` along one axis.
+
+    antialias=False: Keys cubic convolution, a=-0.75, taps clamped at the border (torch's upsample_bicubic2d).
+    antialias=True: the PIL-style filter torch uses with antialias (a=-0.5, support widened by the scale when
+    shrinking, normalized), which is what timm's checkpoint filter uses (`resample_abs_pos_embed`)."""
+    scale = n_in / n_out
+    w = np.zeros((n_out, n_in))
+    if not antialias:
+        a = -0.75
+        cubic1 = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 - |x| <= 1
+        cubic2 = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731 - 1 < |x| < 2
+        for i in range(n_out):
+            src = (i + 0.5) * scale - 0.5
+            j0 = int(np.floor(src))
+            t = src - j0
+            for j, c in zip(range(j0 - 1, j0 + 3), (cubic2(t + 1), cubic1(t), cubic1(1 - t), cubic2(2 - t))):
+                w[i, min(max(j, 0), n_in - 1)] += c
+        return w
+    a = -0.5
+
+    def kernel(x):
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    support = 2.0 * scale if scale >= 1 else 2.0
+    invscale = 1.0 / scale if scale >= 1 else 1.0
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        taps = np.array([kernel((j - center + 0.5) * invscale) for j in range(lo, hi)])
+        w[i, lo:hi] = taps / taps.sum()
+    return w
+
+
+def resize_grid(table: np.ndarray, new_grid: tuple[int, int], antialias: bool = True) -> np.ndarray:
+    """(h, w, D) -> (new_h, new_w, D) by separable bicubic resampling, equal to torch's
+    `F.interpolate(..., mode='bicubic', align_corners=False, antialias=antialias)` (computed in float64)."""
+    table = np.asarray(table)
+    wh = _bicubic_weights(table.shape[0], new_grid[0], antialias)
+    ww = _bicubic_weights(table.shape[1], new_grid[1], antialias)
+    out = np.einsum("ih,hwd,jw->ijd", wh, table.astype(np.float64), ww)
+    return out.astype(table.dtype)
+
+
+def resample_posemb(params: Mapping, model: ViT, new_grid: tuple[int, int], old_grid=None,
+                    antialias: bool = True) -> dict:
+    """params with the learned position table resized to `new_grid` patches (bicubic, as timm's checkpoint filter
+    and HF's `interpolate_pos_encoding` do; a class token's own row is kept as it is). E.g. DINOv2 checkpoints are
+    37x37 (518 px) and the reference trains them at 16x16 (224 px)."""
+    if model.posemb != "learn":
+        return dict(params)
+    pos = np.asarray(params["pos_embedding"])
+    k = int(model.has_class_token and model.cls_posemb)
+    old_grid = tuple(old_grid) if old_grid is not None else grid_of(params, model)
+    if tuple(old_grid) == tuple(new_grid):
+        return dict(params)
+    grid = pos[0, k:].reshape(*old_grid, pos.shape[-1])
+    patches = resize_grid(grid, new_grid, antialias).reshape(1, -1, pos.shape[-1])
+    return dict(params, pos_embedding=np.concatenate([pos[:, :k], patches], axis=1))
 
 
 def random_map_head(model: ViT, seed: int = 0) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 
 from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically
-from lalign.checkpoints.common import (check_params, expected_shapes, flatten, grid_of, model_fields,
+from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of, model_fields,
                                        scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
@@ -67,6 +67,17 @@ def timm_problems(model: ViT) -> list[str]:
     return why
 
 
+def _no_embed_class(model: ViT) -> bool:
+    """timm's no_embed_class: the position table has no rows for the prefix tokens. With a class token that has
+    its own row (CLIP, DINOv2) it is False, and timm then wants a row for each register too (written as zeros)."""
+    return model.num_prefix_tokens > 0 and not (model.has_class_token and model.cls_posemb)
+
+
+def _register_rows(model: ViT) -> int:
+    """Position rows timm keeps for the registers (zeros on export, folded into the registers on import)."""
+    return model.num_registers if model.num_registers and not _no_embed_class(model) else 0
+
+
 def timm_kwargs(model: ViT, grid: tuple[int, int], *, with_map_head: Optional[bool] = None) -> dict:
     """JSON-able keyword arguments of timm's `VisionTransformer` for `model` on a `grid` of patches.
 
@@ -77,7 +88,8 @@ def timm_kwargs(model: ViT, grid: tuple[int, int], *, with_map_head: Optional[bo
     return dict(
         img_size=[grid[0] * model.patch_size[0], grid[1] * model.patch_size[1]], patch_size=list(model.patch_size),
         embed_dim=model.width, depth=model.depth, num_heads=model.num_heads, mlp_ratio=mlp / model.width,
-        class_token=model.has_class_token, no_embed_class=model.has_class_token and not model.cls_posemb,
+        class_token=model.has_class_token, no_embed_class=_no_embed_class(model), reg_tokens=model.num_registers,
+        init_values=model.layerscale_init,
         pre_norm=model.pre_norm, global_pool=POOL_TO_TIMM[pool], fc_norm=False,
         pool_include_prefix=pool == "map" and model.has_class_token, num_classes=model.num_classes or 0,
         act_layer=ACT_TO_TIMM[model.act], norm_eps=float(model.ln_eps),
@@ -90,11 +102,14 @@ TABLE = [
     m.Rule("embedding/bias", "patch_embed.proj.bias"),
     m.Rule("pos_embedding", "pos_embed"),
     m.Rule("cls", "cls_token"),
+    m.Rule("registers", "reg_token"),
     *m.layernorm("pre_norm", "norm_pre"),
     *m.layernorm(f"{m.BLOCK}/LayerNorm_0", f"{_BLK}.norm1"),
     *m.packed_attention(f"{m.BLOCK}/MultiHeadDotProductAttention_0", f"{_BLK}.attn.qkv", f"{_BLK}.attn.proj"),
+    m.Rule(f"{m.BLOCK}/LayerScale_0", f"{_BLK}.ls1.gamma"),
     *m.layernorm(f"{m.BLOCK}/LayerNorm_1", f"{_BLK}.norm2"),
     *m.mlp(f"{m.BLOCK}/MlpBlock_0", f"{_BLK}.mlp.fc1", f"{_BLK}.mlp.fc2"),
+    m.Rule(f"{m.BLOCK}/LayerScale_1", f"{_BLK}.ls2.gamma"),
     *m.layernorm("Transformer/encoder_norm", "norm"),
     # MAP head: one learned query (latent), q on its own, k and v packed
     m.Rule("MAPHead_0/probe", "attn_pool.latent"),
@@ -120,6 +135,10 @@ def to_timm_state_dict(params: Mapping, model: ViT, *, head_params=None, image_s
     flat = flatten(scan_to_blocks(p))
     if model.posemb != "learn":  # fixed sin-cos, written as the values of timm's learned table
         flat["pos_embedding"] = np.asarray(posemb_sincos_2d(*grid, model.width)).astype(flat["embedding/kernel"].dtype)
+    if _register_rows(model):  # [class row, one zero row per register, patch rows]
+        pos = flat["pos_embedding"]
+        flat["pos_embedding"] = np.concatenate([pos[:, :1], np.zeros_like(pos[:, :1]).repeat(model.num_registers, 1),
+                                                pos[:, 1:]], axis=1)
     if "MAPHead_0" not in p and head_params is not None:
         head = take_map_head(head_params)
         if np.shape(head["probe"]) != (1, 1, model.width):
@@ -163,6 +182,11 @@ def from_timm_state_dict(sd: Mapping, model: ViT, source: str = "timm state dict
     stored = model.clone(scan=False)
     if model.posemb != "learn":
         sd.pop("pos_embed", None)  # a materialized sin-cos table; the ViT recomputes it
+    if _register_rows(model) and "pos_embed" in sd and "reg_token" in sd:
+        # timm adds rows to the registers too (no_embed_class=False); lalign's registers have none: fold them in
+        pos, r = sd["pos_embed"], model.num_registers
+        sd["reg_token"] = sd["reg_token"] + pos[:, 1:1 + r]
+        sd["pos_embed"] = np.concatenate([pos[:, :1], pos[:, 1 + r:]], axis=1)
     if image_size is None and "pos_embed" in sd:
         rows = sd["pos_embed"].shape[1] - int(model.has_class_token and model.cls_posemb)
         side = math.isqrt(rows)
@@ -199,6 +223,9 @@ def model_from_timm_state_dict(sd: Mapping, num_heads: Optional[int] = None, **f
     if cls and "cls_posemb" not in fields:
         rows = np.shape(sd["pos_embed"])[1]
         fields["cls_posemb"] = math.isqrt(rows) ** 2 != rows
+    fields["num_registers"] = int(np.shape(sd["reg_token"])[1]) if "reg_token" in sd else 0
+    if "blocks.0.ls1.gamma" in sd:
+        fields.setdefault("layerscale_init", LOADED_LAYERSCALE_INIT)
     pool = fields.pop("pool_type", None)
     if "attn_pool.latent" in sd:
         pool = "map"

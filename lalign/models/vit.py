@@ -5,6 +5,7 @@ The parameter tree is the one big_vision writes, so its checkpoints load without
     embedding/{kernel,bias}              patch Conv, kernel (p, p, 3, D)
     pos_embedding                        (1, N, D) learned (absent for sincos2d)
     cls                                  (1, 1, D) only with a class token
+    registers                            (1, R, D) only with register tokens
     Transformer/encoderblock_{i}/...     per-block layout, or
     Transformer/encoderblock/...         scanned layout with a leading depth axis
       LayerNorm_0, MultiHeadDotProductAttention_0/{query,key,value,out}, LayerNorm_1, MlpBlock_0/{Dense_0,Dense_1}
@@ -14,6 +15,9 @@ The parameter tree is the one big_vision writes, so its checkpoints load without
 
 CLIP extras (off by default): `pre_norm` (a LayerNorm after the position embedding), a position row for the
 class token (`cls_posemb`), quick-gelu, LayerNorm eps 1e-5, no patch-embedding bias.
+DINOv2 extras (off by default): per-block LayerScale (`layerscale_init`: `encoderblock_{i}/LayerScale_{0,1}`, (D,)
+each) and register tokens (`num_registers`: `registers`, (1, R, D)), placed after the class token and given no
+position embedding, as DINOv2 and timm do. Prefix tokens (class + registers) come first in every token output.
 """
 from __future__ import annotations
 
@@ -216,6 +220,7 @@ class Encoder(nn.Module):
     ln_eps: float = 1e-6
     attn_softcap: Optional[float] = None
     attention_impl: str = "xla"
+    layerscale_init: Optional[float] = None
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = None
@@ -225,7 +230,8 @@ class Encoder(nn.Module):
         out = {}
         kw = dict(
             mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, act=self.act,
-            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
+            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl,
+            layerscale_init=self.layerscale_init, dtype=self.dtype,
         )
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; choose from {sorted(REMAT_POLICIES)}.")
@@ -303,6 +309,8 @@ class ViT(nn.Module):
     cls_posemb: bool = False  # CLIP: the class token has its own position row (N+1 rows).
     patch_bias: bool = True  # CLIP: False.
     attn_softcap: Optional[float] = None
+    layerscale_init: Optional[float] = None  # DINOv2: per-block LayerScale, initialized to this value.
+    num_registers: int = 0  # DINOv2 with registers: extra learned tokens after the class token.
     attention_impl: str = "xla"  # 'xla' | 'fused' (jax.nn.dot_product_attention): a compute choice, no params
     scan: bool = False
     remat_policy: str = "none"
@@ -314,7 +322,8 @@ class ViT(nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.has_class_token)
+        """Tokens before the patches: the class token, then the registers."""
+        return int(self.has_class_token) + self.num_registers
 
     @nn.compact
     def __call__(self, image, *, train: bool = False):
@@ -350,6 +359,12 @@ class ViT(nn.Module):
             x = x + pos
             if self.has_class_token:
                 x = jnp.concatenate([cls, x], axis=1)
+        if self.num_registers:
+            registers = self.param("registers", nn.initializers.normal(stddev=1e-6), (1, self.num_registers, c),
+                                   jnp.float32)
+            registers = jnp.tile(registers, [n, 1, 1]).astype(x.dtype)
+            k = int(self.has_class_token)
+            x = jnp.concatenate([x[:, :k], registers, x[:, k:]], axis=1)
         out["with_posemb"] = x
         if self.pre_norm:
             x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="pre_norm")(x)
@@ -357,8 +372,9 @@ class ViT(nn.Module):
 
         x, blocks = Encoder(
             depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout, act=self.act,
-            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, scan=self.scan,
-            remat_policy=self.remat_policy, dtype=self.dtype, name="Transformer",
+            ln_eps=self.ln_eps, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl,
+            layerscale_init=self.layerscale_init, scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
+            name="Transformer",
         )(x, deterministic=not train)
         out.update(blocks)
         out["encoded"] = x
