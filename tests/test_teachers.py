@@ -1,0 +1,122 @@
+"""Teacher families beyond SigLIP / CLIP: each read from the real library's own (random-weight) model, with parity
+of the token features, written back in that library's format, and a round trip.
+
+DINOv2 (timm `vit_*_dinov2`, `vit_*_reg4_dinov2`; transformers `Dinov2Model`, `Dinov2WithRegistersModel`),
+open_clip `VisionTransformer`, plain timm ViTs (augreg, DINO, MAE), and clear errors for what lalign cannot hold.
+"""
+import jax
+import numpy as np
+import pytest
+
+from lalign.checkpoints import timm as ltimm
+from lalign.checkpoints.common import resample_posemb, resize_grid
+
+from interop import TOL, assert_same_tree, images, maxdiff, nchw, randomize_torch, same_model
+
+DINO_SMALL = dict(embed_dim=48, depth=2, num_heads=3)  # a tiny ViT-S/14 shape: 2x2 patches at 28 px
+
+
+@pytest.fixture(scope="module")
+def torch():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch
+
+
+@pytest.fixture(scope="module")
+def timm_mod(torch):
+    return pytest.importorskip("timm")
+
+
+def _features(torch, t, x):
+    t.eval()
+    with torch.no_grad():
+        return t.forward_features(nchw(torch, x)).numpy()
+
+
+def _encoded(model, params, x):
+    return np.asarray(model.apply({"params": params}, x)[1]["encoded"])
+
+
+# ------------------------------------------------------------------------------------------------- DINOv2
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_timm_dinov2_imports_with_parity_and_writes_back(name, torch, timm_mod, tmp_path):
+    from safetensors.torch import save_file
+
+    t = randomize_torch(torch, timm_mod.create_model(name, pretrained=False, img_size=28, **DINO_SMALL))
+    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
+    regs = 4 if "reg4" in name else 0
+    assert (model.num_registers, model.num_prefix_tokens) == (regs, 1 + regs)
+    assert model.layerscale_init is not None and model.act == "gelu_exact" and model.ln_eps == 1e-6
+    # timm's DINOv2: the class token has a position row; the reg4 models (no_embed_class) fold it into the token
+    assert model.cls_posemb == (regs == 0)
+    x = images(image=(28, 28))
+    ours = _encoded(model, params, x)
+    assert ours.shape == (2, 1 + regs + 4, 48)
+    assert maxdiff(ours, _features(torch, t, x)) <= TOL
+    # written back: timm loads it strictly into the same architecture, same features
+    ltimm.to_timm(params, model, tmp_path / "back.safetensors")
+    t2 = ltimm.timm_model(tmp_path / "back.safetensors")
+    from safetensors.torch import load_file
+
+    t2.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
+    assert maxdiff(_features(torch, t2, x), ours) <= TOL
+    m2, p2 = ltimm.from_timm(tmp_path / "back.safetensors")
+    same_model(m2, model)
+    assert_same_tree(p2, params)
+
+
+def test_registers_with_a_class_position_row_round_trip_through_timm(torch, timm_mod, tmp_path):
+    """A class token with its own row plus registers (HF Dinov2WithRegisters' layout) is timm no_embed_class=False:
+    timm then keeps a row per register, written as zeros and folded back on import."""
+    from safetensors.torch import load_file
+
+    from interop import make
+
+    model, params = make(dict(patch_size=(14, 14), width=48, depth=2, mlp_dim=192, num_heads=3, pool_type="tok",
+                              class_token=True, cls_posemb=True, num_registers=2, layerscale_init=1.0,
+                              act="gelu_exact"), image=(28, 28))
+    x = images(image=(28, 28))
+    ltimm.to_timm(params, model, tmp_path / "m.safetensors")
+    sd = load_file(tmp_path / "m.safetensors")
+    assert sd["pos_embed"].shape == (1, 1 + 2 + 4, 48) and not sd["pos_embed"][0, 1:3].any()
+    t = ltimm.timm_model(tmp_path / "m.safetensors")
+    t.load_state_dict(sd, strict=True)
+    assert maxdiff(_features(torch, t, x), _encoded(model, params, x)) <= TOL
+    m2, p2 = ltimm.from_timm(tmp_path / "m.safetensors")
+    same_model(m2, model)
+    assert_same_tree(p2, params)
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("old,new", [((37, 37), (16, 16)), ((4, 4), (9, 7))])
+def test_position_tables_resize_like_torch(old, new, antialias, torch):
+    import torch.nn.functional as F
+
+    t = np.random.default_rng(0).normal(size=(*old, 8)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(t).permute(2, 0, 1)[None], size=new, mode="bicubic", align_corners=False,
+                        antialias=antialias)[0].permute(1, 2, 0).numpy()
+    assert maxdiff(resize_grid(t, new, antialias), ref) <= 1e-5
+
+
+def test_a_dinov2_checkpoint_runs_at_the_training_resolution_like_timm(torch, timm_mod, tmp_path):
+    """A 518 px DINOv2 has a 37x37 table; the reference trains at 224 (16x16): timm resizes the table when it
+    loads the checkpoint (bicubic, antialias), and so does lalign; the features at the new size agree."""
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    big = randomize_torch(torch, timm_mod.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56,
+                                                       **DINO_SMALL))
+    save_file(big.state_dict(), tmp_path / "t.safetensors")
+    model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
+    small = resample_posemb(params, model, (2, 2))
+    sd = dict(big.state_dict())
+    sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], new_size=(2, 2), num_prefix_tokens=1)
+    t = timm_mod.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, **DINO_SMALL)
+    t.load_state_dict(sd, strict=True)
+    x = images(image=(28, 28))
+    assert maxdiff(_encoded(model, small, x), _features(torch, t, x)) <= TOL
+    assert small["pos_embedding"].shape == (1, 5, 48)
+    np.testing.assert_array_equal(small["pos_embedding"][:, 0], params["pos_embedding"][:, 0])  # class row kept
+    assert jax.tree.map(np.shape, resample_posemb(params, model, (4, 4))) == jax.tree.map(np.shape, params)
