@@ -120,3 +120,78 @@ def test_a_dinov2_checkpoint_runs_at_the_training_resolution_like_timm(torch, ti
     assert small["pos_embedding"].shape == (1, 5, 48)
     np.testing.assert_array_equal(small["pos_embedding"][:, 0], params["pos_embedding"][:, 0])  # class row kept
     assert jax.tree.map(np.shape, resample_posemb(params, model, (4, 4))) == jax.tree.map(np.shape, params)
+
+
+@pytest.fixture(scope="module")
+def transformers(torch):
+    return pytest.importorskip("transformers")
+
+
+def _hf_dinov2(transformers, registers: int, image_size=28):
+    kw = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, mlp_ratio=4, image_size=image_size,
+              patch_size=14)
+    if registers:
+        return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+            num_register_tokens=registers, **kw))
+    return transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+
+
+def _hf_tokens(torch, model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=nchw(torch, x)).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_dinov2_imports_with_parity_and_writes_back(registers, torch, transformers, tmp_path):
+    """transformers' own (random) DINOv2 -> lalign: same tokens; lalign -> HF: loads strictly, same tokens."""
+    from lalign.checkpoints import hf
+
+    t = randomize_torch(torch, _hf_dinov2(transformers, registers))
+    t.save_pretrained(tmp_path / "native")
+    model, params = hf.from_hf(tmp_path / "native")
+    assert (model.num_registers, model.cls_posemb, model.pool_type) == (registers, True, "tok")
+    x = images(image=(28, 28))
+    ours = _encoded(model, params, x)
+    assert ours.shape == (2, 1 + registers + 4, 48)
+    assert maxdiff(ours, _hf_tokens(torch, t, x)) <= TOL
+    config = hf.to_hf(params, model, tmp_path / "out")
+    assert config["architectures"] == ["Dinov2WithRegistersModel" if registers else "Dinov2Model"]
+    cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
+    t2, info = cls.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert maxdiff(_hf_tokens(torch, t2, x), ours) <= TOL
+    m2, p2 = hf.from_hf(tmp_path / "out")
+    same_model(m2, model)
+    assert_same_tree(p2, params)
+
+
+def test_timm_registers_dinov2_exports_to_hf(torch, timm_mod, transformers, tmp_path):
+    """timm's reg4 DINOv2 (class position row folded into the token) -> HF Dinov2WithRegistersModel: same tokens."""
+    from safetensors.torch import save_file
+
+    from lalign.checkpoints import hf
+
+    t = randomize_torch(torch, timm_mod.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28,
+                                                     **DINO_SMALL))
+    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
+    hf.to_hf(params, model, tmp_path / "hf")
+    h = transformers.Dinov2WithRegistersModel.from_pretrained(tmp_path / "hf")
+    x = images(image=(28, 28))
+    assert maxdiff(_hf_tokens(torch, h, x), _features(torch, t, x)) <= TOL
+
+
+@pytest.mark.parametrize("registers,antialias", [(0, False), (4, True)])
+def test_hf_dinov2_at_another_resolution_matches_a_resized_table(registers, antialias, torch, transformers,
+                                                                   tmp_path):
+    """HF interpolates the table at run time (Dinov2Model without antialias, the registers model with it); a
+    table resized once by lalign gives the same tokens."""
+    from lalign.checkpoints import hf
+
+    t = randomize_torch(torch, _hf_dinov2(transformers, registers, image_size=56))
+    t.save_pretrained(tmp_path / "native")
+    model, params = hf.from_hf(tmp_path / "native")
+    x = images(image=(28, 28))
+    small = resample_posemb(params, model, (2, 2), antialias=antialias)
+    assert maxdiff(_encoded(model, small, x), _hf_tokens(torch, t, x)) <= TOL

@@ -31,6 +31,7 @@ class-token pooling (or none); both need square patches and a square patch grid,
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from typing import Mapping, Optional
@@ -43,7 +44,7 @@ from lalign.checkpoints.common import (check_params, describe, expected_shapes, 
                                        scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
-KINDS = ("siglip", "clip")
+KINDS = ("siglip", "clip", "dinov2")
 ACT_TO_HF = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
 ACT_FROM_HF = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu_python_tanh": "gelu", "gelu": "gelu_exact",
                "gelu_python": "gelu_exact", "quick_gelu": "quick_gelu"}
@@ -59,6 +60,8 @@ def _safetensors_numpy():
 
 
 def guess_kind(model: ViT) -> str:
+    if model.layerscale_init is not None or model.num_registers:
+        return "dinov2"
     return "clip" if model.has_class_token and model.pre_norm else "siglip"
 
 
@@ -71,6 +74,8 @@ def hf_problems(model: ViT, kind: str) -> list[str]:
         why.append(f"HF attention has no logit soft-cap (attn_softcap={model.attn_softcap})")
     if model.act not in ACT_TO_HF:
         why.append(f"activation {model.act!r} has no HF equivalent")
+    if kind != "dinov2" and (model.layerscale_init is not None or model.num_registers):
+        why.append(f"HF {kind} has no LayerScale or register tokens (a DINOv2-style ViT: kind='dinov2')")
     if kind == "siglip":
         if model.has_class_token:
             why.append("SigLIP has no class token (a ViT with pre_norm and a class token is CLIP-like: kind='clip')")
@@ -94,6 +99,23 @@ def hf_problems(model: ViT, kind: str) -> list[str]:
             why.append("CLIP's patch embedding has no bias (patch_bias=True here)")
         if model.pool_type not in ("tok", "none"):
             why.append(f"CLIP pools the class token: pool_type must be 'tok' or 'none', got {model.pool_type!r}")
+    elif kind == "dinov2":
+        if not model.has_class_token:
+            why.append("DINOv2 needs a class token")
+        if model.posemb != "learn":
+            why.append("DINOv2 needs a learned position embedding")
+        if model.layerscale_init is None:
+            why.append("HF DINOv2 has LayerScale in every block (layerscale_init is None here)")
+        if model.pre_norm:
+            why.append("DINOv2 has no pre-LayerNorm (pre_norm=True here)")
+        if not model.patch_bias:
+            why.append("DINOv2's patch embedding has a bias (patch_bias=False here)")
+        if model.pool_type not in ("tok", "none"):
+            why.append(f"DINOv2 pools the class token: pool_type must be 'tok' or 'none', got {model.pool_type!r}")
+        mlp = model.mlp_dim or 4 * model.width
+        if mlp % model.width:
+            why.append(f"HF DINOv2 sizes the MLP as hidden_size * mlp_ratio with an integer mlp_ratio, which cannot "
+                       f"give {mlp} for width {model.width}")
     else:
         raise ValueError(f"Unknown kind {kind!r}; choose from {KINDS}.")
     return why
@@ -117,6 +139,27 @@ _MAP_HEAD = [
     *m.layernorm("MAPHead_0/LayerNorm_0", "head.layernorm"),
     *m.mlp("MAPHead_0/MlpBlock_0", "head.mlp.fc1", "head.mlp.fc2"),
 ]
+_DINO_LAYER = "encoder.layer.{i}"
+# Written with the names of the released checkpoints (facebook/dinov2-*), which transformers 4.x loads as they are
+# and 5.x renames on load; 5.x's own names are read too (DINOV2_ALIASES).
+_DINOV2 = [
+    m.Rule("embedding/kernel", "embeddings.patch_embeddings.projection.weight", "conv"),
+    m.Rule("embedding/bias", "embeddings.patch_embeddings.projection.bias"),
+    m.Rule("cls", "embeddings.cls_token"),
+    m.Rule("registers", "embeddings.register_tokens"),
+    m.Rule("pos_embedding", "embeddings.position_embeddings"),
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_0", f"{_DINO_LAYER}.norm1"),
+    *m.attention(f"{m.BLOCK}/MultiHeadDotProductAttention_0",
+                 *(f"{_DINO_LAYER}.attention.attention.{n}" for n in ("query", "key", "value")),
+                 f"{_DINO_LAYER}.attention.output.dense"),
+    m.Rule(f"{m.BLOCK}/LayerScale_0", f"{_DINO_LAYER}.layer_scale1.lambda1"),
+    *m.layernorm(f"{m.BLOCK}/LayerNorm_1", f"{_DINO_LAYER}.norm2"),
+    *m.mlp(f"{m.BLOCK}/MlpBlock_0", f"{_DINO_LAYER}.mlp.fc1", f"{_DINO_LAYER}.mlp.fc2"),
+    m.Rule(f"{m.BLOCK}/LayerScale_1", f"{_DINO_LAYER}.layer_scale2.lambda1"),
+    *m.layernorm("Transformer/encoder_norm", "layernorm"),
+]
+DINOV2_ALIASES = {".attention.q_proj.": ".attention.attention.query.", ".attention.k_proj.": ".attention.attention.key.",
+                  ".attention.v_proj.": ".attention.attention.value.", ".attention.o_proj.": ".attention.output.dense."}
 TABLES = {
     "siglip": [
         m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "conv"),
@@ -131,6 +174,7 @@ TABLES = {
         *m.layernorm("pre_norm", "pre_layrnorm"),  # (sic: HF's name)
         *_ENCODER,
     ],
+    "dinov2": _DINOV2,
 }
 
 
@@ -182,11 +226,29 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
         config.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
                       vision_use_head=meta["head"] is not None)
         meta["features"] = "last_hidden_state"
-    else:
+    elif kind == "clip":
         config.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"], projection_dim=width,
                       initializer_range=0.02, initializer_factor=1.0)
         meta["features"] = "post_layernorm(last_hidden_state)"
-    sd = m.export(flat, TABLES[kind], model.depth, f"HF {kind}", prefix=P)
+    else:  # dinov2
+        if not model.cls_posemb:  # HF gives the class token a position row: a zero row leaves it as it is
+            pos = flat["pos_embedding"]
+            flat["pos_embedding"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+        registers = model.num_registers > 0
+        config.pop("intermediate_size")  # HF DINOv2 sizes its MLP by mlp_ratio
+        config.update(model_type="dinov2_with_registers" if registers else "dinov2",
+                      architectures=["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+                      mlp_ratio=(model.mlp_dim or 4 * width) // width, qkv_bias=True, use_swiglu_ffn=False,
+                      layerscale_value=float(model.layerscale_init), hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+        config.pop("attention_dropout")
+        if registers:
+            config["num_register_tokens"] = model.num_registers
+        meta["features"] = "last_hidden_state"
+    prefix = "" if kind == "dinov2" else P  # the released DINOv2 checkpoints have no prefix
+    sd = m.export(flat, TABLES[kind], model.depth, f"HF {kind}", prefix=prefix)
+    if kind == "dinov2":  # masked-image-modelling token: in every released checkpoint, unused by the features
+        sd["embeddings.mask_token"] = np.zeros((1, width), sd["embeddings.cls_token"].dtype)
     config["lalign"] = meta
     return sd, config
 
@@ -248,14 +310,18 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
         config = dict(config.get("vision_config") or {}, model_type=f"{mt}_vision_model",
                       lalign=config.get("lalign"))
         mt = config["model_type"]
-    if mt not in ("siglip_vision_model", "clip_vision_model"):
-        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a SigLIP or CLIP vision model.")
+    if mt not in ("siglip_vision_model", "clip_vision_model", "dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a SigLIP, CLIP or DINOv2 vision model.")
     kind = mt.split("_")[0]
-    defaults = (dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-                if kind == "siglip" else
-                dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5))
+    defaults = {  # the HF config classes' defaults, for keys a config.json leaves out
+        "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        "dinov2": dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+                       patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0,
+                       num_register_tokens=4 if mt == "dinov2_with_registers" else 0),
+    }[kind]
     c = dict(defaults, **{k: v for k, v in config.items() if v is not None})
     if c["hidden_act"] not in ACT_FROM_HF:
         raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r} is not supported "
@@ -272,7 +338,19 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
     use_head = kind == "siglip" and c.get("vision_use_head", True)
     drop = use_head and meta.get("pool_type") == "none" and meta.get("head") in ("random", "given")
     drop = drop and not keep_head
-    if kind == "siglip":
+    if kind == "dinov2":
+        if c.get("use_swiglu_ffn"):
+            raise ValueError(f"{path}/config.json: use_swiglu_ffn=true (DINOv2 giant's SwiGLU MLP); lalign's ViT "
+                             f"blocks have a GELU MLP only.")
+        if not c.get("qkv_bias", True):
+            raise ValueError(f"{path}/config.json: qkv_bias=false; lalign's attention has q/k/v biases.")
+        pool = meta.get("pool_type") if meta.get("pool_type") in ("tok", "none") else "tok"
+        model = ViT(patch_size=(c["patch_size"],) * 2, width=width, depth=depth,
+                    mlp_dim=int(width * c["mlp_ratio"]), num_heads=heads, pool_type=pool, class_token=True,
+                    cls_posemb=True, act=ACT_FROM_HF[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]),
+                    layerscale_init=float(c["layerscale_value"]), num_registers=int(c["num_register_tokens"]),
+                    scan=scan)
+    elif kind == "siglip":
         pool = "map" if use_head and not drop else "none"
         model = ViT(patch_size=(c["patch_size"],) * 2, width=width, depth=depth, mlp_dim=int(c["intermediate_size"]),
                     num_heads=heads, pool_type=pool, act=ACT_FROM_HF[c["hidden_act"]],
@@ -283,6 +361,8 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
                     num_heads=heads, pool_type=pool, class_token=True, cls_posemb=True, pre_norm=True,
                     patch_bias=False, act=ACT_FROM_HF[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]), scan=scan)
 
+    if kind == "dinov2":
+        return model, to_layout(_dinov2_from_hf(sd, model, path), scan)
     vision = {k: v for k, v in sd.items() if k.startswith(P)}
     if not vision:  # transformers 5's save_pretrained of a vision model: no prefix
         vision = {P + k: v for k, v in sd.items() if k.startswith(("embeddings.", "encoder.", "post_layernorm",
@@ -295,3 +375,23 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
     if drop:
         flat = {k: v for k, v in flat.items() if not k.startswith("MAPHead_0/")}
     return model, to_layout(unflatten(flat), scan)
+
+
+def _dinov2_from_hf(sd: Mapping, model: ViT, path: str) -> dict:
+    """Per-block params of a HF Dinov2Model / Dinov2WithRegistersModel state dict (also under `dinov2.`, as in
+    Dinov2ForImageClassification; transformers 5 names are read as the released ones)."""
+    if any(k.startswith("dinov2.") for k in sd):
+        sd = {k[len("dinov2."):]: v for k, v in sd.items() if k.startswith("dinov2.")}
+    renamed = {}
+    for k, v in sd.items():
+        for new, old in DINOV2_ALIASES.items():
+            k = k.replace(new, old)
+        renamed[k] = v
+    renamed.pop("embeddings.mask_token", None)  # masked-image modelling only
+    rows = np.shape(renamed.get("embeddings.position_embeddings", np.zeros((1, 1, 0))))[1] - 1
+    side = math.isqrt(max(rows, 0))
+    if side * side != rows:
+        raise ValueError(f"{path}: embeddings.position_embeddings has {rows} patch rows, not a square grid.")
+    flat = m.import_params(renamed, TABLES["dinov2"], expected_shapes(model.clone(scan=False), (side, side)),
+                           model.depth, f"{path}/model.safetensors", f"a DINOv2 model ({describe(model)})")
+    return unflatten(flat)
