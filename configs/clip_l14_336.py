@@ -62,6 +62,7 @@ def get_config(arg: str = "full"):
     c.stages = ("maskembed",)
     c.init_from = ""  # required: the teacher checkpoint (see the docstring)
     c.init_format = ""  # "" = guess from the path
+    c.init_posemb_resize = "bicubic_antialias"  # a checkpoint of another grid: resized as timm does
 
     c.data = dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=336,
                   normalization="clip", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,

@@ -23,7 +23,7 @@ from lalign import sharding
 from lalign import validate
 from lalign import workdir as workdir_lib
 from lalign.checkpoints.common import to_layout
-from lalign.checkpoints.load import load_any
+from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, load_any
 from lalign.metrics import info
 from lalign.pretrain import pretrain_teacher, teacher_model
 from lalign.train import train_maskembed
@@ -52,6 +52,7 @@ def get_teacher(config, workdir: str):
     for field in ("remat_policy", "attention_impl"):  # compute choices no checkpoint records
         if fields.get(field) not in (None, "") and getattr(model, field) != fields[field]:
             model = model.clone(**{field: fields[field]})
+    params = fit_posemb(model, params, config.data.image_size, config.get("init_posemb_resize") or POSEMB_RESIZE[0])
     info(f"[teacher] {config.init_from}: ViT width {model.width}, depth {model.depth}, pool {model.pool_type}")
     return model, params
 

@@ -12,6 +12,8 @@ import os
 
 from etils import epath
 
+from lalign.checkpoints.load import POSEMB_RESIZE
+
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
 # resume: total_steps (extend a run), the logging/evaluation/checkpoint intervals, the mesh (resume on another
 # slice), grad_accum_steps (the same step up to rounding), quiet, data paths.
@@ -55,6 +57,8 @@ def config_errors(config, num_devices: int) -> list[str]:
                                                      f"{c.get(name)!r}")
     need(_positive_int(c.get("val_batches", 1)), f"config.val_batches must be a positive integer, got "
                                                  f"{c.get('val_batches')!r}")
+    need((c.get("init_posemb_resize") or POSEMB_RESIZE[0]) in POSEMB_RESIZE,
+         f"config.init_posemb_resize must be one of {POSEMB_RESIZE}, got {c.get('init_posemb_resize')!r}")
     accum = c.get("grad_accum_steps", 1) or 1
     need(_positive_int(accum), f"config.grad_accum_steps must be a positive integer, got {accum!r}")
 

@@ -37,3 +37,32 @@ def test_missing_init_from_is_a_clear_error(tiny_config, tmp_path):
     tiny_config.init_from = str(tmp_path / "nope.npz")
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         pipeline.get_teacher(tiny_config, str(tmp_path))
+
+
+@pytest.mark.parametrize("how", ["bicubic_antialias", "bicubic", "none"])
+def test_a_teacher_of_another_grid_is_resized_to_the_run(tiny_config, tmp_path, capsys, how):
+    """A DINOv2-style teacher saved at 32 px (8x8 patches) for a 16 px run (4x4): its table is resized as timm's
+    checkpoint filter does (or as HF does at run time); 'none' keeps the table and the run refuses it."""
+    from lalign.checkpoints import timm as ltimm
+    from lalign.checkpoints.common import resample_posemb
+    from lalign.models.vit import ViT
+    from lalign.train import check_image_size
+
+    model = ViT(patch_size=(4, 4), width=16, depth=2, mlp_dim=32, num_heads=2, pool_type="tok", class_token=True,
+                cls_posemb=True, num_registers=2, layerscale_init=1e-5, act="gelu_exact")
+    params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3)))["params"]
+    ltimm.to_timm(params, model, str(tmp_path / "t.safetensors"))
+    tiny_config.stages = ("maskembed",)
+    tiny_config.init_from = str(tmp_path / "t.safetensors")
+    tiny_config.init_posemb_resize = how
+    teacher, loaded = pipeline.get_teacher(tiny_config, str(tmp_path / "wd"))
+    assert teacher.num_registers == 2
+    if how == "none":
+        assert loaded["pos_embedding"].shape == (1, 65, 16)
+        with pytest.raises(ValueError, match="pos_embedding has 65 rows"):
+            check_image_size(teacher, loaded, 16, "teacher")
+        return
+    assert "position table resized 8x8 -> 4x4 patches for 16 px images" in capsys.readouterr().err
+    expected = resample_posemb(params, model, (4, 4), antialias=how == "bicubic_antialias")["pos_embedding"]
+    np.testing.assert_allclose(loaded["pos_embedding"], expected, atol=1e-6)
+    check_image_size(teacher, loaded, 16, "teacher")

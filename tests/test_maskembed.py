@@ -243,3 +243,30 @@ def _leaf(tree, path):
     for k in path:
         tree = tree[k.key]
     return tree
+
+
+def test_a_dinov2_teacher_with_registers_trains_with_every_prefix_token_masked():
+    """Class token + 4 registers: the decoder sees all five prefix tokens zeroed (the reference's
+    num_prefix_tokens), targets and predictions cover 1 + 4 + N tokens, and the loss has a finite gradient."""
+    m = make_vit(width=16, depth=3, mlp_dim=64, num_heads=2, patch_size=4, pool_type="tok", class_token=True,
+                 cls_posemb=True, num_registers=4, layerscale_init=1e-5, act="gelu_exact")
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    params = m.init(jax.random.key(1), x)["params"]
+    cfg = mask_cfg()
+    mm = me.make_maskembed_model(m, cfg)
+    assert mm.student.num_prefix_tokens == 5
+    p = me.init_from_teacher(mm, params, jax.random.key(5), x, me.num_masks(cfg))
+    assert p["student"]["registers"].shape == (1, 4, 16)
+    np.testing.assert_array_equal(p["student"]["registers"], params["registers"])
+    teacher, tp = me.Teacher.create(m, params, cfg.target_layer)
+    masks = me.uniform_masks(jax.random.key(3), 2, 16)
+    tm = me.token_masks(masks, mm.student.num_prefix_tokens)
+    assert tm.shape == (2, 3, 5 + 16) and not np.any(tm[..., :5])
+    assert teacher(tp, x, masks).shape == (2, 3, 21, 16)
+    loss_fn = me.make_masked_loss_fn(mm, teacher, cfg)
+    # (the zero-initialized projection stops every student gradient at step 0; a trained one lets them through)
+    p["proj"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(7), p["proj"]["kernel"].shape)
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, tp, x, masks, jax.random.key(4), 1.0)
+    assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert np.any(grads["student"]["registers"]) and np.any(grads["student"]["Transformer"]["encoderblock_0"][
+        "LayerScale_0"])

@@ -23,11 +23,15 @@ import sys
 from typing import Optional
 
 from lalign.checkpoints import bigvision, hf, timm, verify
-from lalign.checkpoints.common import infer_model
+from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
 from lalign.models.vit import ViT, decode_variant
 
 FORMATS = ("orbax", "bigvision", "hf", "timm")
+# `config.init_posemb_resize`: how a checkpoint's position table is resized to the run's patch grid (e.g. DINOv2's
+# 37x37 at 518 px -> 16x16 at 224 px). 'bicubic_antialias' is what timm's checkpoint filter does (the reference
+# loads its teachers through timm); 'bicubic' what HF's DINOv2 does at run time; 'none' refuses another grid.
+POSEMB_RESIZE = ("bicubic_antialias", "bicubic", "none")
 
 
 def guess_format(path: str) -> str:
@@ -89,6 +93,11 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
             print(f"[load] {path}: the HF config defines the model; ignoring {sorted(fields)}", file=sys.stderr)
         return hf.from_hf(path)
     if fmt == "timm":
+        if "lalign_vit" in timm.read_metadata(path):  # written by lalign: the file records the model
+            if fields and not quiet:
+                print(f"[load] {path}: the file's metadata defines the model; ignoring {sorted(fields)}",
+                      file=sys.stderr)
+            return timm.from_timm(path)
         f = dict(fields)
         variant = f.pop("variant", None)
         if variant:
@@ -131,3 +140,19 @@ def load_decoder(path: str, fmt: Optional[str] = None) -> Optional[dict]:
     return {"proj": tree["proj"], "decoder": tree["decoder"]}
 
 
+def fit_posemb(model, params, image_size: int, how: str):
+    """params with the learned position table resized to `image_size`'s patch grid when the checkpoint's differs."""
+    if how not in POSEMB_RESIZE:
+        raise ValueError(f"config.init_posemb_resize={how!r}; choose from {POSEMB_RESIZE}.")
+    if "pos_embedding" not in params:
+        return params
+    grid = (image_size // model.patch_size[0], image_size // model.patch_size[1])
+    try:
+        old = grid_of(params, model)
+    except ValueError:
+        return params  # not a square table: check_image_size names the mismatch
+    if old == grid or how == "none":
+        return params
+    print(f"[load] position table resized {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches for {image_size} px "
+          f"images ({how})", file=sys.stderr)
+    return resample_posemb(params, model, grid, antialias=how == "bicubic_antialias")

@@ -162,14 +162,19 @@ def to_timm(params: Mapping, model: ViT, path: str, *, head_params=None, image_s
     return kwargs
 
 
-def read_timm(path: str) -> tuple[dict, dict]:
-    """(state dict of numpy arrays, metadata dict) of a safetensors file."""
+def read_metadata(path: str) -> dict:
+    """The safetensors metadata of a timm file (lalign's files: `timm_kwargs`, `lalign_vit`), without its tensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No timm safetensors file at {path}.")
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
-        meta = f.metadata() or {}
+        return f.metadata() or {}
+
+
+def read_timm(path: str) -> tuple[dict, dict]:
+    """(state dict of numpy arrays, metadata dict) of a safetensors file."""
+    meta = read_metadata(path)
     return _safetensors_numpy().load_file(path), meta
 
 
