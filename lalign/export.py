@@ -10,9 +10,13 @@ Input formats (--from; guessed from the path when omitted):
   orbax      a params dir written by lalign.checkpoints.manager.save_params (e.g. WORKDIR/teacher/params), or a
              training checkpoint step dir (WORKDIR/checkpoints/best/STEP): its aligned student is exported.
   bigvision  a big_vision .npz (per-block or scanned layout; two-tower SigLIP files: the image tower).
-  hf         a Hugging Face SigLIP/CLIP directory (config.json + model.safetensors; vision tower of two-tower).
+  hf         a Hugging Face SigLIP / CLIP / DINOv2 directory (config.json + model.safetensors; the vision tower
+             of a two-tower model).
   timm       a timm VisionTransformer state dict (.safetensors).
-Output formats (--to): hf, timm, bigvision (.npz), orbax (params dir, plus OUTPUT.model.json).
+  open_clip  an open_clip CLIP model's or image tower's state dict (.safetensors; open_clip_config.json beside it
+             is read when present).
+Output formats (--to): hf, timm, open_clip (.safetensors), bigvision (.npz), orbax (params dir, plus
+OUTPUT.model.json).
 An output that exists is refused unless --overwrite, and one that would replace the input is always refused. Every
 output is written at a staging path beside OUTPUT and renamed into place once complete, so an error or a kill
 never leaves half of one (or has already removed the old one).
@@ -28,8 +32,9 @@ MaskEmbed attn_softcap), else big_vision defaults (gelu tanh, eps 1e-6). CLIP-st
 Aligned students (no pooling head): --to hf --kind siglip needs a head for SiglipVisionModel to load strictly:
 --head-from TEACHER copies the teacher's MAP head, --no-head writes vision_use_head=false; otherwise a random head
 is written with a warning (pooler_output meaningless, token features unaffected). The aligned per-token features
-are HF SigLIP `last_hidden_state`, HF CLIP `post_layernorm(last_hidden_state)` and timm
-`forward_features(x)`.
+are HF SigLIP / DINOv2 `last_hidden_state`, HF CLIP `post_layernorm(last_hidden_state)`, timm
+`forward_features(x)` and open_clip's tokens (`output_tokens=True`, class token excluded). --to open_clip needs the
+projection `proj`: --head-from TEACHER copies the teacher's.
 """
 from __future__ import annotations
 
@@ -45,13 +50,13 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lalign.checkpoints import bigvision, hf, timm
+from lalign.checkpoints import bigvision, hf, open_clip, timm
 from lalign.checkpoints.common import check_params, flatten, model_fields, to_layout
 from lalign.checkpoints.load import FORMATS, load_any, load_decoder
 from lalign.checkpoints.manager import save_params
 from lalign.files import write_atomically, write_text
 
-OUTPUTS = ("hf", "timm", "bigvision", "orbax")
+OUTPUTS = ("hf", "timm", "open_clip", "bigvision", "orbax")
 
 
 def _fields_from_args(args) -> dict:
@@ -76,7 +81,7 @@ def decoder_path(output: str, to: str) -> str:
     if to == "hf":
         return os.path.join(output, "maskembed_decoder.safetensors")
     stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
-    return stem.rstrip("/") + (".decoder.safetensors" if to == "timm" else ".decoder.npz")
+    return stem.rstrip("/") + (".decoder.safetensors" if to in ("timm", "open_clip") else ".decoder.npz")
 
 
 def save_decoder(decoder: dict, output: str, to: str) -> str:
@@ -153,9 +158,10 @@ def main(argv=None) -> int:
                                                    "bigvision: .npz; orbax: a directory)")
     p.add_argument("--to", required=True, choices=OUTPUTS, help="output format")
     p.add_argument("--from", dest="src", choices=FORMATS, help="input format (default: guessed from --input)")
-    p.add_argument("--kind", choices=("siglip", "clip"),
-                   help="HF output: SiglipVisionModel or CLIPVisionModel (default: clip for a ViT with class token "
-                        "and pre-norm, else siglip)")
+    p.add_argument("--kind", choices=hf.KINDS,
+                   help="HF output: SiglipVisionModel, CLIPVisionModel or Dinov2(WithRegisters)Model (default: "
+                        "dinov2 for a ViT with LayerScale or registers, clip for one with class token and pre-norm, "
+                        "else siglip)")
     p.add_argument("--variant", help="big_vision variant, e.g. B/16 or So400m/14 (fills width/depth/heads/...)")
     p.add_argument("--model", help="JSON object of ViT fields, e.g. '{\"act\": \"quick_gelu\", \"ln_eps\": 1e-5}'")
     p.add_argument("--num-heads", type=int, help="attention heads (needed for timm files without lalign metadata)")
@@ -180,11 +186,13 @@ def main(argv=None) -> int:
     if decoder is not None and args.to != "hf":  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], args.input, args.overwrite)
     head = None
-    if args.head_from:
+    if args.head_from:  # the teacher's pooling head: a MAP head (hf/timm), or open_clip's projection
         _, teacher = load_any(args.head_from, None, {}, tower=args.tower, quiet=True)
-        if "MAPHead_0" not in teacher:
-            raise ValueError(f"--head-from {args.head_from}: that checkpoint has no MAP head (MAPHead_0).")
-        head = teacher["MAPHead_0"]
+        wanted = "head" if args.to == "open_clip" else "MAPHead_0"
+        if wanted not in teacher:
+            raise ValueError(f"--head-from {args.head_from}: that checkpoint has no "
+                             f"{'projection (head)' if wanted == 'head' else 'MAP head (MAPHead_0)'}.")
+        head = teacher if wanted == "head" else teacher["MAPHead_0"]
     dtype = None
     if args.dtype:
         import ml_dtypes
@@ -204,6 +212,11 @@ def main(argv=None) -> int:
         config = written.pop("hf")
         print(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
               f"{config['lalign']['features']}", file=sys.stderr)
+    elif args.to == "open_clip":
+        write_in_place(args.output, lambda stage: open_clip.to_open_clip(params, model, stage, head_params=head,
+                                                                         dtype=dtype))
+        print(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata; "
+              f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)", file=sys.stderr)
     elif args.to == "timm":
         write_in_place(args.output, lambda stage: timm.to_timm(params, model, stage, head_params=head,
                                                                image_size=args.image_size, dtype=dtype))

@@ -195,3 +195,112 @@ def test_hf_dinov2_at_another_resolution_matches_a_resized_table(registers, anti
     x = images(image=(28, 28))
     small = resample_posemb(params, model, (2, 2), antialias=antialias)
     assert maxdiff(_encoded(model, small, x), _hf_tokens(torch, t, x)) <= TOL
+
+
+# ------------------------------------------------------------------------------------------------ open_clip
+@pytest.fixture(scope="module")
+def open_clip_mod(torch):
+    return pytest.importorskip("open_clip")
+
+
+OC_VISION = dict(layers=2, width=48, head_width=16, mlp_ratio=4.0, patch_size=8, image_size=32)
+
+
+def _oc_run(torch, visual, x):
+    visual.eval()
+    visual.output_tokens = True
+    with torch.no_grad():
+        pooled, tokens = visual(nchw(torch, x))
+    return pooled.numpy(), tokens.numpy()
+
+
+@pytest.mark.parametrize("quick_gelu,ls", [(True, None), (False, 0.1)])
+def test_open_clip_model_imports_with_parity_and_writes_back(quick_gelu, ls, torch, open_clip_mod, tmp_path):
+    """A whole (tiny, random) open_clip CLIP saved as its state dict + open_clip_config.json, as LAION / DFN /
+    MetaCLIP models ship: lalign reads the image tower, tokens and projected embedding agree; written back, open_clip
+    loads it strictly."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lalign.checkpoints import open_clip as loc
+
+    vision = dict(OC_VISION, ls_init_value=ls)
+    text = dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)
+    clip = randomize_torch(torch, open_clip_mod.model.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text,
+                                                           quick_gelu=quick_gelu))
+    (tmp_path / "hub").mkdir()
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "hub" / "open_clip_model.safetensors")
+    with open(tmp_path / "hub" / "open_clip_config.json", "w") as f:
+        json.dump({"model_cfg": {"embed_dim": 24, "quick_gelu": quick_gelu, "vision_cfg": vision,
+                                 "text_cfg": text}}, f)
+    model, params = loc.from_open_clip(str(tmp_path / "hub" / "open_clip_model.safetensors"))
+    assert (model.num_heads, model.act, model.ln_eps, model.num_classes) == (
+        3, "quick_gelu" if quick_gelu else "gelu_exact", 1e-5, 24)
+    assert (model.layerscale_init is not None) == (ls is not None)
+    x = images()
+    out, aux = model.apply({"params": params}, x)
+    pooled, tokens = _oc_run(torch, clip.visual, x)
+    assert maxdiff(aux["encoded"][:, 1:], tokens) <= TOL and maxdiff(out, pooled) <= TOL
+    cfg = loc.to_open_clip(params, model, str(tmp_path / "back.safetensors"))
+    assert cfg["vision_cfg"]["head_width"] == 16 and cfg["quick_gelu"] == quick_gelu
+    visual = loc.open_clip_visual(str(tmp_path / "back.safetensors"))
+    sd = {k[len("visual."):]: v for k, v in load_file(tmp_path / "back.safetensors").items()}
+    visual.load_state_dict(sd, strict=True)
+    p2, t2 = _oc_run(torch, visual, x)
+    assert maxdiff(t2, tokens) <= TOL and maxdiff(p2, pooled) <= TOL
+    m2, back = loc.from_open_clip(str(tmp_path / "back.safetensors"))
+    same_model(m2, model)
+    assert_same_tree(back, params)
+
+
+def test_an_open_clip_student_gets_its_teachers_projection(torch, open_clip_mod, tmp_path):
+    from lalign.checkpoints import open_clip as loc
+
+    from interop import make
+
+    teacher, tparams = make(dict(patch_size=(8, 8), width=48, depth=2, mlp_dim=192, num_heads=3, pool_type="tok",
+                                 class_token=True, cls_posemb=True, pre_norm=True, patch_bias=False,
+                                 act="quick_gelu", ln_eps=1e-5, num_classes=24))
+    tparams["head"]["bias"] = np.zeros(24, np.float32)
+    student = teacher.clone(pool_type="none", num_classes=None)
+    sparams = {k: v for k, v in tparams.items() if k != "head"}
+    with pytest.raises(ValueError, match="pass head_params"):
+        loc.to_open_clip(sparams, student, str(tmp_path / "s.safetensors"))
+    loc.to_open_clip(sparams, student, str(tmp_path / "s.safetensors"), head_params=tparams)
+    m2, p2 = loc.from_open_clip(str(tmp_path / "s.safetensors"))
+    same_model(m2, student)
+    assert_same_tree(p2, sparams)
+    m3, p3 = loc.from_open_clip(str(tmp_path / "s.safetensors"), keep_head=True)
+    assert m3.num_classes == 24
+    assert_same_tree(p3, tparams)
+    with pytest.raises(ValueError, match="no register tokens"):
+        loc.to_open_clip(sparams, student.clone(num_registers=1), str(tmp_path / "r.safetensors"))
+
+
+def test_export_cli_reads_open_clip_and_writes_hf_clip(torch, open_clip_mod, tmp_path, capsys):
+    """`lalign.export` tells an open_clip file from a timm one by its names; its image tower as HF CLIPVisionModel
+    gives open_clip's tokens."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionModel
+
+    from lalign import export
+    from lalign.checkpoints import load
+
+    visual = randomize_torch(torch, open_clip_mod.model._build_vision_tower(
+        24, open_clip_mod.model.CLIPVisionCfg(**OC_VISION), quick_gelu=True))
+    path = tmp_path / "oc.safetensors"
+    save_file({"visual." + k: v.contiguous() for k, v in visual.state_dict().items()}, path)
+    assert load.guess_format(str(path)) == "open_clip"
+    args = ["--input", str(path), "--output", str(tmp_path / "hf"), "--to", "hf", "--model", '{"act": "quick_gelu"}']
+    assert export.cli(args) == 2  # no open_clip_config.json: 48 wide is no whole number of 64-wide heads
+    assert "pass num_heads (--num-heads)" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match=r"classifier 'head' \(24 classes\) is not part of an HF vision tower"):
+        assert export.cli(args + ["--num-heads", "3"]) == 0, capsys.readouterr().err
+    h = CLIPVisionModel.from_pretrained(tmp_path / "hf").eval()
+    x = images()
+    with torch.no_grad():
+        out = h(pixel_values=nchw(torch, x))
+        tokens = getattr(h, "vision_model", h).post_layernorm(out.last_hidden_state).numpy()  # transformers 4 | 5
+    _, ref = _oc_run(torch, visual, x)
+    assert maxdiff(tokens[:, 1:], ref) <= TOL

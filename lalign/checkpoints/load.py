@@ -7,7 +7,8 @@ export.
 
 Formats (guessed from the path when not given): `orbax` (a params dir written by `manager.save_params`, or a
 training checkpoint step dir, verified against its checksum record), `bigvision` (.npz), `hf` (a directory with
-config.json + model.safetensors), `timm` (.safetensors).
+config.json + model.safetensors), `timm` (.safetensors), `open_clip` (.safetensors with open_clip's
+`visual.*` / `conv1`, `transformer.resblocks` names: a whole CLIP model's or its image tower's).
 
 Model fields: HF configs and files lalign writes record the architecture; for the others the parameter shapes give
 width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and classifier. What shapes
@@ -22,12 +23,12 @@ import os
 import sys
 from typing import Optional
 
-from lalign.checkpoints import bigvision, hf, timm, verify
+from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
 from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
 from lalign.models.vit import ViT, decode_variant
 
-FORMATS = ("orbax", "bigvision", "hf", "timm")
+FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
 # `config.init_posemb_resize`: how a checkpoint's position table is resized to the run's patch grid (e.g. DINOv2's
 # 37x37 at 518 px -> 16x16 at 224 px). 'bicubic_antialias' is what timm's checkpoint filter does (the reference
 # loads its teachers through timm); 'bicubic' what HF's DINOv2 does at run time; 'none' refuses another grid.
@@ -42,8 +43,11 @@ def guess_format(path: str) -> str:
         return "orbax"
     if path.endswith(".npz"):
         return "bigvision"
-    if path.endswith(".safetensors"):
-        return "timm"
+    if path.endswith(".safetensors") and os.path.isfile(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return "open_clip" if open_clip.is_open_clip(f.keys()) else "timm"
     if not os.path.exists(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
     raise ValueError(f"Cannot tell the format of {path}: pass --from ({'/'.join(FORMATS)}).")
@@ -105,6 +109,13 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
         heads = f.pop("num_heads", None)
         f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size")}
         return timm.from_timm(path, num_heads=heads, **f)
+    if fmt == "open_clip":
+        f = dict(fields)
+        variant = f.pop("variant", None)
+        if variant:
+            f.setdefault("num_heads", decode_variant(variant)["num_heads"])
+        f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size", "pool_type")}
+        return open_clip.from_open_clip(path, **f)
     if fmt == "bigvision":
         params = bigvision.load_npz(path, tower=tower)
         return infer_model(params, **fields), params
