@@ -35,6 +35,9 @@ case "${1:-core}" in
     python -m pip install -q torch==2.13.0
     python -m pip install -q -e '.[test]'
     python -m pip install -q --no-deps timm
+    # open_clip (LAION / DFN / MetaCLIP checkpoints) also asks for torchvision; its tokenizer needs ftfy and regex
+    python -m pip install -q --no-deps open_clip_torch
+    python -m pip install -q ftfy regex
     python -m pip install -q pyyaml huggingface_hub
     ;;
   *) echo "usage: scripts/install.sh [core|test]" >&2; exit 2 ;;

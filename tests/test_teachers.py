@@ -304,3 +304,50 @@ def test_export_cli_reads_open_clip_and_writes_hf_clip(torch, open_clip_mod, tmp
         tokens = getattr(h, "vision_model", h).post_layernorm(out.last_hidden_state).numpy()  # transformers 4 | 5
     _, ref = _oc_run(torch, visual, x)
     assert maxdiff(tokens[:, 1:], ref) <= TOL
+
+
+# ------------------------------------------------------------------------------- the generic timm path
+# The reference's timm teachers beyond SigLIP / CLIP / DINOv2, by the architecture their timm name builds.
+PLAIN_TIMM = {
+    "vit_base_patch16_224": "supervised augreg IN-21k/1k, MAE (.mae), MoCo v3: class token with a row, exact GELU",
+    "vit_small_patch16_224": "DINO (.dino) and augreg ViT-S",
+    "deit3_base_patch16_224": "DeiT III: LayerScale, class token without a position row (no_embed_class)",
+    "vit_base_patch16_siglip_gap_224": "SigLIP without its MAP head (global average pooling)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_TIMM))
+def test_plain_timm_vits_import_with_parity(name, torch, timm_mod, tmp_path):
+    from safetensors.torch import save_file
+
+    t = randomize_torch(torch, timm_mod.create_model(name, pretrained=False, img_size=32, patch_size=8,
+                                                     num_classes=0, **DINO_SMALL))
+    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
+    x = images()
+    f = _features(torch, t, x)
+    assert maxdiff(_encoded(model, params, x), f) <= TOL, PLAIN_TIMM[name]
+    assert f.shape[1] == model.num_prefix_tokens + 16
+
+
+UNSUPPORTED_TIMM = {
+    "eva02_base_patch14_224": "SwiGLU MLP",
+    "beit_base_patch16_224": "relative position bias",
+    "deit_base_distilled_patch16_224": "distillation token",
+    "vit_giant_patch14_dinov2": "packed gated MLP",
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED_TIMM))
+def test_timm_families_lalign_cannot_hold_are_named(name, torch, timm_mod, tmp_path):
+    from safetensors.torch import save_file
+
+    from lalign import export
+
+    patch = 14 if "patch14" in name else 16
+    t = timm_mod.create_model(name, pretrained=False, img_size=2 * patch, embed_dim=48, depth=1, num_heads=3)
+    save_file({k: v.contiguous() for k, v in t.state_dict().items()}, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match=UNSUPPORTED_TIMM[name]):
+        ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
+    assert export.cli(["--input", str(tmp_path / "t.safetensors"), "--output", str(tmp_path / "o.npz"),
+                       "--to", "bigvision"]) == 2

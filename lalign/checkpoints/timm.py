@@ -51,6 +51,46 @@ def _safetensors_numpy():
     return stn
 
 
+def unsupported(sd: Mapping) -> list[str]:
+    """What a timm state dict holds that lalign's ViT cannot compute (empty: nothing), by family."""
+    keys = set(sd)
+    why = []
+
+    def has(*parts):
+        return any(any(p in k for p in parts) for k in keys)
+
+    if has("relative_position_bias_table", "relative_position_index"):
+        why.append("relative position bias in attention (BEiT)")
+    if has(".attn.q_bias", ".attn.v_bias") and not has(".attn.qkv.bias"):
+        why.append("separate q/v attention biases without a k bias (BEiT)")
+    if has("mlp.fc1_g", "mlp.fc1_x", "mlp.w12", "mlp.w3"):
+        why.append("a gated SwiGLU MLP (EVA02, DINOv2 giant)")
+    if has("rope", "freqs"):
+        why.append("rotary position embedding (EVA02)")
+    if has(".attn.q_proj.", ".attn.k_proj."):
+        why.append("separate q/k/v projections of timm's Eva blocks (EVA02)")
+    if has("mlp.norm.", "attn.norm."):
+        why.append("a LayerNorm inside the MLP or attention (EVA02 sub-LN)")
+    if has("q_norm", "k_norm"):
+        why.append("qk-norm")
+    if "dist_token" in keys:
+        why.append("a distillation token (DeiT distilled)")
+    if "fc_norm.weight" in keys and "norm.weight" not in keys:
+        why.append("a norm after global average pooling (fc_norm) instead of a final norm on every token")
+    fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and np.shape(fc1)[0] != np.shape(fc2)[1]:
+        why.append(f"an MLP whose fc1 gives {np.shape(fc1)[0]} features for an fc2 that takes {np.shape(fc2)[1]} "
+                   f"(a packed gated MLP, e.g. DINOv2 giant's SwiGLU)")
+    return why
+
+
+def _check_supported(sd: Mapping, source: str) -> None:
+    why = unsupported(sd)
+    if why:
+        raise ValueError(f"{source}: this ViT has " + "; ".join(why) + ", which lalign's ViT does not have "
+                         f"(supported: plain, SigLIP, CLIP and DINOv2 ViTs: LayerScale, registers, MAP head).")
+
+
 def timm_problems(model: ViT) -> list[str]:
     why = []
     if model.attn_softcap is not None:
@@ -184,6 +224,7 @@ def from_timm_state_dict(sd: Mapping, model: ViT, source: str = "timm state dict
     Every key must be used: an unexpected or missing key, or a shape that does not match `model`, is a ValueError.
     """
     sd = {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in sd.items()}
+    _check_supported(sd, source)
     stored = model.clone(scan=False)
     if model.posemb != "learn":
         sd.pop("pos_embed", None)  # a materialized sin-cos table; the ViT recomputes it
@@ -213,12 +254,13 @@ def describe_short(model: ViT) -> str:
 def model_from_timm_state_dict(sd: Mapping, num_heads: Optional[int] = None, **fields) -> ViT:
     """Infers the ViT of a timm state dict without lalign metadata. Shapes give everything except num_heads
     (required) and act / ln_eps (default: timm's stock exact GELU, and eps 1e-5 with pre-norm (CLIP) else 1e-6)."""
-    if num_heads is None:
-        raise ValueError("A timm state dict does not record the number of heads (qkv is packed): pass num_heads "
-                         "(e.g. --variant B/16 or --num-heads 12).")
     if "patch_embed.proj.weight" not in sd:
         raise ValueError(f"Not a timm VisionTransformer state dict: no 'patch_embed.proj.weight' (keys: "
                          f"{sorted(sd)[:8]}).")
+    _check_supported(sd, "timm state dict")
+    if num_heads is None:
+        raise ValueError("A timm state dict does not record the number of heads (qkv is packed): pass num_heads "
+                         "(e.g. --variant B/16 or --num-heads 12).")
     w = np.shape(sd["patch_embed.proj.weight"])
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     pre_norm = "norm_pre.weight" in sd
