@@ -54,6 +54,7 @@ def test_every_conversion_kind_is_exactly_invertible():
 
     rng = np.random.default_rng(0)
     shapes = {"copy": (3, 4), "linear": (6, 5), "conv": (2, 3, 3, 8), "heads_in": (8, 2, 4), "heads_out": (2, 4, 8),
+              "patch_linear": (2, 2, 3, 8),
               "flatten": (1, 1, 8), "unbatch": (1, 5, 8)}
     assert set(shapes) == set(mapping.KINDS)
     for kind, shape in shapes.items():

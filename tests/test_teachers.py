@@ -89,15 +89,15 @@ def test_registers_with_a_class_position_row_round_trip_through_timm(torch, timm
     assert_same_tree(p2, params)
 
 
-@pytest.mark.parametrize("antialias", [True, False])
+@pytest.mark.parametrize("mode,antialias", [("bicubic", True), ("bicubic", False), ("bilinear", True)])
 @pytest.mark.parametrize("old,new", [((37, 37), (16, 16)), ((4, 4), (9, 7))])
-def test_position_tables_resize_like_torch(old, new, antialias, torch):
+def test_position_tables_resize_like_torch(old, new, mode, antialias, torch):
     import torch.nn.functional as F
 
     t = np.random.default_rng(0).normal(size=(*old, 8)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(t).permute(2, 0, 1)[None], size=new, mode="bicubic", align_corners=False,
+    ref = F.interpolate(torch.from_numpy(t).permute(2, 0, 1)[None], size=new, mode=mode, align_corners=False,
                         antialias=antialias)[0].permute(1, 2, 0).numpy()
-    assert maxdiff(resize_grid(t, new, antialias), ref) <= 1e-5
+    assert maxdiff(resize_grid(t, new, antialias, mode), ref) <= 1e-5
 
 
 def test_a_dinov2_checkpoint_runs_at_the_training_resolution_like_timm(torch, timm_mod, tmp_path):
@@ -351,3 +351,60 @@ def test_timm_families_lalign_cannot_hold_are_named(name, torch, timm_mod, tmp_p
         ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
     assert export.cli(["--input", str(tmp_path / "t.safetensors"), "--output", str(tmp_path / "o.npz"),
                        "--to", "bigvision"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ SigLIP 2
+def _siglip2_run(torch, model, x, patch):
+    """Siglip2VisionModel on square images: patchified as its image processor does, no padding patches."""
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    pixels = torch.stack([convert_image_to_patches(im, patch) for im in nchw(torch, x)])
+    grid = x.shape[1] // patch
+    model.eval()
+    with torch.no_grad():
+        out = model(pixel_values=pixels, pixel_attention_mask=torch.ones(pixels.shape[:2], dtype=torch.int32),
+                    spatial_shapes=torch.tensor([[grid, grid]] * len(x)))
+    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def test_siglip2_naflex_tower_imports_with_parity_and_writes_back(torch, transformers, tmp_path):
+    """Siglip2VisionModel (Linear patch embedding over flattened patches, a table HF resizes per image) at a fixed
+    square resolution: tokens and MAP-pooled output agree both ways, and HF loads what lalign writes strictly."""
+    from lalign.checkpoints import hf
+
+    config = transformers.Siglip2VisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                              num_attention_heads=3, num_patches=16, patch_size=8)
+    t = randomize_torch(torch, transformers.Siglip2VisionModel(config))
+    t.save_pretrained(tmp_path / "native")
+    model, params = hf.from_hf(tmp_path / "native")
+    assert (model.pool_type, model.has_class_token, params["embedding"]["kernel"].shape) == ("map", False,
+                                                                                             (8, 8, 3, 48))
+    x = images()
+    out, aux = model.apply({"params": params}, x)
+    tokens, pooled = _siglip2_run(torch, t, x, 8)
+    assert maxdiff(aux["encoded"], tokens) <= TOL and maxdiff(out, pooled) <= TOL
+    hf.to_hf(params, model, tmp_path / "out", kind="siglip2")
+    t2, info = transformers.Siglip2VisionModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    tokens2, pooled2 = _siglip2_run(torch, t2, x, 8)
+    assert maxdiff(tokens2, tokens) <= TOL and maxdiff(pooled2, pooled) <= TOL
+    m2, p2 = hf.from_hf(tmp_path / "out")
+    same_model(m2, model)
+    assert_same_tree(p2, params)
+
+
+def test_siglip2_at_another_resolution_matches_a_bilinear_resized_table(torch, transformers, tmp_path):
+    from lalign.checkpoints import hf
+    from lalign.checkpoints.load import fit_posemb
+
+    config = transformers.Siglip2VisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                              num_attention_heads=3, num_patches=16, patch_size=8)
+    t = randomize_torch(torch, transformers.Siglip2VisionModel(config))
+    t.save_pretrained(tmp_path / "native")
+    model, params = hf.from_hf(tmp_path / "native")  # a 4x4 table, run on 6x6 and 3x3 patches
+    for size in (48, 24):
+        x = images(image=(size, size))
+        resized = fit_posemb(model, params, size, "bilinear_antialias")
+        tokens, pooled = _siglip2_run(torch, t, x, 8)
+        out, aux = model.apply({"params": resized}, x)
+        assert maxdiff(aux["encoded"], tokens) <= TOL and maxdiff(out, pooled) <= TOL

@@ -258,14 +258,17 @@ def infer_model(params: Mapping, **fields) -> ViT:
 
 
 # --------------------------------------------------------------------------------- position-table resizing
-def _bicubic_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
-    """(n_out, n_in) weights of torch's `interpolate(mode='bicubic', align_corners=False)` along one axis.
+def _resize_weights(n_in: int, n_out: int, antialias: bool, mode: str = "bicubic") -> np.ndarray:
+    """(n_out, n_in) weights of torch's `interpolate(mode=mode, align_corners=False)` along one axis.
 
-    antialias=False: Keys cubic convolution, a=-0.75, taps clamped at the border (torch's upsample_bicubic2d).
-    antialias=True: the PIL-style filter torch uses with antialias (a=-0.5, support widened by the scale when
-    shrinking, normalized), which is what timm's checkpoint filter uses (`resample_abs_pos_embed`)."""
+    bicubic, antialias=False: Keys cubic convolution, a=-0.75, taps clamped at the border (upsample_bicubic2d).
+    antialias=True: the PIL-style filters torch uses with antialias (bicubic a=-0.5, or the triangle of bilinear;
+    support widened by the scale when shrinking, normalized). timm's checkpoint filter resizes position tables
+    with bicubic+antialias (`resample_abs_pos_embed`), HF's SigLIP 2 with bilinear+antialias."""
     scale = n_in / n_out
     w = np.zeros((n_out, n_in))
+    if mode not in ("bicubic", "bilinear") or (mode == "bilinear" and not antialias):
+        raise ValueError(f"Unsupported resize {mode!r} (antialias={antialias}); bicubic, or bilinear with antialias.")
     if not antialias:
         a = -0.75
         cubic1 = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 - |x| <= 1
@@ -281,11 +284,14 @@ def _bicubic_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
 
     def kernel(x):
         x = abs(x)
+        if mode == "bilinear":
+            return max(0.0, 1.0 - x)
         if x < 1:
             return ((a + 2) * x - (a + 3)) * x * x + 1
         return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
 
-    support = 2.0 * scale if scale >= 1 else 2.0
+    reach = 1.0 if mode == "bilinear" else 2.0
+    support = reach * scale if scale >= 1 else reach
     invscale = 1.0 / scale if scale >= 1 else 1.0
     for i in range(n_out):
         center = scale * (i + 0.5)
@@ -296,20 +302,22 @@ def _bicubic_weights(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
     return w
 
 
-def resize_grid(table: np.ndarray, new_grid: tuple[int, int], antialias: bool = True) -> np.ndarray:
-    """(h, w, D) -> (new_h, new_w, D) by separable bicubic resampling, equal to torch's
-    `F.interpolate(..., mode='bicubic', align_corners=False, antialias=antialias)` (computed in float64)."""
+def resize_grid(table: np.ndarray, new_grid: tuple[int, int], antialias: bool = True,
+                mode: str = "bicubic") -> np.ndarray:
+    """(h, w, D) -> (new_h, new_w, D) by separable resampling, equal to torch's
+    `F.interpolate(..., mode=mode, align_corners=False, antialias=antialias)` (computed in float64)."""
     table = np.asarray(table)
-    wh = _bicubic_weights(table.shape[0], new_grid[0], antialias)
-    ww = _bicubic_weights(table.shape[1], new_grid[1], antialias)
+    wh = _resize_weights(table.shape[0], new_grid[0], antialias, mode)
+    ww = _resize_weights(table.shape[1], new_grid[1], antialias, mode)
     out = np.einsum("ih,hwd,jw->ijd", wh, table.astype(np.float64), ww)
     return out.astype(table.dtype)
 
 
 def resample_posemb(params: Mapping, model: ViT, new_grid: tuple[int, int], old_grid=None,
-                    antialias: bool = True) -> dict:
+                    antialias: bool = True, mode: str = "bicubic") -> dict:
     """params with the learned position table resized to `new_grid` patches (bicubic, as timm's checkpoint filter
-    and HF's `interpolate_pos_encoding` do; a class token's own row is kept as it is). E.g. DINOv2 checkpoints are
+    and HF's DINOv2 `interpolate_pos_encoding` do; bilinear+antialias as HF's SigLIP 2; a class token's own row is
+    kept as it is). E.g. DINOv2 checkpoints are
     37x37 (518 px) and the reference trains them at 16x16 (224 px)."""
     if model.posemb != "learn":
         return dict(params)
@@ -319,7 +327,7 @@ def resample_posemb(params: Mapping, model: ViT, new_grid: tuple[int, int], old_
     if tuple(old_grid) == tuple(new_grid):
         return dict(params)
     grid = pos[0, k:].reshape(*old_grid, pos.shape[-1])
-    patches = resize_grid(grid, new_grid, antialias).reshape(1, -1, pos.shape[-1])
+    patches = resize_grid(grid, new_grid, antialias, mode).reshape(1, -1, pos.shape[-1])
     return dict(params, pos_embedding=np.concatenate([pos[:, :k], patches], axis=1))
 
 

@@ -44,7 +44,7 @@ from lalign.checkpoints.common import (check_params, describe, expected_shapes, 
                                        scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
-KINDS = ("siglip", "clip", "dinov2")
+KINDS = ("siglip", "siglip2", "clip", "dinov2")
 ACT_TO_HF = {"gelu": "gelu_pytorch_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
 ACT_FROM_HF = {"gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "gelu_python_tanh": "gelu", "gelu": "gelu_exact",
                "gelu_python": "gelu_exact", "quick_gelu": "quick_gelu"}
@@ -76,7 +76,7 @@ def hf_problems(model: ViT, kind: str) -> list[str]:
         why.append(f"activation {model.act!r} has no HF equivalent")
     if kind != "dinov2" and (model.layerscale_init is not None or model.num_registers):
         why.append(f"HF {kind} has no LayerScale or register tokens (a DINOv2-style ViT: kind='dinov2')")
-    if kind == "siglip":
+    if kind in ("siglip", "siglip2"):
         if model.has_class_token:
             why.append("SigLIP has no class token (a ViT with pre_norm and a class token is CLIP-like: kind='clip')")
         if model.pre_norm:
@@ -167,6 +167,13 @@ TABLES = {
         m.Rule("pos_embedding", "embeddings.position_embedding.weight", "unbatch"),
         *_ENCODER, *_MAP_HEAD,
     ],
+    # SigLIP 2 NaFlex towers: a Linear over each flattened (row, column, channel) patch instead of the Conv
+    "siglip2": [
+        m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "patch_linear"),
+        m.Rule("embedding/bias", "embeddings.patch_embedding.bias"),
+        m.Rule("pos_embedding", "embeddings.position_embedding.weight", "unbatch"),
+        *_ENCODER, *_MAP_HEAD,
+    ],
     "clip": [
         m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "conv"),
         m.Rule("cls", "embeddings.class_embedding", "flatten"),
@@ -207,7 +214,7 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
                   layer_norm_eps=float(model.ln_eps), attention_dropout=0.0)
     meta = {"pool_type": model.pool_type, "features": "", "head": None, "image_size": gh * patch}
 
-    if kind == "siglip":
+    if kind in ("siglip", "siglip2"):
         meta["head"] = "model" if "MAPHead_0" in p else None
         if "MAPHead_0" not in p and not drop_head:
             head = take_map_head(head_params)
@@ -223,8 +230,11 @@ def to_hf_state_dict(params: Mapping, model: ViT, kind: Optional[str] = None, *,
             if np.shape(head["probe"]) != (1, 1, width):
                 raise ValueError(f"head_params: probe has shape {np.shape(head['probe'])}, expected (1, 1, {width}).")
             flat.update(flatten(head, "MAPHead_0/"))
-        config.update(model_type="siglip_vision_model", architectures=["SiglipVisionModel"],
+        config.update(model_type=f"{kind}_vision_model", architectures=[f"{kind.capitalize()}VisionModel"],
                       vision_use_head=meta["head"] is not None)
+        if kind == "siglip2":  # NaFlex: the table is num_patches long, resized by HF to each image's grid
+            config.pop("image_size")
+            config["num_patches"] = gh * gw
         meta["features"] = "last_hidden_state"
     elif kind == "clip":
         config.update(model_type="clip_vision_model", architectures=["CLIPVisionModel"], projection_dim=width,
@@ -306,16 +316,19 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
     """
     config, sd = read_hf_dir(path)
     mt = config.get("model_type", "")
-    if mt in ("siglip", "clip"):
+    if mt in ("siglip", "siglip2", "clip"):
         config = dict(config.get("vision_config") or {}, model_type=f"{mt}_vision_model",
                       lalign=config.get("lalign"))
         mt = config["model_type"]
-    if mt not in ("siglip_vision_model", "clip_vision_model", "dinov2", "dinov2_with_registers"):
-        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a SigLIP, CLIP or DINOv2 vision model.")
+    if mt not in ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model", "dinov2",
+                  "dinov2_with_registers"):
+        raise ValueError(f"{path}/config.json: model_type {mt!r} is not a SigLIP (2), CLIP or DINOv2 vision model.")
     kind = mt.split("_")[0]
     defaults = {  # the HF config classes' defaults, for keys a config.json leaves out
         "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        "siglip2": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        num_patches=256, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
         "clip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
         "dinov2": dict(hidden_size=768, mlp_ratio=4, num_hidden_layers=12, num_attention_heads=12, image_size=224,
@@ -323,6 +336,11 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
                        num_register_tokens=4 if mt == "dinov2_with_registers" else 0),
     }[kind]
     c = dict(defaults, **{k: v for k, v in config.items() if v is not None})
+    if kind == "siglip2":  # a square table of num_patches rows: the grid it was trained at
+        side = math.isqrt(int(c["num_patches"]))
+        if side * side != int(c["num_patches"]):
+            raise ValueError(f"{path}/config.json: num_patches={c['num_patches']} is not a square grid.")
+        c["image_size"] = side * int(c["patch_size"])
     if c["hidden_act"] not in ACT_FROM_HF:
         raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r} is not supported "
                          f"(supported: {sorted(ACT_FROM_HF)}).")
@@ -335,7 +353,7 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
             c[k] = c[k][0]
     heads, depth, width = int(c["num_attention_heads"]), int(c["num_hidden_layers"]), int(c["hidden_size"])
     meta = config.get("lalign") or {}
-    use_head = kind == "siglip" and c.get("vision_use_head", True)
+    use_head = kind in ("siglip", "siglip2") and c.get("vision_use_head", True)
     drop = use_head and meta.get("pool_type") == "none" and meta.get("head") in ("random", "given")
     drop = drop and not keep_head
     if kind == "dinov2":
@@ -350,7 +368,7 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
                     cls_posemb=True, act=ACT_FROM_HF[c["hidden_act"]], ln_eps=float(c["layer_norm_eps"]),
                     layerscale_init=float(c["layerscale_value"]), num_registers=int(c["num_register_tokens"]),
                     scan=scan)
-    elif kind == "siglip":
+    elif kind in ("siglip", "siglip2"):
         pool = "map" if use_head and not drop else "none"
         model = ViT(patch_size=(c["patch_size"],) * 2, width=width, depth=depth, mlp_dim=int(c["intermediate_size"]),
                     num_heads=heads, pool_type=pool, act=ACT_FROM_HF[c["hidden_act"]],

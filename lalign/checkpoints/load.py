@@ -31,8 +31,9 @@ from lalign.models.vit import ViT, decode_variant
 FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
 # `config.init_posemb_resize`: how a checkpoint's position table is resized to the run's patch grid (e.g. DINOv2's
 # 37x37 at 518 px -> 16x16 at 224 px). 'bicubic_antialias' is what timm's checkpoint filter does (the reference
-# loads its teachers through timm); 'bicubic' what HF's DINOv2 does at run time; 'none' refuses another grid.
-POSEMB_RESIZE = ("bicubic_antialias", "bicubic", "none")
+# loads its teachers through timm); 'bicubic' what HF's DINOv2 does at run time, 'bilinear_antialias' HF's
+# SigLIP 2 (NaFlex); 'none' refuses another grid.
+POSEMB_RESIZE = ("bicubic_antialias", "bicubic", "bilinear_antialias", "none")
 
 
 def guess_format(path: str) -> str:
@@ -166,4 +167,4 @@ def fit_posemb(model, params, image_size: int, how: str):
         return params
     print(f"[load] position table resized {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches for {image_size} px "
           f"images ({how})", file=sys.stderr)
-    return resample_posemb(params, model, grid, antialias=how == "bicubic_antialias")
+    return resample_posemb(params, model, grid, antialias=how.endswith("_antialias"), mode=how.split("_")[0])

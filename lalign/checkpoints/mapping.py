@@ -25,6 +25,7 @@ Array transforms (`KINDS`; the reverse gets the big_vision shape, so no head cou
     heads_out  attention out kernel (H, hd, D)         <-> torch (D, H*hd)
     flatten    any shape, e.g. q/k/v bias (H, hd)      <-> (H*hd,); class token (1, 1, D) <-> (D,)
     unbatch    (1, ...) e.g. position table (1, N, D)  <-> (N, D)
+    patch_linear  Flax Conv kernel (ph, pw, 3, D)      <-> torch Linear over flattened patches (D, ph*pw*3)
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ KINDS: dict[str, tuple[Callable, Callable]] = {
     "flatten": (lambda a: a.reshape(-1), lambda t, s: _reshape_to(s, t)),
     "unbatch": (lambda a: a[0], lambda t, s: t[None]),
 }
+# A Conv patch kernel (ph, pw, 3, D) as a Linear over flattened (row, column, channel) patches (D, ph*pw*3):
+# the same reshapes as an attention output kernel.
+KINDS["patch_linear"] = KINDS["heads_out"]
 
 
 @dataclasses.dataclass(frozen=True)
