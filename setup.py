@@ -5,7 +5,7 @@ setup(
     name="lalign",
     version="0.1.0",
     description="Locality alignment (MaskEmbed) for ViTs in JAX/Flax, compatible with big_vision and Hugging Face.",
-    packages=find_packages(include=["lalign", "lalign.*"]),
+    packages=find_packages(include=["lalign", "lalign.*", "configs", "configs.*"]),  # configs: as big_vision.configs
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",

@@ -362,6 +362,11 @@ def probe_splits(config, image_size: int, patch_size: int, normalization: str) -
             raise ValueError("config.data.root must name the COCO-Stuff directory (images/, stuffthingmaps/).")
         train_ds, test_ds = seg.coco_stuff(d.root, "train2017", **kw), seg.coco_stuff(d.root, "val2017", **kw)
         val_ds = None
+    elif d.name == "ade20k":
+        if not d.root:
+            raise ValueError("config.data.root must name the ADEChallengeData2016 directory (images/, annotations/).")
+        train_ds, test_ds = seg.ade20k(d.root, "training", **kw), seg.ade20k(d.root, "validation", **kw)
+        val_ds = None
     elif d.name == "folder":
         def folder(split):
             images, labels = d.get(f"{split}_images"), d.get(f"{split}_labels")
@@ -376,7 +381,8 @@ def probe_splits(config, image_size: int, patch_size: int, normalization: str) -
             raise ValueError("data.name='folder' needs data.train_images/train_labels and data.test_images/"
                              "test_labels (data.val_images/val_labels optional: else carved out of train).")
     else:
-        raise ValueError(f"Unknown config.data.name {d.name!r}; choose 'coco_stuff', 'folder' or 'scenes'.")
+        raise ValueError(f"Unknown config.data.name {d.name!r}; choose 'coco_stuff', 'ade20k', 'folder' or "
+                         f"'scenes'.")
 
     num_train, num_test = d.get("num_train", -1), d.get("num_test", -1)
     note = ""

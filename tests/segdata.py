@@ -49,3 +49,23 @@ def write_coco_stuff(root, num_train=12, num_val=6, seed=0, corrupt=()):
         with open(os.path.join(root, "images", "train2017", stem + ".jpg"), "wb") as f:
             f.write(b"\xff\xd8\xff\xe0 this is not a JPEG")
     return stems
+
+
+def write_ade20k(root, num_train=8, num_val=4, seed=0):
+    """ROOT/images/{training,validation}/ADE_*.jpg + ROOT/annotations/{training,validation}/ADE_*.png (the
+    ADEChallengeData2016 layout): PNG value 0 = "other" on a top band, 1 (wall) on the left half, 150 (flag) on
+    the right half. Returns {split: [stems]}."""
+    rng = np.random.default_rng(seed)
+    stems = {}
+    for split, tag, n in (("training", "train", num_train), ("validation", "val", num_val)):
+        stems[split] = []
+        for i in range(n):
+            labels = np.full((32, 48), 1, np.uint8)
+            labels[:, 24:] = 150
+            labels[:4] = 0
+            image = np.where((labels == 1)[..., None], 60, 200).astype(np.float32) + rng.normal(0, 8, (32, 48, 3))
+            stem = f"ADE_{tag}_{i + 1:08d}"
+            write_pair(os.path.join(root, "images", split), os.path.join(root, "annotations", split), stem,
+                       np.clip(image, 0, 255).astype(np.uint8), labels)
+            stems[split].append(stem)
+    return stems

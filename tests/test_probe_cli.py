@@ -201,3 +201,30 @@ def test_folder_config_splits(coco_and_backbone):
     cfg.data.test_images = ""
     with pytest.raises(ValueError, match="test_images"):
         probe.probe_splits(cfg, 32, 8, "siglip")
+
+
+def test_ade20k_config_reads_the_standard_layout(tmp_path):
+    """configs/probe/ade20k.py: ADEChallengeData2016's folders, 150 classes, PNG 0 ("other") counts for no class
+    and k for class k-1; validation is the test split, the validation split is carved out of training."""
+    from conftest import load_config
+    from segdata import write_ade20k
+
+    from lalign.data import segmentation as seg
+
+    write_ade20k(str(tmp_path / "ade"), num_train=8, num_val=4)
+    assert len(seg.ADE20K_CLASSES) == seg.ADE20K_NUM_CLASSES == 150
+    cfg = load_config("configs/probe/ade20k.py", "smoke")
+    cfg.data.update(root=str(tmp_path / "ade"), num_val=3)
+    splits, names = probe.probe_splits(cfg, 32, 8, "siglip")
+    assert (splits["train"].size, splits["val"].size, splits["test"].size) == (5, 3, 4)
+    assert names[0] == "wall" and names[149] == "flag" and "carved out" in splits["val"].source
+    batch = next(splits["test"].batches(4))
+    labels = batch["patch_labels"]  # 4x4 patches of 8 px: the top band is 4 px of "other" (no class)
+    assert labels.shape == (4, 16, 150)
+    grid = labels[0].reshape(4, 4, 150)
+    assert grid[:, :2, 0].all() and not grid[:, :2, 1:].any()  # left half: wall only
+    assert grid[:, 2:, 149].all() and not grid[:, 2:, :149].any()  # right half: flag only
+    assert set(np.flatnonzero(batch["labels"][0])) == {0, 149}  # "other" is no class
+    cfg.data.root = ""
+    with pytest.raises(ValueError, match="ADEChallengeData2016"):
+        probe.probe_splits(cfg, 32, 8, "siglip")

@@ -88,7 +88,7 @@ def _check_supported(sd: Mapping, source: str) -> None:
     why = unsupported(sd)
     if why:
         raise ValueError(f"{source}: this ViT has " + "; ".join(why) + ", which lalign's ViT does not have "
-                         f"(supported: plain, SigLIP, CLIP and DINOv2 ViTs: LayerScale, registers, MAP head).")
+                         "(supported: plain, SigLIP, CLIP and DINOv2 ViTs: LayerScale, registers, MAP head).")
 
 
 def timm_problems(model: ViT) -> list[str]:

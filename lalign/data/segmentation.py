@@ -24,6 +24,12 @@ COCO-Stuff's labels.txt (whose id 0 is 'unlabeled'; that is where "183 classes" 
 annotated in COCO 2017, so 171 classes have pixels), ids 91..181 are the 91 stuff classes (91 = banner, ...,
 181 = wood). The probe therefore has 182 outputs; classes without positives do not enter macro recall.
 
+ADE20K SceneParsing (`ade20k(root, split)`), the ADEChallengeData2016 layout:
+    ROOT/images/{training,validation}/*.jpg
+    ROOT/annotations/{training,validation}/*.png
+A PNG holds 0 ("other": no class) or k = 1..150 for class k-1 (objectInfo150's order), so the probe has 150
+outputs (mmsegmentation's reduce_zero_label).
+
 Everything is deterministic: files are paired by stem and sorted; an example is a pure function of its files and
 the settings. Unreadable (corrupt/truncated) files and image/label pairs of different sizes are skipped by
 `iterate`/`batches` with a warning naming the file, and counted in `dataset.skipped`. A label value that is
@@ -45,6 +51,26 @@ LABEL_RULES = ("union", "majority", "global_union")
 # (mean, std) of [0, 1] pixels per backbone family: the training sources' table, plus 'none' ([0, 1]).
 NORMALIZATIONS = {**images.NORMALIZATION, "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+ADE20K_NUM_CLASSES = 150
+# ADE20K SceneParsing (objectInfo150, short names as in mmsegmentation): class k is PNG value k + 1.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
 
 COCO_STUFF_NUM_CLASSES = 182
 COCO_STUFF_IGNORE = 255
@@ -215,6 +241,8 @@ class SegmentationFolder:
     min_pixels: int = 1
     class_names: Optional[Sequence[str]] = None
     name: str = ""
+    # ADE20K's PNGs: 0 = "other" (no class) and k = class k-1, as mmsegmentation's reduce_zero_label
+    reduce_zero_label: bool = False
 
     def __post_init__(self):
         if self.label_rule not in LABEL_RULES:
@@ -246,6 +274,10 @@ class SegmentationFolder:
         stem, image_path, label_path = self.pairs[index]
         image = _read_image(image_path)
         labels = _read_label(label_path)
+        if self.reduce_zero_label:
+            labels = labels.astype(np.int32)
+            keep = labels != self.ignore_index
+            labels = np.where(labels == 0, self.ignore_index, np.where(keep, labels - 1, labels))
         if labels.shape != (image.height, image.width):
             raise CorruptExample(f"label PNG {label_path} is {labels.shape[1]}x{labels.shape[0]} but its image "
                                  f"{image_path} is {image.width}x{image.height}")
@@ -325,6 +357,16 @@ def coco_stuff(root: str, split: str, **kw) -> SegmentationFolder:
     return SegmentationFolder(os.path.join(root, "images", split), os.path.join(root, "stuffthingmaps", split),
                               num_classes=COCO_STUFF_NUM_CLASSES, ignore_index=COCO_STUFF_IGNORE,
                               class_names=COCO_STUFF_CLASSES, name=f"coco_stuff/{split}", **kw)
+
+
+def ade20k(root: str, split: str, **kw) -> SegmentationFolder:
+    """ADE20K SceneParsing `split` ('training' or 'validation') of ADEChallengeData2016 at ROOT (module docstring):
+    150 classes, label 0 ("other") counts for no class."""
+    if split not in ("training", "validation"):
+        raise ValueError(f"ADE20K split must be 'training' or 'validation', got {split!r}.")
+    return SegmentationFolder(os.path.join(root, "images", split), os.path.join(root, "annotations", split),
+                              num_classes=ADE20K_NUM_CLASSES, ignore_index=255, class_names=ADE20K_CLASSES,
+                              name=f"ade20k/{split}", reduce_zero_label=True, **kw)
 
 
 def carve_validation(num_examples: int, num_val: int, seed: int = 0,
