@@ -138,10 +138,10 @@ def test_training_augments_and_validation_does_not(folders):
     for g in range(m):
         same = next(h for h in range(m, 2 * m) if v.example_id(h) == v.example_id(g))
         np.testing.assert_array_equal(v.batch(g, 1)["image"], v.batch(same, 1)["image"])
-    # A validation image is the centre square, resized: check one against PIL directly.
+    # A validation image is the centre square, resized (bicubic, the default interpolation): check one against PIL.
     g = next(g for g in range(m) if v.path(v.example_id(g)).endswith("v2.jpg"))  # 50 x 20
     with Image.open(v.path(v.example_id(g))) as img:
-        expected = np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR, box=(15, 0, 35, 20)))
+        expected = np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC, box=(15, 0, 35, 20)))
     np.testing.assert_allclose((v.batch(g, 1)["image"][0] + 1) / 2 * 255, expected, atol=1e-3)
 
 
@@ -418,3 +418,128 @@ def test_gcs_image_folder_reads_the_same_batches_as_the_local_copy(folders, fake
         train)) and local_images == data_lib.image_folder.list_images("gs://bucket/in21k/train")
     with pytest.raises(FileNotFoundError, match="gs://bucket/nope"):
         data_lib.image_source(_cfg("gs://bucket/nope"), "maskembed")
+
+
+# ------------------------------------------------------------------------------------ the reference's crop
+def _timm_transforms(monkeypatch):
+    """timm.data.transforms, its torchvision calls answered for PIL images the way torchvision's PIL backend does
+    (resize = PIL resize, pad = numpy pad, crop = PIL crop), so that timm's own geometry runs without torchvision."""
+    pytest.importorskip("torch")
+    tt = pytest.importorskip("timm.data.transforms")
+    F = tt.F
+    monkeypatch.setattr(F, "get_dimensions", lambda im: [len(im.getbands()), im.height, im.width], raising=False)
+    monkeypatch.setattr(F, "resize", lambda im, size, interp: im.resize((size[1], size[0]), Image.BICUBIC),
+                        raising=False)
+
+    def pad(im, ltrb, fill=0, padding_mode="constant"):
+        l, t, r, b = ltrb
+        return Image.fromarray(np.pad(np.asarray(im), ((t, b), (l, r), (0, 0)), mode=padding_mode))
+
+    monkeypatch.setattr(F, "pad", pad, raising=False)
+    monkeypatch.setattr(F, "crop", lambda im, top, left, h, w: im.crop((left, top, left + w, top + h)),
+                        raising=False)
+    return tt
+
+
+class _Replay:
+    """Stands in for Python's `random` inside timm: answers random() / uniform() with given draws, in order."""
+
+    def __init__(self, draws):
+        self.draws = list(draws)
+
+    def random(self):
+        return self.draws.pop(0)
+
+    def uniform(self, a, b):
+        return self.draws.pop(0)
+
+
+def test_rkrc_sizes_equal_timms_resize_keep_ratio_for_the_same_draws(monkeypatch):
+    import math
+    import random
+
+    tt = _timm_transforms(monkeypatch)
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    im = Image.new("RGB", (97, 61))
+    for seed in range(200):
+        random.seed(seed)
+        theirs = tt.ResizeKeepRatio.get_params(im, (32, 32), 0.0, 0.5, scale, True, 0.5, ratio)
+        random.seed(seed)  # the same draws, in timm's order
+        zoom = random.uniform(*scale) if random.random() < 0.5 else None
+        aspect = random.uniform(math.log(ratio[0]), math.log(ratio[1])) if random.random() < 0.5 else None
+        w, h = images_lib.resize_keep_ratio_size(97, 61, 32, zoom, aspect)
+        assert [h, w] == list(theirs), seed
+    for w, h in ((20, 40), (31, 32), (40, 29), (32, 32)):  # centre crop, or reflect padding for a short side
+        pad, left, top = images_lib.center_crop_or_pad_plan(w, h, 32)
+        calls = {}
+        monkeypatch.setattr(tt.F, "pad", lambda im, ltrb, **kw: calls.setdefault("pad", ltrb) and im.resize(
+            (im.width + ltrb[0] + ltrb[2], im.height + ltrb[1] + ltrb[3])), raising=False)
+        monkeypatch.setattr(tt.F, "crop", lambda im, t, l, hh, ww: calls.setdefault("crop", (l, t)) and im,
+                            raising=False)
+        tt.center_crop_or_pad(Image.new("RGB", (w, h)), 32, padding_mode="reflect")
+        assert tuple(calls.get("pad", (0, 0, 0, 0))) == pad and calls.get("crop", (0, 0)) == (left, top)
+
+
+def test_rkrc_pixels_equal_timms_transform(monkeypatch, tmp_path):
+    """Same draws -> timm's ResizeKeepRatio(bicubic) + CenterCropOrPad(reflect) and lalign's crop give the same
+    pixels (within a grey level: lalign resizes only the region it shows), zoomed in, and padded."""
+    import io
+
+    tt = _timm_transforms(monkeypatch)
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:45, :70]
+    pixels = np.stack([128 + 100 * np.sin(x / 5), 128 + 100 * np.cos(y / 4), (x * y) % 256], -1)
+    pixels = np.clip(pixels + rng.normal(0, 10, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    opts = dict(images_lib.COMMON_OPTIONS, flip=False)
+    checked = set()
+    for seed in range(40):
+        draws = np.random.default_rng(seed)
+        p1 = draws.random()
+        zoom = draws.uniform(0.08, 1.0) if p1 < 0.5 else None
+        p2 = draws.random()
+        aspect = draws.uniform(np.log(3 / 4), np.log(4 / 3)) if p2 < 0.5 else None
+        ours = images_lib.decode_and_crop(buf.getvalue(), 32, True, np.random.default_rng(seed), opts)
+        replay = [p1] + ([zoom] if zoom is not None else []) + [p2] + ([aspect] if aspect is not None else [])
+        monkeypatch.setattr(tt, "random", _Replay(replay))
+        resized = tt.ResizeKeepRatio(32, interpolation="bicubic", random_scale_prob=0.5,
+                                     random_scale_range=(0.08, 1.0), random_scale_area=True, random_aspect_prob=0.5,
+                                     random_aspect_range=(3 / 4, 4 / 3))(Image.fromarray(pixels))
+        theirs = np.asarray(tt.center_crop_or_pad(resized, 32, padding_mode="reflect"))
+        assert ours.shape == theirs.shape == (32, 32, 3)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1, seed
+        checked.add("zoom" if zoom is not None else "pad" if min(resized.size) < 32 else "plain")
+    assert {"zoom", "pad"} <= checked
+
+
+def test_rkrc_size_distribution_matches_timms():
+    """Over many draws, lalign's generator gives the distribution of output sizes timm's does."""
+    import random
+
+    pytest.importorskip("torch")
+    tt = pytest.importorskip("timm.data.transforms")
+
+    class Square:  # get_params reads only the size
+        pass
+
+    random.seed(0)
+    n = 4000
+    rng = np.random.default_rng(0)
+    ours = np.array([images_lib.draw_resize_keep_ratio(rng, 100, 100, 32, (0.08, 1.0), (3 / 4, 4 / 3))
+                     for _ in range(n)], float)
+    original = tt.F.get_dimensions if "get_dimensions" in vars(tt.F) else None
+    try:
+        tt.F.get_dimensions = lambda _: [3, 100, 100]
+        theirs = np.array([tt.ResizeKeepRatio.get_params(Square(), (32, 32), 0.0, 0.5, (0.08, 1.0), True, 0.5,
+                                                         (3 / 4, 4 / 3))[::-1] for _ in range(n)], float)
+    finally:
+        if original is None:
+            del tt.F.get_dimensions
+        else:
+            tt.F.get_dimensions = original
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert abs(np.quantile(ours, q, axis=0) - np.quantile(theirs, q, axis=0)).max() <= 2, q
+    # a quarter draw neither zoom nor aspect change, and a few more round back to the output size
+    unchanged = lambda s: np.mean((s[:, 0] == 32) & (s[:, 1] == 32))  # noqa: E731
+    assert abs(unchanged(ours) - unchanged(theirs)) < 0.03 and 0.25 <= unchanged(ours) < 0.32

@@ -8,10 +8,17 @@ step and nothing else (no iterator state in the checkpoint).
 How a global example index g = step * batch_size + row becomes an image:
 - epoch e = g // n, position g % n in a permutation of the split's n examples drawn from (seed, split, e);
   the validation split is permuted too (so a few fixed batches are a random sample, not the first classes);
-- the augmentation of row g draws from `np.random.default_rng([seed, split, g, attempt])`: random-resized-crop
-  (area fraction `crop_scale`, aspect ratio `crop_ratio`, log-uniform, torchvision's 10-try rule with a centre
-  crop fallback) + horizontal flip for training splits; a centre square crop (`val_crop_fraction` of the short
-  side) for validation; both resized with PIL's antialiased bilinear filter straight from the crop box;
+- the augmentation of row g draws from `np.random.default_rng([seed, split, g, attempt])`; training splits get
+  `train_crop_mode` + horizontal flip:
+    'rkrc' (default, the reference's: timm's ResizeKeepRatio + CenterCropOrPad): the shorter side resized to the
+      output size, then with probability 0.5 zoomed in by 1/sqrt(u), u ~ U(crop_scale) (an area scale like RRC's),
+      and with probability 0.5 its aspect changed by a log-uniform factor in `crop_ratio`; the centre is cropped,
+      and a side that came out short is padded by reflection;
+    'rrc': random-resized-crop (area fraction `crop_scale`, aspect ratio `crop_ratio`, log-uniform,
+      torchvision's 10-try rule with a centre crop fallback);
+  validation splits a centre square crop (`val_crop_fraction` of the short side). `interpolation`: 'bicubic'
+  (default; timm's CLIP / SigLIP pretrained configs) or 'bilinear', PIL's antialiased filters, straight from the
+  source pixels of the region the output needs;
 - JPEGs are decoded at a reduced DCT scale (`draft`) when the crop is at least twice the output size, which is
   most of the decoding time on large images and does not change what the crop shows;
 - an image that cannot be read or decoded is *skipped*: it is replaced by another example of the split drawn
@@ -47,13 +54,17 @@ NORMALIZATION = {  # name -> (mean, std) of [0, 1] pixels
 TRAIN_SPLITS = ("maskembed", "train", "pretrain", "probe_train")
 EVAL_SPLITS = ("maskembed_val", "val", "validation", "test", "probe_val", "probe_test")
 MAX_ATTEMPTS = 16
+TRAIN_CROP_MODES = ("rkrc", "rrc")
+INTERPOLATIONS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
 
 # Options every real-image source takes (config.data.<name>), with defaults.
 COMMON_OPTIONS = dict(
     image_size=224,
     normalization="siglip",  # siglip | clip | imagenet
-    crop_scale=(0.08, 1.0),  # random-resized-crop: fraction of the image area
-    crop_ratio=(3 / 4, 4 / 3),  # random-resized-crop: aspect ratio w/h
+    train_crop_mode="rkrc",  # rkrc (the reference's, timm's ResizeKeepRatio + CenterCropOrPad) | rrc
+    interpolation="bicubic",  # bicubic (timm's CLIP/SigLIP configs) | bilinear
+    crop_scale=(0.08, 1.0),  # rkrc: zoom-in area range; rrc: fraction of the image area
+    crop_ratio=(3 / 4, 4 / 3),  # rkrc: aspect change range; rrc: aspect ratio w/h
     flip=True,  # random horizontal flip (training splits)
     val_crop_fraction=1.0,  # validation: centre square of this fraction of the short side
     num_workers=0,  # decoding threads; 0 = min(32, CPU count)
@@ -93,6 +104,12 @@ def check_options(data_cfg, extra: dict, source: str) -> dict:
     rlo, rhi = opts["crop_ratio"]
     if not 0 < rlo <= rhi:
         raise ValueError(f"config.data.crop_ratio must satisfy 0 < min <= max, got {tuple(opts['crop_ratio'])}.")
+    if opts["train_crop_mode"] not in TRAIN_CROP_MODES:
+        raise ValueError(f"config.data.train_crop_mode must be one of {TRAIN_CROP_MODES}, got "
+                         f"{opts['train_crop_mode']!r}.")
+    if opts["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"config.data.interpolation must be one of {sorted(INTERPOLATIONS)}, got "
+                         f"{opts['interpolation']!r}.")
     if not 0 < opts["val_crop_fraction"] <= 1:
         raise ValueError(f"config.data.val_crop_fraction must be in (0, 1], got {opts['val_crop_fraction']}.")
     return opts
@@ -130,6 +147,37 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, s
     return left, top, left + w, top + h
 
 
+def resize_keep_ratio_size(width: int, height: int, size: int, zoom_area=None, log_aspect=None) -> tuple[int, int]:
+    """(width, height) timm's ResizeKeepRatio (longest=0, random_scale_area=True) resizes an image to, given its
+    draws: `zoom_area` u in crop_scale (None: no zoom), `log_aspect` in log(crop_ratio) (None: no aspect change).
+    The shorter side becomes `size`, times 1/sqrt(u); the aspect factor a = exp(log_aspect) widens by sqrt(a) and
+    shortens by sqrt(a)."""
+    ratio = min(height / size, width / size)
+    f = 1.0 / math.sqrt(zoom_area) if zoom_area is not None else 1.0
+    fh, fw = f, f
+    if log_aspect is not None:
+        a = math.sqrt(math.exp(log_aspect))
+        fh, fw = fh / a, fw * a
+    return round(width * fw / ratio), round(height * fh / ratio)  # Python's round, as timm
+
+
+def draw_resize_keep_ratio(rng: np.random.Generator, width: int, height: int, size: int, scale: Sequence[float],
+                           ratio: Sequence[float]) -> tuple[int, int]:
+    """`resize_keep_ratio_size` with timm's draws: each of zoom and aspect change with probability 0.5."""
+    zoom = rng.uniform(scale[0], scale[1]) if rng.random() < 0.5 else None
+    aspect = rng.uniform(math.log(ratio[0]), math.log(ratio[1])) if rng.random() < 0.5 else None
+    return resize_keep_ratio_size(width, height, size, zoom, aspect)
+
+
+def center_crop_or_pad_plan(width: int, height: int, size: int) -> tuple[tuple[int, int, int, int], int, int]:
+    """timm's center_crop_or_pad for a (width, height) image and a size x size output: ((left, top, right, bottom)
+    reflect padding, crop left, crop top), the crop in padded coordinates."""
+    pad = ((size - width) // 2 if size > width else 0, (size - height) // 2 if size > height else 0,
+           (size - width + 1) // 2 if size > width else 0, (size - height + 1) // 2 if size > height else 0)
+    w, h = width + pad[0] + pad[2], height + pad[1] + pad[3]
+    return pad, int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+
+
 def center_crop_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float]:
     side = min(width, height) * fraction
     left, top = (width - side) / 2, (height - side) / 2
@@ -140,21 +188,35 @@ def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generato
     """Encoded image bytes -> (size, size, 3) uint8, cropped and resized (and flipped) as described above."""
     from PIL import Image
 
+    resample = INTERPOLATIONS[opts.get("interpolation", "bicubic")]
+    pad = None
     with Image.open(io.BytesIO(data)) as img:
         width, height = img.size
-        if train:
+        if train and opts.get("train_crop_mode", "rkrc") == "rkrc":
+            out_w, out_h = draw_resize_keep_ratio(rng, width, height, size, opts["crop_scale"], opts["crop_ratio"])
+            pad, left, top = center_crop_or_pad_plan(out_w, out_h, size)
+            # The part of the resized image the output shows: a padded axis whole, the other the crop. Resizing
+            # only that box gives the pixels of resizing the whole image and cropping.
+            x0, x1 = (0, out_w) if pad[0] + pad[2] else (left, left + size)
+            y0, y1 = (0, out_h) if pad[1] + pad[3] else (top, top + size)
+            sx, sy = width / out_w, height / out_h
+            box, out_size = (x0 * sx, y0 * sy, x1 * sx, y1 * sy), (x1 - x0, y1 - y0)
+        elif train:
             box = random_resized_crop_box(rng, width, height, opts["crop_scale"], opts["crop_ratio"])
-            flip = bool(opts["flip"]) and rng.random() < 0.5
+            out_size = (size, size)
         else:
             box = center_crop_box(width, height, opts["val_crop_fraction"])
-            flip = False
-        shrink = size / max(1.0, min(box[2] - box[0], box[3] - box[1]))
+            out_size = (size, size)
+        flip = train and bool(opts["flip"]) and rng.random() < 0.5
+        shrink = max(out_size) / max(1.0, min(box[2] - box[0], box[3] - box[1]))
         if img.format == "JPEG" and shrink <= 0.5:  # decode at 1/2, 1/4 or 1/8 scale, never below the output
             img.draft("RGB", (math.ceil(width * shrink), math.ceil(height * shrink)))
         rgb = to_rgb(img)  # decodes (errors on corrupt data surface here)
     sx, sy = rgb.size[0] / width, rgb.size[1] / height
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    out = np.asarray(rgb.resize((size, size), Image.BILINEAR, box=box))
+    out = np.asarray(rgb.resize(out_size, resample, box=box))
+    if pad is not None and any(pad):
+        out = np.pad(out, ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), mode="reflect")
     return out[:, ::-1] if flip else out
 
 
