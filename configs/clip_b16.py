@@ -15,17 +15,17 @@ LayerNorm before the encoder, quick-gelu, LayerNorm eps 1e-5, no patch-embedding
 Data: ImageNet-21k, winter 2021 release, 13,153,500 images in class folders (`data.path`); 10,240 of them are
 held out for validation (a fixed random subset; `data.val_path` names a separate folder instead). Listing 13M
 files takes minutes on every host: write the list once with `python -m lalign.data.image_folder ROOT LIST` and
-pass `--config.data.file_list=LIST`. Random-resized-crop (area 8-100%, ratio 3/4-4/3) + flip, CLIP normalization
+pass `--config.data.file_list=LIST`. timm's 'rkrc' crop (the reference's) + flip, CLIP normalization
 (mean 0.481/0.458/0.408, std 0.269/0.261/0.276).
 
-Recipe (DESIGN.md): 5 epochs at global batch 1024 = ceil(5 x 13,153,500 / 1024) = 64,227 steps; AdamW b1 0.9,
+Recipe (configs/common.py): 5 epochs at global batch 1024 = ceil(5 x 13,153,500 / 1024) = 64,227 steps; AdamW b1 0.9,
 b2 0.95, wd 0.01, clip 1.0, lr 3e-4 cosine to 3e-5, no warmup; teacher target = penultimate block + final norm;
 bf16 compute, fp32 master weights; nn.scan over blocks, no rematerialization (activations fit); the
 checkpoint with the best validation loss is kept (`checkpoints/best`).
 
 Expected result: a student whose patch tokens are locally semantic while the global knowledge is kept; the
 paper reports that the aligned backbone beats its teacher on the patch-level probe (for CLIP ViT-B/16 on
-COCO-Stuff: macro recall 44.6 -> 46.3, DESIGN.md) and that VLMs trained on aligned backbones improve on
+COCO-Stuff: macro recall 44.6 -> 46.3) and that VLMs trained on aligned backbones improve on
 spatial-understanding benchmarks. The losses in metrics.jsonl are relative to predicting the mean target (1.0).
 No run of this config has been made here: the figures below are estimates.
 
@@ -44,85 +44,19 @@ Runtime, ESTIMATE: 0.26 TFLOP/image (lalign.bench FLOP model) x 65.77M images
 on v4-64 (32 x TPU v4) at an assumed 40% MFU: 1.3 h.
 --- end of estimate ---
 """
-import math
 
-import ml_collections
-
-IMAGENET21K_IMAGES = 13_153_500  # winter 2021 release
-EPOCHS = 5
-BATCH = 1024
+from configs import common
 
 
 def get_config(arg: str = "full"):
-    arg = arg or "full"
-    if arg not in ("full", "smoke"):
-        raise ValueError(f"configs/clip_b16.py takes 'full' or 'smoke', got {arg!r}.")
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.stages = ("maskembed",)
-    c.init_from = ""  # required: the teacher checkpoint (see the docstring)
-    c.init_format = ""  # "" = guess from the path
-    c.init_posemb_resize = "bicubic_antialias"  # a checkpoint of another grid: resized as timm does
-
-    c.data = dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=224,
-                  normalization="clip", crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
-                  val_crop_fraction=1.0, num_workers=0, prefetch=True)
-    # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
-    c.model = dict(variant="B/16", pool_type="tok", pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5,
-                   patch_bias=False, posemb="learn", scan=True, remat_policy="none",
-                   attention_impl="xla")
-
-    c.maskembed = dict(
-        sampler="uniform",  # uniform | bernoulli | block
-        keep_prob=0.5,  # bernoulli: probability that a patch is *kept*
-        num_blocks=1,  # block: rectangles kept per mask
-        antithetic=True,  # add the complement 1-m
-        include_ones=True,  # add the all-ones mask
-        target_layer="penultimate",  # the paper's default
-        loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
-        decoder_depth=2,
-        attn_softcap=None,
-        normalize_targets=True,
-        whiten_targets=False,  # True: ZCA-whitened targets, every feature direction weighed equally (not the paper)
-        target_std_batches=4,
-        teacher_dtype="bfloat16",
-        student_dtype="bfloat16",
-    )
-    c.total_steps = math.ceil(EPOCHS * IMAGENET21K_IMAGES / BATCH)  # 64,227
-    c.batch_size = BATCH
-    c.grad_accum_steps = 1  # >1: micro-batches with the same gradient, for slices with less memory per chip
-    # weight_decay_on "reference": no decay on biases, norms and LayerScale, as timm's optimizer factory does
-    c.optimizer = dict(lr=3e-4, wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0, warmup_steps=0, lr_min_ratio=0.1,
-                       weight_decay_on="reference")
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
-    c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
-    c.log_every = 50
-    c.eval_every = 2000
-    c.checkpoint_every = 500
-    c.val_batches = 10
-    c.async_checkpointing = True
-    c.quiet = False
-    # Used only by `python -m lalign.memory` (the docstring's estimate): the slice it assumes.
-    c.estimate = dict(slice="v4-64", chip="TPU v4", devices=32, mfu=0.4)
-    # DESIGN.md's probe (runs only when "probe" is a stage; its data is the embedded scenes).
-    c.probe = dict(num_train=4000, num_val=500, num_test=1000, depth=2, epochs=5, batch_size=32, lr=1e-3,
-                   lr_min_ratio=0.1, warmup_steps=500, wd=1e-4, seeds=(0,))
-
-    if arg == "smoke":  # the same family (CLIP extras, class token, scan), tiny
-        c.init_from = "random"
-        c.data = dict(name="scenes", image_size=32, patch_size=8, min_objects=1, max_objects=2, digit_size=(8, 12),
-                      num_colours=1, min_patch_pixels=4, max_overlap=0.2)
-        c.model = dict(variant=None, width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=8, pool_type="tok",
-                       pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5, patch_bias=False,
-                       posemb="learn", scan=True, remat_policy="none",
-                       attention_impl="xla")
-        c.maskembed.target_std_batches = 1
-        c.total_steps = 2
-        c.batch_size = 8
-        c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)
-        c.log_every = 1
-        c.eval_every = 2
-        c.checkpoint_every = 0
-        c.val_batches = 1
-        c.async_checkpointing = False
+    arg = common.check_arg(arg, "configs/clip_b16.py", ("full", "smoke"))
+    c = common.maskembed_imagenet21k(
+        image_size=224, normalization="clip", lr=3e-4, fsdp=1,
+        model=dict(variant="B/16", pool_type="tok", pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5,
+                   patch_bias=False, posemb="learn", scan=True, remat_policy="none", attention_impl="xla"))
+    if arg.startswith("smoke"):  # the same family (CLIP extras, class token, scan), tiny
+        common.smoke(c, image_size=32, patch_size=8,
+                     model=dict(width=32, depth=2, mlp_dim=128, num_heads=2, pool_type="tok", pre_norm=True,
+                                cls_posemb=True, act="quick_gelu", ln_eps=1e-5, patch_bias=False, scan=True,
+                                remat_policy="none"))
     return c

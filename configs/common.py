@@ -1,0 +1,108 @@
+"""What the real configs share: the paper's MaskEmbed recipe on ImageNet-21k (as big_vision keeps shared snippets
+in configs/proj/*/common.py). A real config names only what differs: the teacher's architecture, resolution,
+normalization, learning rate, memory options and mesh.
+
+Recipe (the reference's, iancovert/locality-alignment): 5 epochs at global batch 1024, AdamW b1 0.9, b2 0.95,
+weight decay 0.01 on kernels and embeddings only (timm's parameter groups), gradient clip 1.0, cosine decay to
+10% of the peak, no warmup; uniform masks with their complements and the all-ones mask; teacher target = the
+penultimate block + final norm; MSE on standardized targets; a 2-block decoder; bf16 compute, fp32 master weights;
+timm's 'rkrc' crop (ResizeKeepRatio + CenterCropOrPad, bicubic) + flip; the checkpoint with the best validation
+loss is kept.
+"""
+import math
+
+import ml_collections
+
+IMAGENET21K_IMAGES = 13_153_500  # winter 2021 release
+EPOCHS = 5
+BATCH = 1024
+
+
+def check_arg(arg: str, path: str, choices=("full", "smoke")) -> str:
+    arg = arg or "full"
+    if arg not in choices:
+        raise ValueError(f"{path} takes {', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}, got {arg!r}.")
+    return arg
+
+
+def image_folder(image_size: int, normalization: str, **kw) -> dict:
+    """config.data for an image folder (ImageNet-21k in class folders), the reference's training augmentation."""
+    return dict(dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=image_size,
+                     normalization=normalization, train_crop_mode="rkrc", interpolation="bicubic",
+                     crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, val_crop_fraction=1.0,
+                     num_workers=0, prefetch=True), **kw)
+
+
+def maskembed_imagenet21k(*, image_size: int, normalization: str, lr: float, model: dict,
+                          fsdp: int = 1) -> ml_collections.ConfigDict:
+    """The whole run config of the paper's recipe for one teacher."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ("maskembed",)  # probe the result with `python -m lalign.probe --config=configs/probe/...`
+    c.init_from = ""  # required: the teacher checkpoint
+    c.init_format = ""  # "" = guess from the path
+    c.init_posemb_resize = "bicubic_antialias"  # a checkpoint of another grid: resized as timm does
+    c.data = image_folder(image_size, normalization)
+    # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
+    c.model = dict(model)
+    c.maskembed = dict(
+        sampler="uniform",  # uniform | bernoulli | block
+        keep_prob=0.5,  # bernoulli: probability that a patch is *kept*
+        num_blocks=1,  # block: rectangles kept per mask
+        antithetic=True,  # add the complement 1-m
+        include_ones=True,  # add the all-ones mask
+        target_layer="penultimate",  # the paper's default
+        loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
+        decoder_depth=2,
+        # None: HF / timm attention cannot hold the reference's 30*tanh(x/30) cap (docs/design.md, "Deviations")
+        attn_softcap=None,
+        normalize_targets=True,
+        whiten_targets=False,  # True: ZCA-whitened targets, every feature direction weighed equally (not the paper)
+        target_std_batches=4,
+        teacher_dtype="bfloat16",
+        student_dtype="bfloat16",
+    )
+    c.total_steps = math.ceil(EPOCHS * IMAGENET21K_IMAGES / BATCH)  # 64,227
+    c.batch_size = BATCH
+    c.grad_accum_steps = 1  # >1: micro-batches with the same gradient, for slices with less memory per chip
+    # weight_decay_on "reference": no decay on biases, norms and LayerScale, as timm's optimizer factory does
+    c.optimizer = dict(lr=lr, wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0, warmup_steps=0, lr_min_ratio=0.1,
+                       weight_decay_on="reference")
+    c.mesh = dict(data=-1, fsdp=fsdp, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
+    c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
+    c.log_every = 50
+    c.eval_every = 2000
+    c.checkpoint_every = 500
+    c.val_batches = 10
+    c.async_checkpointing = True
+    c.quiet = False
+    # Used only by `python -m lalign.memory` (the docstring's estimate): the slice it assumes.
+    c.estimate = dict(slice="v4-64", chip="TPU v4", devices=32, mfu=0.4)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict, *, image_size: int, patch_size: int, model: dict) -> None:
+    """The same family, tiny, on CPU without a download: a random teacher on the embedded scenes, 2 steps."""
+    c.init_from = "random"
+    c.data = dict(name="scenes", image_size=image_size, patch_size=patch_size, min_objects=1, max_objects=2,
+                  digit_size=(8, 12), num_colours=1, min_patch_pixels=4, max_overlap=0.2)
+    c.model = dict(dict(variant=None, patch_size=patch_size, posemb="learn", attention_impl="xla"), **model)
+    c.maskembed.target_std_batches = 1
+    c.total_steps = 2
+    c.batch_size = 8
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)
+    c.log_every = 1
+    c.eval_every = 2
+    c.checkpoint_every = 0
+    c.val_batches = 1
+    c.async_checkpointing = False
+
+
+def smoke_folder(c: ml_collections.ConfigDict) -> None:
+    """`smoke`'s model on real image files (--config.data.path=DIR), 30 steps with checkpoints: what
+    `lalign.rehearse` (the pod rehearsal) runs."""
+    c.data = image_folder(c.data.image_size, "siglip", num_val=16, num_workers=2)
+    c.total_steps = 30
+    c.eval_every = 10
+    c.checkpoint_every = 5
+    c.async_checkpointing = True
