@@ -35,6 +35,10 @@ is written with a warning (pooler_output meaningless, token features unaffected)
 are HF SigLIP / DINOv2 `last_hidden_state`, HF CLIP `post_layernorm(last_hidden_state)`, timm
 `forward_features(x)` and open_clip's tokens (`output_tokens=True`, class token excluded). --to open_clip needs the
 projection `proj`: --head-from TEACHER copies the teacher's.
+
+A student trained with the reference's attention soft-cap (maskembed.attn_softcap) cannot be written as hf, timm
+or open_clip, whose attention has none: the effect of dropping it is measured first (lalign/softcap.py; on
+--softcap-images DIR, else on the embedded scenes) and printed; --allow-softcap-drop exports it without the cap.
 """
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lalign.checkpoints import bigvision, hf, open_clip, timm
-from lalign.checkpoints.common import check_params, flatten, model_fields, to_layout
-from lalign.checkpoints.load import FORMATS, load_any, load_decoder
+from lalign import softcap
+from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
+from lalign.checkpoints.load import FORMATS, load_any, load_decoder, workdir_config
 from lalign.checkpoints.manager import save_params
 from lalign.files import write_atomically, write_text
 
@@ -150,6 +155,22 @@ def write_in_place(path: str, write) -> None:
     remove(old)
 
 
+def drop_softcap(model, params, args):
+    """(the model without its attention soft-cap, the measurement) for a format that cannot hold the cap: measured
+    first (lalign.softcap); refused unless --allow-softcap-drop, with the numbers either way."""
+    _, cfg = workdir_config(args.input)
+    size = grid_of(to_layout(params, False), model, args.image_size)[0] * int(model.patch_size[0])
+    images, source = softcap.sample_images(model, size, args.softcap_images,
+                                           (cfg.get("data") or {}).get("normalization") or "siglip")
+    stats = softcap.measure(model, params, images)
+    what = f"{args.input} was trained with the attention soft-cap, which {args.to} attention cannot hold: " \
+           f"{softcap.describe(stats)} ({source})"
+    if not args.allow_softcap_drop:
+        raise ValueError(f"{what}. Pass --allow-softcap-drop to export it without the cap.")
+    print(f"[export] WARNING: {what}; exported without the cap.", file=sys.stderr)
+    return model.clone(attn_softcap=None), dict(stats, images=source)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lalign.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,6 +195,11 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, help="image size (only for sincos2d position embeddings)")
     p.add_argument("--tower", default="img", help="two-tower big_vision npz: which tower (default img)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the written weights")
+    p.add_argument("--allow-softcap-drop", action="store_true",
+                   help="export a student trained with the attention soft-cap to hf/timm/open_clip, whose attention "
+                        "has none (its effect is measured and printed first)")
+    p.add_argument("--softcap-images", help="image folder on which the soft-cap's effect is measured (default: the "
+                                            "embedded scenes)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
@@ -185,6 +211,9 @@ def main(argv=None) -> int:
     decoder = load_decoder(args.input, args.src)
     if decoder is not None and args.to != "hf":  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], args.input, args.overwrite)
+    softcap_stats = None
+    if model.attn_softcap is not None and args.to in ("hf", "timm", "open_clip"):
+        model, softcap_stats = drop_softcap(model, params, args)
     head = None
     if args.head_from:  # the teacher's pooling head: a MAP head (hf/timm), or open_clip's projection
         _, teacher = load_any(args.head_from, None, {}, tower=args.tower, quiet=True)
@@ -199,6 +228,8 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
+    if softcap_stats:
+        written["softcap_dropped"] = softcap_stats
     if args.to == "hf":
         def write(stage):
             with warnings.catch_warnings():
