@@ -12,6 +12,7 @@ loss is kept.
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 IMAGENET21K_IMAGES = 13_153_500  # winter 2021 release
 EPOCHS = 5
@@ -55,7 +56,7 @@ def maskembed_imagenet21k(*, image_size: int, normalization: str, lr: float, mod
         loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
         decoder_depth=2,
         # None: HF / timm attention cannot hold the reference's 30*tanh(x/30) cap (docs/design.md, "Deviations")
-        attn_softcap=None,
+        attn_softcap=config_dict.placeholder(float),  # e.g. 30.0, the reference's cap; None: off
         normalize_targets=True,
         whiten_targets=False,  # True: ZCA-whitened targets, every feature direction weighed equally (not the paper)
         target_std_batches=4,

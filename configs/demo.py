@@ -8,6 +8,7 @@ Stages: pre-train a small ViT teacher (MAP head) on image-level labels; MaskEmbe
 held-out scenes for the teacher and the aligned student. Result: `DIR/summary.json` and a printed table.
 """
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg: str = "full"):
@@ -45,7 +46,7 @@ def get_config(arg: str = "full"):
         target_layer="last",
         loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
         decoder_depth=2,
-        attn_softcap=None,
+        attn_softcap=config_dict.placeholder(float),  # e.g. 30.0, the reference's cap; None: off
         normalize_targets=True,
         whiten_targets=False,  # True: ZCA-whitened targets, every feature direction weighed equally (not the paper)
         target_std_batches=4,
