@@ -178,11 +178,11 @@ def time_breakdown(step_fn, args, hlo_text: str, trace_dir: str) -> dict:
 
 def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict:
     """Compiles and times the MaskEmbed step for `config` (random weights and images of the right shape)."""
-    from lalign.pretrain import teacher_model
+    from lalign.pretrain import vit_from_config
     from lalign.train import build_step
 
     size = config.data.image_size
-    teacher = teacher_model(config, num_classes=None)
+    teacher = vit_from_config(config, num_classes=None)
     images = jax.random.normal(jax.random.key(1), (config.batch_size, size, size, 3), jnp.float32)
     teacher_params = jax.jit(teacher.init)(jax.random.key(0), images[:1])["params"]
     s = build_step(config, teacher, teacher_params, images[:2])

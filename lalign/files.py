@@ -36,3 +36,8 @@ def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") 
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def absolute(path: str) -> str:
+    """An absolute local path (orbax wants one); a bucket URL (gs://...) as it is."""
+    return path if "://" in path else os.path.abspath(path)

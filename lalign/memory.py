@@ -88,11 +88,11 @@ def _local_bytes(tree, mesh, rules) -> tuple[int, int]:
 def abstract_state(config):
     """(teacher ViT, abstract full teacher params, abstract target-teacher params, abstract train state), the
     same trees `train.build_step` creates, as ShapeDtypeStructs."""
-    from lalign.pretrain import teacher_model
+    from lalign.pretrain import vit_from_config
     from lalign.train import _dtype, make_init_state, make_optimizer
 
     cfg, size = config.maskembed, config.data.image_size
-    teacher = teacher_model(config, num_classes=None)
+    teacher = vit_from_config(config, num_classes=None)
     key = jax.random.key(0)
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     full = jax.eval_shape(lambda k, x: teacher.init(k, x)["params"], key, image)

@@ -25,7 +25,7 @@ from lalign import workdir as workdir_lib
 from lalign.checkpoints.common import to_layout
 from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, load_any
 from lalign.metrics import info
-from lalign.pretrain import pretrain_teacher, teacher_model
+from lalign.pretrain import pretrain_teacher, vit_from_config
 from lalign.train import train_maskembed
 
 STAGES = ("pretrain", "maskembed", "probe")
@@ -41,7 +41,7 @@ def get_teacher(config, workdir: str):
         raise ValueError("config.init_from must name the teacher checkpoint when 'pretrain' is not a stage.")
     if config.init_from == "random":  # smoke tests and benchmarks only: nothing to align
         info("[teacher] init_from='random': a randomly initialized teacher (smoke tests, benchmarks)")
-        model = teacher_model(config, num_classes=None)
+        model = vit_from_config(config, num_classes=None)
         size = config.data.image_size
         return model, jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))["params"]
     fields = {k: v for k, v in config.model.items() if v is not None and v != ""}
@@ -87,7 +87,7 @@ def _run(config, workdir: str) -> dict:
     t0 = time.time()
     teacher, teacher_params = get_teacher(config, workdir)
     times["teacher_s"] = time.time() - t0
-    summary = {"workdir": workdir if "://" in workdir else os.path.abspath(workdir), "seed": config.seed}
+    summary = {"workdir": files.absolute(workdir), "seed": config.seed}
 
     if "maskembed" in config.stages:
         t0 = time.time()

@@ -21,8 +21,9 @@ from lalign.metrics import MetricWriter, info
 from lalign.models.vit import ViT, make_vit
 
 
-def teacher_model(config, num_classes: int | None = None) -> ViT:
-    """The teacher architecture from `config.model` (a big_vision variant string and/or explicit fields)."""
+def vit_from_config(config, num_classes: int | None = None) -> ViT:
+    """The ViT `config.model` describes (a big_vision variant string and/or explicit fields): every teacher, pre-trained
+    here or not, and through it the student, which is a clone."""
     kw = dict(config.model)
     variant = kw.pop("variant", None)
     return make_vit(variant, num_classes=num_classes, **kw)
@@ -32,7 +33,7 @@ def pretrain_teacher(config, workdir: str):
     """Trains (or reloads from `workdir/teacher/params`) the demo teacher. Returns (model, params)."""
     pcfg = config.pretrain
     data = data_lib.image_source(config.data, "pretrain", seed=config.seed)
-    model = teacher_model(config, num_classes=data.spec.num_classes)
+    model = vit_from_config(config, num_classes=data.spec.num_classes)
     path = os.path.join(workdir, "teacher", "params")
     example = jnp.zeros((1, config.data.image_size, config.data.image_size, 3))
     params = model.init(jax.random.key(config.seed + 1000), example)["params"]

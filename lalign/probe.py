@@ -439,7 +439,7 @@ def extract_split(features_fn: Callable, split: ProbeSplit, num_patches: int, wi
         if time.time() - last > 30:
             last = time.time()
             _info(f"[probe] features {split.name}: {count}/{n} images, {count / (last - t0):.0f} images/s")
-    skipped = list(getattr(split.dataset, "skipped", None) or [])[already_skipped:]
+    skipped = list((getattr(split.dataset, "skipped", None) or {}).items())[already_skipped:]
     if count == 0:
         raise ValueError(f"No readable example in the {split.name} split ({split.source}).")
     return {"features": feats[:count], "patch_labels": labels[:count], "pooled": pooled[:count],

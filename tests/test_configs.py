@@ -11,7 +11,7 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from lalign import memory, pipeline
-from lalign.pretrain import teacher_model
+from lalign.pretrain import vit_from_config
 
 REAL = ("siglip_so400m", "siglip_b16", "clip_l14_336", "clip_b16")
 EXPECTED = {  # name: (variant, image size, lr, normalization, pool, CLIP extras)
@@ -41,7 +41,7 @@ def test_full_config_is_the_papers_recipe(name):
     assert (m.sampler, m.antithetic, m.include_ones, m.loss, m.decoder_depth) == ("uniform", True, True, "mse", 2)
     if variant in ("So400m/14", "L/14"):
         assert c.model.remat_policy == "nothing_saveable"
-    model = teacher_model(c)
+    model = vit_from_config(c)
     assert model.has_class_token == clip
     if clip:
         assert (model.pre_norm, model.cls_posemb, model.act, model.ln_eps, model.patch_bias) == (

@@ -191,13 +191,13 @@ def test_weight_decay_falls_on_the_parameters_the_reference_decays():
     """Rule (the reference's timm create_optimizer_v2): decay iff the leaf is a kernel, pos_embedding or cls;
     every bias (q/k/v biases are 2-D in Flax), LayerNorm scale and LayerScale is left alone."""
     from conftest import load_config
-    from lalign.pretrain import teacher_model
+    from lalign.pretrain import vit_from_config
     from lalign.sharding import path_str
     from lalign.train import make_optimizer, weight_decay_mask
 
     c = load_config(arg="tiny")
     c.model.update(class_token=True)  # a CLIP-style student: a cls to decay too
-    teacher = teacher_model(c, num_classes=3)
+    teacher = vit_from_config(c, num_classes=3)
     tparams = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
     model = me.make_maskembed_model(teacher, c.maskembed)
     params = me.init_from_teacher(model, tparams, jax.random.key(1), jnp.zeros((2, 16, 16, 3)), 3)

@@ -26,6 +26,7 @@ from typing import Optional
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
 from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
+from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
 
 FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
@@ -75,7 +76,7 @@ def workdir_config(path: str) -> tuple[Optional[str], dict]:
 
 def restore_verified(path: str):
     """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record."""
-    path = os.path.abspath(path)
+    path = absolute(path)
     if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
         path = os.path.join(path, "default")
     tree = restore_arrays(path)

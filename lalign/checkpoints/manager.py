@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state: the latest (to resume) and the best by validation loss (to keep).
 
-Layout under `DIR/checkpoints/`: `latest/<step>/` holds the whole train state (params, optimizer, step, PRNG key
-as raw key data so it restores on any backend) of the two newest saves; `best/<step>/` holds `{'params', 'step'}`
+Layout under `DIR/checkpoints/`: `latest/<step>/` holds the whole train state (step, params, optimizer state and
+the target normalization; the randomness of a step is a function of the seed and the step, so no PRNG key) of
+the two newest saves; `best/<step>/` holds `{'params', 'step'}`
 of the evaluation with the lowest validation loss: what the probe and export read, without a second copy of the
 optimizer moments; `checksums/<latest|best>/<step>.json` records what each step held (`verify`).
 """
@@ -20,6 +21,7 @@ from etils import epath
 
 from lalign.checkpoints import verify
 from lalign.checkpoints.common import check_shapes
+from lalign.files import absolute
 
 # Orbax's default (off GPU) writes every replicated array cooperatively: one slice per replica, each cut by its own
 # small jitted program. That pays for large arrays on multi-host slices; for small ones the per-slice dispatch costs
@@ -78,7 +80,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, keep_latest: int = 2, async_save: bool = True, replicated=None):
-        directory = os.path.abspath(directory) if "://" not in directory else directory
+        directory = absolute(directory)
         self.root, self._replicated = directory, replicated
         opts = dict(enable_async_checkpointing=async_save, create=True)
 
@@ -205,10 +207,8 @@ class Checkpoints:
         step = self.best.best_step()
         if step is None:
             return None
-        for info in self.best._checkpoints:  # orbax keeps metrics per checkpoint
-            if info.step == step and info.metrics:
-                return float(info.metrics["val_loss"])
-        return None
+        metrics = self.best.metrics(step)
+        return float(metrics["val_loss"]) if metrics and "val_loss" in metrics else None
 
     def wait(self):
         self.latest.wait_until_finished()
@@ -224,7 +224,7 @@ def save_params(path: str, params) -> None:
     multi-host run each host holds its own (identical) copy on its local devices, which orbax cannot save as
     jax.Arrays; every host still takes part in the save (orbax's barriers), process 0 writes."""
     with ocp.Checkpointer(_handler()) as ckptr:
-        ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(jax.device_get(params)), force=True)
+        ckptr.save(absolute(path), args=ocp.args.PyTreeSave(jax.device_get(params)), force=True)
 
 
 def restore_arrays(path: str):
@@ -240,8 +240,8 @@ def restore_arrays(path: str):
 
 def load_params(path: str, like=None):
     """Restores a params pytree saved by `save_params`; with `like`, shapes are checked against it."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
+    path = absolute(path)
+    if not epath.Path(path).exists():
         raise FileNotFoundError(f"No params checkpoint at {path}.")
     if like is None:
         return restore_arrays(path)

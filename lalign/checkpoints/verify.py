@@ -109,7 +109,7 @@ def read(path: str) -> Optional[dict]:
 
 def for_step_dir(step_dir: str) -> Optional[str]:
     """The record of a checkpoint step directory `.../checkpoints/<latest|best>/<step>[/default]`, if any."""
-    d = os.path.abspath(step_dir).rstrip("/")
+    d = files.absolute(step_dir).rstrip("/")
     if os.path.basename(d) == "default":
         d = os.path.dirname(d)
     step, kind, root = os.path.basename(d), os.path.basename(os.path.dirname(d)), os.path.dirname(os.path.dirname(d))

@@ -261,7 +261,7 @@ class SegmentationFolder:
         if not self.pairs:
             raise ValueError(f"No image/label pairs in {self.image_dir} and {self.label_dir} (images: "
                              f"{'/'.join(IMAGE_EXTENSIONS)}; labels: .png with the same stem).")
-        self.skipped: list[tuple[str, str]] = []  # (file, reason) of corrupt examples met by iterate()
+        self.skipped: dict[str, str] = {}  # file -> reason, of corrupt examples met by iterate() (as image sources)
 
     @property
     def grid(self) -> int:
@@ -324,7 +324,7 @@ class SegmentationFolder:
                 records = iter(ds)
         for rec in records:
             if "error" in rec:
-                self.skipped.append((rec["file"], rec["error"]))
+                self.skipped[rec["file"]] = rec["error"]
                 warnings.warn(f"{self.name}: skipping example {rec['index']} ({rec['file']}): {rec['error']}",
                               stacklevel=2)
                 continue

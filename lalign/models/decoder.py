@@ -39,7 +39,7 @@ class TokenHead(nn.Module):
                 layerscale_init=self.layerscale_init, attention_impl=self.attention_impl, dtype=self.dtype,
                 name=f"encoderblock_{i}",
             )(x)
-        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="decoder_norm")(x)
+        x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="final_norm")(x)
         return nn.Dense(self.out_dim, dtype=self.dtype, name="head")(x)
 
 
