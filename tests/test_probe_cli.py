@@ -95,8 +95,31 @@ def test_train_patch_probe_takes_float16_memmaps_and_uint8_labels(tmp_path):
     got = probe.train_patch_probe((mm, y), (mm[:8], y[:8]), (mm[8:], y[8:]), cfg, seed=0, num_heads=2,
                                   log=log.append)
     assert [h["epoch"] for h in log] == [1, 2] and got["history"] == log
-    assert got["best_epoch"] in (1, 2) and 0.0 <= got["macro_recall"] <= 1.0
+    assert got["best_epoch"] in (1, 2)
     assert got["per_class_support"] == y[8:].reshape(-1, 3).sum(0).tolist()
+
+
+def _known_answer(x_fn, seed=0, n=96, patches=16, classes=4):
+    """A probe trained on features made from the labels by `x_fn` (labels: Bernoulli(0.5) per patch and class)."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, patches, classes)) < 0.5).astype(np.uint8)
+    x = x_fn(rng, y).astype(np.float32)
+    cfg = ml_collections.ConfigDict(dict(depth=1, epochs=20, batch_size=16, lr=1e-2, lr_min_ratio=0.1,
+                                         warmup_steps=4, wd=0.0))
+    split = (n * 2 // 3, n * 5 // 6)
+    return probe.train_patch_probe((x[:split[0]], y[:split[0]]), (x[split[0]:split[1]], y[split[0]:split[1]]),
+                                   (x[split[1]:], y[split[1]:]), cfg, seed=0, num_heads=2)
+
+
+def test_the_patch_probe_finds_what_features_encode_and_nothing_in_noise():
+    """The central measurement, on tasks with a known answer: patch features that encode each patch's labels
+    linearly give recall near 1; features of pure noise give predictions independent of the labels (precision at
+    the base rate 0.5, recall that of guessing)."""
+    mix = np.random.default_rng(1).normal(size=(4, 16))
+    local = _known_answer(lambda rng, y: (2 * y - 1) @ mix + 0.1 * rng.normal(size=(*y.shape[:2], 16)))
+    assert local["macro_recall"] > 0.95 and local["macro_precision"] > 0.95
+    noise = _known_answer(lambda rng, y: rng.normal(size=(*y.shape[:2], 16)))
+    assert abs(noise["macro_precision"] - 0.5) < 0.1 and 0.2 < noise["macro_recall"] < 0.8
 
 
 def test_probes_that_peak_at_their_last_epoch_are_flagged():
@@ -135,8 +158,10 @@ def test_probe_cli_end_to_end_on_coco_stuff_layout(coco_and_backbone):
     # The image size comes from the backbone's position embedding (4x4 patches of 8 px).
     assert res["backbone"]["image_size"] == 32 and res["backbone"]["format"] == "bigvision"
     p = res["patch"]
-    for k in ("macro_recall", "micro_recall", "macro_precision", "miou"):
-        assert 0.0 <= p[k] <= 1.0, (k, p[k])
+    for r in p["runs"]:  # the reported numbers are the per-class ones, aggregated over the classes they cover
+        recall = [x for x, n in zip(r["per_class_recall"], r["per_class_support"]) if n]
+        assert r["macro_recall"] == pytest.approx(np.mean(recall))
+        assert r["miou"] == pytest.approx(np.mean([x for x in r["per_class_iou"] if x is not None]))
     assert len(p["runs"]) == 2 and len(p["macro_recall_per_seed"]) == 2
     assert p["macro_recall"] == pytest.approx(np.mean(p["macro_recall_per_seed"]))
     assert all(1 <= r["best_epoch"] <= 2 and len(r["history"]) == 2 for r in p["runs"])

@@ -118,14 +118,40 @@ def test_best_checkpoint_keeps_only_the_params_of_the_lowest_val_loss(tmp_path):
     np.testing.assert_array_equal(best["params"]["w"], 4.0)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tiny_config, teacher, tmp_path):
-    tiny_config.optimizer.lr = 1e30  # diverges at once
-    tiny_config.optimizer.grad_clip = 0.0
-    tiny_config.eval_every = 0
-    tiny_config.checkpoint_every = 2
-    tiny_config.log_every = 1
-    with pytest.raises(FloatingPointError, match=r"became (nan|inf) at step \d+"):
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tiny_config, teacher, tmp_path, monkeypatch):
+    """Batches turn to NaN after step 2 (its checkpoint saved): the run stops naming the step, step 2 stays on disk,
+    finite and verified, and a restart resumes from it."""
+    from lalign.checkpoints.load import restore_verified
+
+    source = data_lib.image_source
+
+    class Poisoned:  # the training source, with NaN images from step 2 on
+        def __init__(self, src):
+            self.src = src
+
+        def __getattr__(self, name):
+            return getattr(self.src, name)
+
+        def batch(self, step, *args, **kw):
+            b = self.src.batch(step, *args, **kw)
+            return dict(b, image=np.full_like(b["image"], np.nan)) if step >= 2 else b
+
+    def poisoned(data_cfg, split, **kw):
+        src = source(data_cfg, split, **kw)
+        return Poisoned(src) if split == "maskembed" else src
+
+    monkeypatch.setattr(data_lib, "image_source", poisoned)
+    tiny_config.update(total_steps=6, eval_every=0, checkpoint_every=2, log_every=1, async_checkpointing=False)
+    with pytest.raises(FloatingPointError, match=r"became nan at step [34].*resumes from .* step 2 under"):
         train_maskembed(tiny_config, str(tmp_path), *teacher)
+    latest = tmp_path / "checkpoints" / "latest"
+    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2]
+    state = restore_verified(str(latest / "2"))
+    assert int(state["step"]) == 2 and all(np.all(np.isfinite(a)) for a in jax.tree.leaves(state["params"]))
+    monkeypatch.setattr(data_lib, "image_source", source)
+    train_maskembed(tiny_config, str(tmp_path), *teacher)
+    host = json.loads((tmp_path / "hosts" / "process_0.json").read_text())
+    assert (host["resumed_from"], host["step"]) == (2, 6)
 
 
 def test_image_size_not_matching_the_teacher_is_a_clear_error(tiny_config, teacher, tmp_path):
