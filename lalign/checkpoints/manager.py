@@ -230,7 +230,7 @@ def save_params(path: str, params) -> None:
 def restore_arrays(path: str):
     """Any orbax pytree checkpoint as numpy arrays in host memory, whatever the devices and hosts that saved it
     (a pod's checkpoint read on one machine: orbax's default restore would rebuild the saving topology)."""
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, _quiet_libraries():  # (an item dir has no step metadata: a warning)
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
