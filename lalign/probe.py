@@ -1,6 +1,6 @@
 """How locality is measured: a patch-level probe on frozen features, and a linear image-level probe.
 
-Patch probe (DESIGN.md): frozen backbone, final features of every patch; probe = 2 transformer blocks at the
+Patch probe (docs/design.md): frozen backbone, final features of every patch; probe = 2 transformer blocks at the
 backbone's width with LayerScale 0.01, LayerNorm, Dense -> classes; per-patch multi-label BCE; AdamW with warmup
 and cosine decay to lr/10. Metric: macro-averaged recall at sigmoid > 0.5 over classes present in the evaluated
 set. The epoch is chosen on a validation split and the *test* split is reported at that epoch, so nothing is

@@ -154,7 +154,7 @@ def summarize(groups: dict) -> list[dict]:
             mean, std, _n = stats([r["metrics"][key] for r in runs])
             row[key] = {"mean": mean, "std": std}
         d, dm = row["delta_patch"], row["delta_map"]
-        # The bar: aligned beats teacher by more than 2 std (of the paired differences) over >= 3 runs,
+        # An effect-size bar: aligned beats teacher by more than 2 std (of the paired differences) over >= 3 runs,
         # with image-level mAP within 2 points.
         row["beats_teacher_by_2std"] = bool(len(runs) >= 3 and d["std"] is not None and d["mean"] > 2 * d["std"]
                                             and (dm["mean"] is None or dm["mean"] >= -2.0))

@@ -8,11 +8,11 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent XLA compilation cache for the session, shared with the subprocesses tests start (through the
+# One persistent XLA compilation cache for the test run, shared with the subprocesses tests start (through the
 # environment). Why: most tests train the same tiny configs, and each `train_maskembed` builds new jitted closures,
 # so the in-memory cache never hits; compiling the same programs again was over half the suite's time on a slow
-# 2-core machine. Every program is still compiled once per session; set JAX_COMPILATION_CACHE_DIR to keep the
-# cache across sessions.
+# 2-core machine. Every program is still compiled once per run; set JAX_COMPILATION_CACHE_DIR to keep the
+# cache from one run to the next.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lalign-tests-xla-cache-")
@@ -47,6 +47,6 @@ def tiny_config():
     return load_config(arg="tiny")
 
 
-def pytest_sessionfinish(session, exitstatus):
+def pytest_sessionfinish(exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -221,7 +221,7 @@ def test_cli_rejects_unknown_config_arg(tmp_path):
 
 
 def test_demo_smoke_config_end_to_end(tmp_path):
-    """The DESIGN.md contract: `configs/demo.py:smoke` runs every stage and writes summary.json."""
+    """The documented contract (docs/design.md): `configs/demo.py:smoke` runs every stage and writes summary.json."""
     r = _main("--config=configs/demo.py:smoke", f"--workdir={tmp_path}", timeout=900, fake_devices=False)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.load(open(tmp_path / "summary.json"))

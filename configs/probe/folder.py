@@ -7,7 +7,7 @@
 
 Images and label PNGs are paired by file stem. Without data.val_images/val_labels, a seeded random
 `data.num_val` training images are the validation split (epoch selection). Everything else as
-configs/probe/coco_stuff.py (the probe settings are DESIGN.md's). `:smoke` shrinks the run.
+configs/probe/coco_stuff.py (the paper's probe settings). `:smoke` shrinks the run.
 """
 import ml_collections
 

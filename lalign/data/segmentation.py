@@ -6,7 +6,7 @@ folders. Each example becomes what a ViT and the probe need:
 - `label_map` (S, S) uint8/int32: the label PNG under the *same* geometry, resized with nearest neighbour (no
   interpolated class ids);
 - `patch_labels` (N, C) uint8, N = (S // p)^2 in row-major patch order (the ViT's token order), by `label_rule`:
-    'union'        every class with >= `min_pixels` labeled pixels in the patch (default; DESIGN.md's rule),
+    'union'        every class with >= `min_pixels` labeled pixels in the patch (default; the paper's rule),
     'majority'     the single most frequent labeled class of the patch (ties: the lowest class id),
     'global_union' every class of the image (the union of all patches' 'union' labels) on every patch: a control
                    that a probe can only answer with global, not local, information;

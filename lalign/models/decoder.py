@@ -44,10 +44,10 @@ class TokenHead(nn.Module):
 
 
 def MaskEmbedDecoder(out_dim: int, num_heads: int, depth: int = 2, **kw) -> TokenHead:
-    """DESIGN.md's decoder: 2 blocks, teacher width and heads, MLP ratio 4, LayerScale 1e-6, learned posemb."""
+    """The MaskEmbed decoder (docs/design.md): 2 blocks, teacher width and heads, MLP ratio 4, LayerScale 1e-6, learned posemb."""
     return TokenHead(out_dim=out_dim, num_heads=num_heads, depth=depth, layerscale_init=1e-6, posemb=True, **kw)
 
 
 def PatchProbe(num_classes: int, num_heads: int, depth: int = 2, **kw) -> TokenHead:
-    """DESIGN.md's probe: 2 blocks at backbone width, LayerScale 0.01, LayerNorm + Dense -> classes."""
+    """The patch probe (docs/design.md): 2 blocks at backbone width, LayerScale 0.01, LayerNorm + Dense -> classes."""
     return TokenHead(out_dim=num_classes, num_heads=num_heads, depth=depth, layerscale_init=0.01, posemb=False, **kw)
