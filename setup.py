@@ -18,6 +18,7 @@ setup(
         "scikit-learn",  # ships the digits the embedded demo is made of; linear probes
         "matplotlib",
         "pillow",  # image folders and TFDS images (lalign.data)
+        "tensorboardX",  # TensorBoard events beside metrics.jsonl (lalign.metrics)
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; a looser pin lets pip pull a multi-GB CUDA build.

@@ -1,4 +1,5 @@
-"""Metrics a person can read: one JSON object per logged step in `metrics.jsonl`, and a progress line."""
+"""Metrics a person can read: one JSON object per logged step in `metrics.jsonl`, the same scalars as TensorBoard
+events under `tensorboard/<stage>/` (`tensorboard --logdir WORKDIR/tensorboard`), and a progress line."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    """Appends to `workdir/metrics.jsonl` and prints `[stage] step 120/1000 | loss 0.1234 | ... | ETA 3m12s`.
+    """Appends to `workdir/metrics.jsonl`, writes each numeric value as a TensorBoard scalar `stage/name`
+    (tensorboardX's writer; a workdir it cannot write to gets one note and the JSON lines only), and prints
+    `[stage] step 120/1000 | loss 0.1234 | ... | ETA 3m12s`.
 
     images/s is measured between consecutive `log_train` calls (the first interval includes compilation, so it
     is reported but not used for the ETA). On a multi-host run only process 0 writes and prints.
@@ -35,13 +38,38 @@ class MetricWriter:
         self.stage, self.total_steps, self.batch_size, self.quiet = stage, total_steps, batch_size, quiet
         self._last: Optional[tuple[int, float]] = None
         self._rate: Optional[float] = None
+        self._tb, self._tb_dir = None, str(epath.Path(workdir) / "tensorboard" / stage)
 
     def write(self, step: int, **metrics) -> dict:
         record = {"stage": self.stage, "step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         if self.primary:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self._scalars(int(step), record)
         return record
+
+    def _scalars(self, step: int, record: dict) -> None:
+        if self._tb is None:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience beside metrics.jsonl
+                self._tb = False
+                info(f"[{self.stage}] TensorBoard events not written ({type(e).__name__}: {e}); metrics.jsonl has "
+                     f"every value")
+        if not self._tb:
+            return
+        for k, v in record.items():
+            if k not in ("stage", "step") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{self.stage}/{k}", v, step)
+        self._tb.flush()  # a run that is killed keeps every logged value
+
+    def close(self) -> None:
+        """Flushes the TensorBoard events (metrics.jsonl is written line by line)."""
+        if self._tb:
+            self._tb.close()
+        self._tb = None
 
     def log_train(self, step: int, **metrics) -> dict:
         now = time.time()

@@ -67,5 +67,6 @@ def pretrain_teacher(config, workdir: str):
                                              jnp.asarray(batch["labels"]), step)
         if (step + 1) % config.log_every == 0 or step + 1 == pcfg.steps:
             writer.log_train(step + 1, **jax.device_get(metrics))
+    writer.close()
     save_params(path, params)
     return model, params

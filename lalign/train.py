@@ -310,6 +310,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             elif config.get("checkpoint_every") and step % config.checkpoint_every == 0:
                 ckpts.save(step, state)
     ckpts.wait()
+    writer.close()
     host.write(step, "finished", train_data)
     best = ckpts.restore_best(state)
     result = {"params": best["params"], "last_params": state["params"], "best_val_loss": ckpts.best_val_loss(),

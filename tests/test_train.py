@@ -42,6 +42,33 @@ def test_maskembed_loss_decreases_and_metrics_are_written(tiny_config, teacher, 
     assert val[-1] < val[0] * 0.7, val  # the decoder learns to predict the teacher
     assert result["best_val_loss"] == min(val[1:])
     assert os.path.isdir(tmp_path / "checkpoints" / "latest" / "20")
+    # TensorBoard holds the same curves: read the event file back (TFRecord framing, tensorboardX's protos)
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard" / "maskembed")
+    for name in ("loss", "lr", "grad_norm", "images_per_s", "val_loss"):
+        got = scalars[f"maskembed/{name}"]
+        want = [(r["step"], r[name]) for r in records if name in r]
+        assert [s for s, _ in got] == [s for s, _ in want], name
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6, err_msg=name)
+
+
+def _tensorboard_scalars(directory) -> dict:
+    """{tag: [(step, value)]} of every event file in `directory`."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def test_same_seed_same_params_other_seed_differs(tiny_config, teacher, tmp_path):
