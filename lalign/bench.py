@@ -30,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from lalign import allocator
@@ -241,4 +241,6 @@ if __name__ == "__main__":
                         "of op time by teacher/student/decoder/optimizer and by attention matmul/matmul/other).")
     flags.mark_flags_as_required(["config"])
     allocator.use_tcmalloc()  # CPU step times depend on it: lalign/allocator.py
-    app.run(main)
+    from lalign import cli
+
+    cli.run_absl("bench", main)

@@ -278,13 +278,9 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """`main` with user errors (a wrong path, an output in the way, a checkpoint that does not fit) as one line."""
-    try:
-        return main(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        if os.environ.get("LALIGN_TRACEBACK"):
-            raise
-        print(f"lalign.export: error: {e}", file=sys.stderr)
-        return 2
+    from lalign import cli as cli_lib
+
+    return cli_lib.returning("export", main, argv)
 
 
 if __name__ == "__main__":

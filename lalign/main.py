@@ -1,11 +1,8 @@
 """Entry point: `python -m lalign.main --config=configs/demo.py --workdir=DIR [--config.total_steps=100]`."""
-import os
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lalign import allocator
+from lalign import allocator, cli
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (a `get_config(arg)` module).",
                                 lock_config=True)
@@ -22,15 +19,6 @@ flags.DEFINE_integer("heartbeat_timeout", 100, "--distributed: seconds after whi
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def is_user_error(e: BaseException) -> bool:
-    """What a user can fix (config, paths, checkpoints, the job's hosts): reported as one line. Anything else
-    keeps its traceback."""
-    from lalign.checkpoints.manager import CheckpointError
-    from lalign.distributed import JoinError
-
-    return isinstance(e, (ValueError, FileNotFoundError, FloatingPointError, CheckpointError, JoinError))
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -38,22 +26,17 @@ def main(argv):
     f = flags.FLAGS
     if not f.distributed and (f.coordinator_address or f.num_processes is not None or f.process_id is not None):
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
-    try:
-        if f.distributed:
-            from lalign import distributed
+    if f.distributed:
+        from lalign import distributed
 
-            distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
-                                   initialization_timeout_s=f.distributed_timeout,
-                                   heartbeat_timeout_s=f.heartbeat_timeout)
-        from lalign import pipeline  # after joining the job, and after flag parsing: keeps --help fast
+        distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                               initialization_timeout_s=f.distributed_timeout,
+                               heartbeat_timeout_s=f.heartbeat_timeout)
+    from lalign import pipeline  # after joining the job, and after flag parsing: keeps --help fast
 
-        pipeline.run(f.config, f.workdir)
-    except Exception as e:  # noqa: BLE001 - sorted by is_user_error
-        if not is_user_error(e) or os.environ.get("LALIGN_TRACEBACK"):
-            raise
-        print(f"lalign.main: error: {e}  (LALIGN_TRACEBACK=1 shows where)", file=sys.stderr, flush=True)
-        sys.exit(2)
+    pipeline.run(f.config, f.workdir)
+
 
 if __name__ == "__main__":
     allocator.use_tcmalloc()  # re-runs this command with tcmalloc when installed: see lalign/allocator.py
-    app.run(main)
+    cli.run_absl("main", main)

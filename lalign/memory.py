@@ -271,7 +271,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
@@ -280,4 +280,6 @@ if __name__ == "__main__":
     flags.DEFINE_bool("shardings", False, "Print the PartitionSpec and shape of every parameter instead (JSON).")
     flags.DEFINE_bool("update_docstring", False, "Rewrite the estimate block in the config file's docstring.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from lalign import cli
+
+    cli.run_absl("memory", main)

@@ -584,7 +584,7 @@ def main(argv) -> None:
 if __name__ == "__main__":
     # Flags are defined only when run as a program, so importing lalign.probe (as lalign.pipeline does, next to
     # lalign.main's own --config) defines none.
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Probe config file, e.g. configs/probe/coco_stuff.py[:smoke].",
@@ -594,4 +594,6 @@ if __name__ == "__main__":
     from lalign import allocator
 
     allocator.use_tcmalloc()  # feature extraction and probe training run on the CPU too: lalign/allocator.py
-    app.run(main)
+    from lalign import cli
+
+    cli.run_absl("probe", main)

@@ -247,4 +247,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lalign import cli
+
+    sys.exit(cli.returning("rehearse", main))

@@ -496,4 +496,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lalign import cli
+
+    sys.exit(cli.returning("report", main))
