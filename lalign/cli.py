@@ -31,19 +31,20 @@ def report(tool: str, e: BaseException, where: bool = True) -> int:
     return 2
 
 
-def returning(tool: str, fn: Callable, *args, **kw):
-    """`fn(*args, **kw)`, or the exit code 2 once a user error is reported by `report`."""
+def returning(tool: str, fn: Callable, *args, where: bool = False):
+    """`fn(*args)`, or the exit code 2 once a user error is reported by `report` (`where`: with the hint that
+    LALIGN_TRACEBACK shows where it was raised: for errors from deep inside a run)."""
     try:
-        return fn(*args, **kw)
+        return fn(*args)
     except Exception as e:  # noqa: BLE001 - sorted by is_user_error
         if not is_user_error(e) or os.environ.get("LALIGN_TRACEBACK"):
             raise
-        return report(tool, e)
+        return report(tool, e, where)
 
 
-def guarded(tool: str, fn: Callable, *args, **kw):
-    """`fn(*args, **kw)`; a user error is reported by `report` and the process exits 2."""
-    result = returning(tool, fn, *args, **kw)
+def guarded(tool: str, fn: Callable, *args):
+    """`fn(*args)`; a user error is reported by `report` (with the LALIGN_TRACEBACK hint) and the process exits 2."""
+    result = returning(tool, fn, *args, where=True)
     if result == 2:
         sys.exit(2)
     return result

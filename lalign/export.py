@@ -55,6 +55,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lalign.checkpoints import bigvision, hf, open_clip, timm
+from lalign import log
 from lalign import softcap
 from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
 from lalign.checkpoints.load import FORMATS, load_any, load_decoder, workdir_config
@@ -167,7 +168,7 @@ def drop_softcap(model, params, args):
            f"{softcap.describe(stats)} ({source})"
     if not args.allow_softcap_drop:
         raise ValueError(f"{what}. Pass --allow-softcap-drop to export it without the cap.")
-    print(f"[export] WARNING: {what}; exported without the cap.", file=sys.stderr)
+    log.note(f"[export] WARNING: {what}; exported without the cap.")
     return model.clone(attn_softcap=None), dict(stats, images=source)
 
 
@@ -241,18 +242,18 @@ def main(argv=None) -> int:
 
         write_in_place(args.output, write)
         config = written.pop("hf")
-        print(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
-              f"{config['lalign']['features']}", file=sys.stderr)
+        log.note(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
+                 f"{config['lalign']['features']}")
     elif args.to == "open_clip":
         write_in_place(args.output, lambda stage: open_clip.to_open_clip(params, model, stage, head_params=head,
                                                                          dtype=dtype))
-        print(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata; "
-              f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)", file=sys.stderr)
+        log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata; "
+                 f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)")
     elif args.to == "timm":
         write_in_place(args.output, lambda stage: timm.to_timm(params, model, stage, head_params=head,
                                                                image_size=args.image_size, dtype=dtype))
-        print(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
-              f"lalign.checkpoints.timm.timm_model(path) builds the model)", file=sys.stderr)
+        log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
+                 f"lalign.checkpoints.timm.timm_model(path) builds the model)")
     else:
         # as strict as the hf/timm writers: exactly the tensors the model has, with its shapes
         check_params(to_layout(params, False), model.clone(scan=False), f"--input {args.input}", args.image_size)
@@ -266,12 +267,12 @@ def main(argv=None) -> int:
             write_in_place(args.output, lambda stage: save_params(stage, params))
             text = json.dumps(dict(model_fields(model), scan=scan), indent=2)
             write_text(model_json, text)
-        print(f"[export] wrote {args.to} params to {args.output}", file=sys.stderr)
+        log.note(f"[export] wrote {args.to} params to {args.output}")
     if decoder is not None:
         written["decoder"] = decoder_path(args.output, args.to)
         if args.to != "hf":
             save_decoder(decoder, args.output, args.to)
-        print(f"[export] wrote the MaskEmbed decoder to {written['decoder']}", file=sys.stderr)
+        log.note(f"[export] wrote the MaskEmbed decoder to {written['decoder']}")
     print(json.dumps(written))
     return 0
 

@@ -230,7 +230,8 @@ class MaskEmbedModel(nn.Module):
 
 
 def make_maskembed_model(teacher: ViT, cfg) -> MaskEmbedModel:
-    """Student = teacher architecture without pooling head/classifier (class token kept); decoder as in docs/design.md."""
+    """Student = teacher architecture without pooling head/classifier (prefix tokens kept); decoder as in
+    docs/design.md."""
     dtype = jnp.dtype(cfg.student_dtype) if cfg.get("student_dtype") else None
     student = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token,
                             attn_softcap=cfg.get("attn_softcap"), dtype=dtype)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from typing import Optional
 
 import jax
 from etils import epath  # local paths and gs:// alike
+
+from lalign import log
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -56,7 +57,7 @@ class MetricWriter:
                 self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
             except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience beside metrics.jsonl
                 self._tb = False
-                info(f"[{self.stage}] TensorBoard events not written ({type(e).__name__}: {e}); metrics.jsonl has "
+                log.info(f"[{self.stage}] TensorBoard events not written ({type(e).__name__}: {e}); metrics.jsonl has "
                      f"every value")
         if not self._tb:
             return
@@ -85,7 +86,7 @@ class MetricWriter:
             parts = [f"[{self.stage}] step {step}/{self.total_steps}"]
             parts += [f"{k} {_short(v)}" for k, v in record.items() if k not in ("stage", "step")]
             parts.append(f"ETA {_fmt_duration(eta)}")
-            print(" | ".join(parts), flush=True)
+            log.info(" | ".join(parts))
         return record
 
     def reset_clock(self):
@@ -105,8 +106,3 @@ def _short(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
-
-
-def info(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, file=sys.stdout, flush=True)

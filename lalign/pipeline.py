@@ -24,7 +24,7 @@ from lalign import validate
 from lalign import workdir as workdir_lib
 from lalign.checkpoints.common import to_layout
 from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, load_any
-from lalign.metrics import info
+from lalign.log import info
 from lalign.pretrain import pretrain_teacher, vit_from_config
 from lalign.train import train_maskembed
 
@@ -185,4 +185,4 @@ def print_table(summary: dict) -> None:
         rows.append((name, f"{p['macro_recall']:.4f} ± {p['macro_recall_std']:.4f}", f"{p['miou']:.4f}",
                      f"{i['map']:.4f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
-    print("\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows), flush=True)
+    info("\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows))

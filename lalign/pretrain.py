@@ -17,7 +17,8 @@ import optax
 from lalign import data as data_lib
 from lalign.checkpoints.manager import load_params, save_params
 from lalign.data import scenes
-from lalign.metrics import MetricWriter, info
+from lalign.log import info
+from lalign.metrics import MetricWriter
 from lalign.models.vit import ViT, make_vit
 
 

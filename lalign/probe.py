@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from lalign import files
+from lalign.log import info
 from lalign.checkpoints.load import guess_format, load_any
 from lalign.models.decoder import PatchProbe
 
@@ -263,7 +264,7 @@ def resolve_backbone(path: str) -> str:
 
 
 def load_backbone(path: str, fmt: str = "", fields: Optional[dict] = None):
-    """(ViT, params, resolved path, format) of a frozen backbone in any format `lalign.checkpoints.load.load_any` reads."""
+    """(ViT, params, resolved path, format) of a frozen backbone in any format `checkpoints.load.load_any` reads."""
 
     if not path:
         raise ValueError("config.backbone must name the backbone checkpoint (orbax dir, training checkpoint step "
@@ -438,16 +439,12 @@ def extract_split(features_fn: Callable, split: ProbeSplit, num_patches: int, wi
         count += b
         if time.time() - last > 30:
             last = time.time()
-            _info(f"[probe] features {split.name}: {count}/{n} images, {count / (last - t0):.0f} images/s")
+            info(f"[probe] features {split.name}: {count}/{n} images, {count / (last - t0):.0f} images/s")
     skipped = list((getattr(split.dataset, "skipped", None) or {}).items())[already_skipped:]
     if count == 0:
         raise ValueError(f"No readable example in the {split.name} split ({split.source}).")
     return {"features": feats[:count], "patch_labels": labels[:count], "pooled": pooled[:count],
             "labels": image_labels[:count], "count": count, "skipped": skipped}
-
-
-def _info(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _normalization_for(model, name: str) -> str:
@@ -507,7 +504,7 @@ def run(config, workdir: str) -> dict:
     image_size = backbone_image_size(model, params, config.data.get("image_size", 0))
     patch = int(model.patch_size[0])
     normalization = _normalization_for(model, config.data.get("normalization", ""))
-    _info(f"[probe] backbone {path} ({fmt}): ViT width {model.width}, depth {model.depth}, patch {patch}, "
+    info(f"[probe] backbone {path} ({fmt}): ViT width {model.width}, depth {model.depth}, patch {patch}, "
           f"{image_size}px, normalization '{normalization}'")
     splits, class_names = probe_splits(config, image_size, patch, normalization)
     grid = image_size // patch
@@ -521,7 +518,7 @@ def run(config, workdir: str) -> dict:
                                         dtype=fcfg.get("dtype", "float32"),
                                         directory=os.path.join(workdir, "features"))
         times[f"features_{name}_s"] = time.time() - t0
-        _info(f"[probe] features {name}: {extracted[name]['count']} images from {split.source} "
+        info(f"[probe] features {name}: {extracted[name]['count']} images from {split.source} "
               f"[{times[f'features_{name}_s']:.0f}s]" + (f", {len(extracted[name]['skipped'])} skipped"
                                                          if extracted[name]["skipped"] else ""))
 
@@ -531,7 +528,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.time()
     for seed in pcfg.seeds:
         def log(h, seed=seed):
-            _info(f"[probe] seed {seed} epoch {h['epoch']}/{pcfg.epochs} | loss {h['loss']:.4f} | val macro recall "
+            info(f"[probe] seed {seed} epoch {h['epoch']}/{pcfg.epochs} | loss {h['loss']:.4f} | val macro recall "
                   f"{h['val_macro_recall']:.4f} | test macro recall {h['test_macro_recall']:.4f}")
 
         runs.append(train_patch_probe(data["train"], data["val"], data["test"], pcfg, seed, model.num_heads, log))
@@ -563,8 +560,8 @@ def run(config, workdir: str) -> dict:
     p = results["patch"]
     warning = convergence_warning(p, results["backbone"]["path"])
     if warning:
-        _info(f"[probe] {warning}")
-    _info(f"[probe] test macro recall {p['macro_recall']:.4f} ± {p['macro_recall_std']:.4f} "
+        info(f"[probe] {warning}")
+    info(f"[probe] test macro recall {p['macro_recall']:.4f} ± {p['macro_recall_std']:.4f} "
           f"(seeds {np.round(p['macro_recall_per_seed'], 4).tolist()}), micro recall {p['micro_recall']:.4f}, "
           f"macro precision {p['macro_precision']:.4f}, mIoU {p['miou']:.4f}"
           + (f", image mAP {results['image']['map']:.4f}" if "image" in results else "")

@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from lalign import files
+from lalign import files, log
 
 # Keys that do not define an experiment: replicates (seed) and bookkeeping.
 IGNORED = ("seed", "quiet", "async_checkpointing", "log_every", "mesh", "sharding_rules", "init_format",
@@ -395,7 +395,7 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
                 pca_figs.append((label, run["name"], fname))
             except (FileNotFoundError, ValueError) as e:
                 pca_notes.append(f"{run['name']}: no PCA map ({e})")
-                print(f"[report] {pca_notes[-1]}", file=sys.stderr)
+                log.note(f"[report] {pca_notes[-1]}")
 
     md = [f"# {title}", ""]
     md.append(f"{len(runs)} run(s) in {len(groups)} group(s)"
@@ -490,8 +490,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     data = write_report(args.workdirs, args.out, args.group_by, not args.no_pca, args.pca_runs, args.pca_images,
                         args.pca_fit, args.title, args.globalness)
-    print(f"[report] {len(data['runs'])} run(s), {len(data['groups'])} group(s) -> "
-          f"{os.path.join(args.out, 'report.md')}")
+    log.info(f"[report] {len(data['runs'])} run(s), {len(data['groups'])} group(s) -> "
+             f"{os.path.join(args.out, 'report.md')}")
     return 0
 
 

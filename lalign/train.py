@@ -28,7 +28,8 @@ from lalign import files
 from lalign import maskembed
 from lalign import sharding
 from lalign.checkpoints.manager import Checkpoints
-from lalign.metrics import MetricWriter, info
+from lalign.log import info
+from lalign.metrics import MetricWriter
 from lalign.models.vit import ViT
 
 

@@ -51,7 +51,8 @@ def test_export_of_a_capped_student_is_refused_with_the_measurement_unless_allow
                                                               patch_size=8, pool_type="map", posemb="learn"),
                                                 "maskembed": {"attn_softcap": 30.0},
                                                 "data": {"normalization": "siglip"}}))
-    args = ["--input", str(wd / "checkpoints" / "best" / "5"), "--output", str(tmp_path / "hf"), "--to", "hf", "--no-head"]
+    step = str(wd / "checkpoints" / "best" / "5")
+    args = ["--input", step, "--output", str(tmp_path / "hf"), "--to", "hf", "--no-head"]
     assert export.cli(args) == 2
     err = capsys.readouterr().err
     assert "attention soft-cap, which hf attention cannot hold" in err and "--allow-softcap-drop" in err
@@ -65,6 +66,6 @@ def test_export_of_a_capped_student_is_refused_with_the_measurement_unless_allow
     assert m2.attn_softcap is None
     np.testing.assert_array_equal(p2["embedding"]["kernel"], params["embedding"]["kernel"])
     # formats that keep the model as it is (big_vision npz, orbax) need no measurement
-    assert export.cli(["--input", str(wd / "checkpoints" / "best" / "5"), "--output", str(tmp_path / "s.npz"), "--to", "bigvision"]) == 0
+    assert export.cli(["--input", step, "--output", str(tmp_path / "s.npz"), "--to", "bigvision"]) == 0
     assert bigvision.load_npz(tmp_path / "s.npz")["embedding"]["kernel"].shape == (8, 8, 3, 48)
 

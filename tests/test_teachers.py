@@ -230,7 +230,8 @@ def test_open_clip_model_imports_with_parity_and_writes_back(quick_gelu, ls, tor
     clip = randomize_torch(torch, open_clip_mod.model.CLIP(embed_dim=24, vision_cfg=vision, text_cfg=text,
                                                            quick_gelu=quick_gelu))
     (tmp_path / "hub").mkdir()
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "hub" / "open_clip_model.safetensors")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              tmp_path / "hub" / "open_clip_model.safetensors")
     with open(tmp_path / "hub" / "open_clip_config.json", "w") as f:
         json.dump({"model_cfg": {"embed_dim": 24, "quick_gelu": quick_gelu, "vision_cfg": vision,
                                  "text_cfg": text}}, f)

@@ -15,7 +15,8 @@ train2017 are the validation split (the epoch is chosen there) and val2017 (5,00
 split. Images: shorter side resized to the backbone's size, centre crop; patch label = every class present in the
 patch (`data.label_rule`: 'union', or 'majority' / 'global_union' for ablations and controls).
 
-Probe (the paper's, docs/design.md): 2 transformer blocks at the backbone width, LayerScale 0.01, LayerNorm + Dense -> 182;
+Probe (the paper's, docs/design.md): 2 transformer blocks at the backbone width, LayerScale 0.01,
+LayerNorm + Dense -> 182;
 per-patch BCE; AdamW lr 1e-3 with 500 warmup steps and cosine decay to 1e-4; batch 32; 5 epochs; macro recall at
 0.5, best epoch. Weight decay 0.01 (PyTorch's AdamW default; the paper names none).
 Expected (paper, CLIP ViT-B/16 at 224): teacher 44.6, MaskEmbed 46.3 macro recall.

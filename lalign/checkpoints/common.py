@@ -201,10 +201,11 @@ def infer_model(params: Mapping, **fields) -> ViT:
     """The ViT that `params` (big_vision names, either layout) belong to.
 
     Shapes determine width, depth, mlp_dim, num_heads, patch size, class token, pre-norm, patch bias, position
-    embedding kind, registers, LayerScale, MAP head and classifier. `fields` supply what shapes cannot tell (act, ln_eps, attn_softcap,
-    ..., default: big_vision's) and may include `variant` ('B/16'); a field that contradicts the parameters is an
-    error. pool_type: 'map' with a MAPHead_0; else the given pool_type if it is 'tok'/'gap'/'none', else 'none'
-    (a MaskEmbed student, whose config still names its teacher's 'map', has no head).
+    embedding kind, registers, LayerScale, MAP head and classifier. `fields` supply what shapes cannot tell (act,
+    ln_eps, attn_softcap, ..., default: big_vision's) and may include `variant` ('B/16'); a field that contradicts
+    the parameters is an error. pool_type: 'map' with a MAPHead_0; else the given pool_type if it is
+    'tok'/'gap'/'none', else 'none' (a MaskEmbed student, whose config still names its teacher's 'map', has no
+    head).
     cls_posemb (CLIP): given, or True when the class token's position rows are N+1 for a square N.
     """
     fields = {k: v for k, v in fields.items() if v is not None}

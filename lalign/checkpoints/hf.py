@@ -158,8 +158,10 @@ _DINOV2 = [
     m.Rule(f"{m.BLOCK}/LayerScale_1", f"{_DINO_LAYER}.layer_scale2.lambda1"),
     *m.layernorm("Transformer/encoder_norm", "layernorm"),
 ]
-DINOV2_ALIASES = {".attention.q_proj.": ".attention.attention.query.", ".attention.k_proj.": ".attention.attention.key.",
-                  ".attention.v_proj.": ".attention.attention.value.", ".attention.o_proj.": ".attention.output.dense."}
+DINOV2_ALIASES = {".attention.q_proj.": ".attention.attention.query.",
+                  ".attention.k_proj.": ".attention.attention.key.",
+                  ".attention.v_proj.": ".attention.attention.value.",
+                  ".attention.o_proj.": ".attention.output.dense."}
 TABLES = {
     "siglip": [
         m.Rule("embedding/kernel", "embeddings.patch_embedding.weight", "conv"),

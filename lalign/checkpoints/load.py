@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional
 
+from lalign import log
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
 from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
@@ -96,13 +96,12 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
     fmt = fmt or guess_format(path)
     if fmt == "hf":
         if fields and not quiet:
-            print(f"[load] {path}: the HF config defines the model; ignoring {sorted(fields)}", file=sys.stderr)
+            log.note(f"[load] {path}: the HF config defines the model; ignoring {sorted(fields)}")
         return hf.from_hf(path)
     if fmt == "timm":
         if "lalign_vit" in timm.read_metadata(path):  # written by lalign: the file records the model
             if fields and not quiet:
-                print(f"[load] {path}: the file's metadata defines the model; ignoring {sorted(fields)}",
-                      file=sys.stderr)
+                log.note(f"[load] {path}: the file's metadata defines the model; ignoring {sorted(fields)}")
             return timm.from_timm(path)
         f = dict(fields)
         variant = f.pop("variant", None)
@@ -136,7 +135,7 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
             f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
             f["pool_type"] = "none"
         if src and not quiet:
-            print(f"[load] model fields from {src}", file=sys.stderr)
+            log.note(f"[load] model fields from {src}")
         f.update(fields)
         return infer_model(tree, **f), tree
     raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
@@ -166,6 +165,6 @@ def fit_posemb(model, params, image_size: int, how: str):
         return params  # not a square table: check_image_size names the mismatch
     if old == grid or how == "none":
         return params
-    print(f"[load] position table resized {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches for {image_size} px "
-          f"images ({how})", file=sys.stderr)
+    log.note(f"[load] position table resized {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches for {image_size} px "
+             f"images ({how})")
     return resample_posemb(params, model, grid, antialias=how.endswith("_antialias"), mode=how.split("_")[0])

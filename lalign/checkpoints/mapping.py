@@ -149,9 +149,10 @@ def export(params: Mapping, rules: Iterable[Rule], depth: int, fmt: str, prefix:
 
 def import_params(sd: Mapping, rules: Iterable[Rule], expected: Mapping, depth: int, source: str,
                   what: str = "the model", prefix: str = "") -> dict:
-    """Flat big_vision params for a model whose parameter shapes are `expected` (flat or nested), from the
-    other format's state dict `sd` (names starting with `prefix`). Every expected parameter must have a rule, every rule's tensor must be in `sd`
-    and every tensor of `sd` must be used; anything else is a ValueError naming `source` and the key."""
+    """Flat big_vision params for a model whose parameter shapes are `expected` (flat or nested), from the other
+    format's state dict `sd` (names starting with `prefix`). Every expected parameter must have a rule, every rule's
+    tensor must be in `sd` and every tensor of `sd` must be used; anything else is a ValueError naming `source` and
+    the key."""
     shapes = {k: tuple(np.shape(v)) for k, v in flatten(expected).items()}
     out, used = {}, set()
     for r in expand(rules, depth):

@@ -33,8 +33,8 @@ import numpy as np
 
 from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically
-from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of, model_fields,
-                                       scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
+from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
+                                       model_fields, scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}

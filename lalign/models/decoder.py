@@ -44,7 +44,8 @@ class TokenHead(nn.Module):
 
 
 def MaskEmbedDecoder(out_dim: int, num_heads: int, depth: int = 2, **kw) -> TokenHead:
-    """The MaskEmbed decoder (docs/design.md): 2 blocks, teacher width and heads, MLP ratio 4, LayerScale 1e-6, learned posemb."""
+    """The MaskEmbed decoder (docs/design.md): 2 blocks, teacher width and heads, MLP ratio 4, LayerScale 1e-6,
+    learned posemb."""
     return TokenHead(out_dim=out_dim, num_heads=num_heads, depth=depth, layerscale_init=1e-6, posemb=True, **kw)
 
 
