@@ -2,7 +2,7 @@
 
     python -m lalign.main --config=configs/demo_ablations.py:bernoulli_p25 --workdir=DIR --config.seed=0
     python scripts/run_ablations.py --out=/tmp/ablations --teachers=/tmp/runs/final_last_s{seed}   # all x 3 seeds
-    python -m lalign.report --workdirs /tmp/ablations/*_s? --group-by ablation --out docs/ablations
+    python -m lalign.report --workdirs /tmp/ablations/*_s? --group-by ablation --out /tmp/ablations_report
 
 Settings (the arg; `baseline` is configs/demo.py unchanged):
   sampler:      baseline (uniform antithetic), bernoulli_p25 / _p50 / _p75 (keep probability), block (one kept
@@ -22,7 +22,7 @@ Settings (the arg; `baseline` is configs/demo.py unchanged):
 Runtime: ~4 min of MaskEmbed + ~1 min of probe per run on 2 CPU cores, with the teacher (and its probe) reused from
 a demo run of the same seed (the runner copies them). Deviation from configs/demo.py for cost: the patch probe runs
 one probe seed (0) instead of three; baseline and teacher are probed the same way, so comparisons are like for like.
-Results: docs/results.md ("Ablations").
+Results: docs/results.md, one section per setting ("Mask sampler", "Target layer", "Loss: ...").
 """
 import importlib.util
 import os
@@ -44,12 +44,14 @@ SETTINGS = {
     "decoder_depth1": _maskembed(decoder_depth=1),
     "decoder_depth4": _maskembed(decoder_depth=4),
     "no_ones": _maskembed(include_ones=False),
-    # Round 3 (docs/results.md section 8): the budget, and a loss that weighs every feature direction equally.
+    # The budget, and a loss that weighs every feature direction equally (docs/results.md, "Training length and
+    # learning rate", "Loss: MSE, cosine, masked-only, whitened").
     "steps_x4": dict(total_steps=8000),  # 4x longer MaskEmbed (same schedule shape)
     "lr_1e-3": dict(optimizer=dict(lr=1e-3)),
     "whiten": _maskembed(whiten_targets=True),  # ZCA-whitened targets: low-variance directions count as much
     "whiten_lr_1e-3": dict(_maskembed(whiten_targets=True), optimizer=dict(lr=1e-3)),  # the two best together
-    # Round 4 (docs/results.md section 9): settings that change the teacher pre-train their own (run them with
+    # Settings that change the teacher (docs/results.md, "Teacher strength and pre-training crops", "Scene size
+    # and classes") pre-train their own (run them with
     # lalign.main; the runner then shares those teachers with their _whiten variant, and refuses other teachers).
     # 64 px = 8x8 patches (1.8x the tokens), digits the same size, so objects cover less of the image and a
     # background patch is further from every object.

@@ -4,7 +4,7 @@ Why: XLA:CPU allocates a step's buffers afresh on every call and frees them afte
 blocks with freshly mapped pages and unmaps them on free, so every step page-faults all of its activations again.
 A jitted elementwise op on 64 MiB took 37 ms with glibc (16,384 minor page faults per call: every page) and 7 ms
 with tcmalloc (none), which keeps freed pages mapped for the next step. Whole MaskEmbed steps on a 2-core CPU VM:
-the demo model 1.8x faster, ViT-B/16 1.3x (docs/performance.md, "The allocator"). glibc's own knobs
+the demo model 1.8x faster, ViT-B/16 1.3x (docs/performance.md, "The allocator (tcmalloc)"). glibc's own knobs
 (MALLOC_MMAP_MAX_=0, a high trim threshold, one arena) recovered less than half of the B/16 gain; jemalloc's
 defaults none of it.
 

@@ -162,8 +162,9 @@ def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, w
     - 'whitening' (only with `whiten`): ZCA whitening {'mean' (D,), 'matrix' (D, D)} such that
       (t - mean) @ matrix has (nearly) identity covariance. Why: the plain MSE weighs each feature direction by
       its variance, so directions of small variance barely count; whitened, every direction counts the same
-      (docs/results.md, section 8). The eigenvalues get `eps` x their mean added before the inverse square root,
-      so near-null directions (a LayerNorm output has one exactly) are damped instead of blown up.
+      (docs/results.md, "Loss: MSE, cosine, masked-only, whitened"). The eigenvalues get `eps` x their mean added
+      before the inverse square root, so near-null directions (a LayerNorm output has one exactly) are damped
+      instead of blown up.
     """
     grid = patch_grid(batches[0].shape[1:3], teacher.model.patch_size)
 

@@ -222,7 +222,7 @@ def probes_best_at_last_epoch(patch: dict) -> list[int]:
 
     Such a probe may still have been learning, and a comparison between two backbones can then measure how fast
     each is fitted rather than what its features hold: the demo's 30-epoch probe gave MaskEmbed +2 points on 30
-    classes that shrank to +0.7 at convergence (docs/results.md sections 1 and 12). Reads the saved history, so it
+    classes that shrank to +0.7 at convergence (docs/results.md, "Probe convergence"). Reads the saved history, so it
     works on results written before this check existed."""
     return [i for i, r in enumerate(patch.get("runs", ())) if r["best_epoch"] == len(r["history"])]
 

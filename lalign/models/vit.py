@@ -88,7 +88,8 @@ def attention(query, key, value, bias=None, mask=None, dtype=None, precision=Non
     The heads are moved in front of the tokens before the two batched matmuls, and the output moved back: on
     XLA:CPU the same einsums written over (..., T, H, hd) let layout assignment pick strided operands for some
     of the batched dots (6-35 GFLOP/s); heads-major they run as contiguous per-head matmuls, and a ViT-B/16
-    MaskEmbed step is ~20% faster (docs/performance.md). On TPU/GPU the compiler chooses layouts either way.
+    MaskEmbed step is ~20% faster (docs/performance.md, "Attention layout on XLA:CPU (heads-major)"). On TPU
+    and GPU the compiler chooses layouts either way.
     """
     del dtype
     depth = query.shape[-1]
@@ -124,7 +125,8 @@ ATTENTION_IMPLS = ("xla", "fused")
 
 def attention_fn(impl: str = "xla", softcap: Optional[float] = None):
     """The attention function of a block: 'xla' (einsum + float32 softmax, supports the soft-cap) or 'fused'
-    (`jax.nn.dot_product_attention`; cuDNN flash attention on GPUs). docs/performance.md has the measurements."""
+    (`jax.nn.dot_product_attention`; cuDNN flash attention on GPUs). Measurements: docs/performance.md,
+    "GPU (H100)"."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"Unknown attention_impl {impl!r}; choose from {ATTENTION_IMPLS}.")
     if impl == "fused":
