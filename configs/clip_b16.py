@@ -1,6 +1,6 @@
 """MaskEmbed on CLIP ViT-B/16 at 224 px (class token): the paper's recipe on ImageNet-21k.
 
-    # on every host of the slice (README, "Running on a TPU pod slice"):
+    # on every host of the slice (README, "TPU pod slice"):
     python -m lalign.main --config=configs/clip_b16.py --workdir=gs://BUCKET/lalign/clip_b16 \\
         --config.init_from=/data/clip-vit-base-patch16 --config.data.path=/data/imagenet21k/train
     # tiny, on CPU, no download (random teacher, synthetic scenes):

@@ -1,6 +1,6 @@
 """MaskEmbed on CLIP ViT-L/14 at 336 px (class token): the paper's recipe on ImageNet-21k.
 
-    # on every host of the slice (README, "Running on a TPU pod slice"):
+    # on every host of the slice (README, "TPU pod slice"):
     python -m lalign.main --config=configs/clip_l14_336.py --workdir=gs://BUCKET/lalign/clip_l14_336 \\
         --config.init_from=/data/clip-vit-large-patch14-336 --config.data.path=/data/imagenet21k/train
     # tiny, on CPU, no download (random teacher, synthetic scenes):

@@ -42,7 +42,7 @@ def get_config(arg: str = "full"):
         antithetic=True,  # add the complement 1-m
         include_ones=True,  # add the all-ones mask
         # Deviation from the paper's default ('penultimate'): with a 4-block teacher, skipping a block removes a
-        # quarter of the network; the last block measured better here (README, docs/results.md).
+        # quarter of the network; the last block measured better here (docs/results.md, "Target layer").
         target_layer="last",
         loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
         decoder_depth=2,

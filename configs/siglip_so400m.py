@@ -1,11 +1,11 @@
 """MaskEmbed on SigLIP So400m/14 at 384 px (MAP head): the paper's recipe on ImageNet-21k.
 
-    # on every host of the slice (README, "Running on a TPU pod slice"):
+    # on every host of the slice (README, "TPU pod slice"):
     python -m lalign.main --config=configs/siglip_so400m.py --workdir=gs://BUCKET/lalign/siglip_so400m \\
         --config.init_from=/data/siglip-so400m-patch14-384 --config.data.path=/data/imagenet21k/train
     # tiny, on CPU, no download (random teacher, synthetic scenes):
     python -m lalign.main --config=configs/siglip_so400m.py:smoke --workdir=/tmp/smoke_so400m
-    # the same tiny model as a multi-host job on this machine, on JPEG files (README, "Pod rehearsal"):
+    # the same tiny model as a multi-host job on this machine, on JPEG files (README, "TPU pod slice"):
     bash scripts/pod_rehearsal.sh --processes 4 --devices 2 --steps 30 --sigterm-at 12   # uses :smoke_folder
 
 Teacher (`init_from`): a SigLIP So400m/14 384 px image tower in any format lalign reads: a Hugging Face
