@@ -13,7 +13,7 @@ from etils import epath  # local paths and gs:// alike
 from lalign import log
 
 
-def _fmt_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -85,7 +85,7 @@ class MetricWriter:
             eta = (self.total_steps - step) / self._rate if self._rate else float("nan")
             parts = [f"[{self.stage}] step {step}/{self.total_steps}"]
             parts += [f"{k} {_short(v)}" for k, v in record.items() if k not in ("stage", "step")]
-            parts.append(f"ETA {_fmt_duration(eta)}")
+            parts.append(f"ETA {format_duration(eta)}")
             log.info(" | ".join(parts))
         return record
 

@@ -117,15 +117,17 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     common = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
     keys = {name: json.loads(json.dumps({**common, "backbone": identity}))  # tuples -> lists, as read back
             for name, identity in backbone_identities(config, aligned["best_step"]).items()}
-    sizes = {"probe_train": pcfg.num_train, "probe_val": pcfg.num_val, "probe_test": pcfg.num_test}
+    sizes = {"train": ("probe_train", pcfg.num_train), "val": ("probe_val", pcfg.num_val),
+             "test": ("probe_test", pcfg.num_test)}
     splits = None
     backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
     model = aligned["model"]
     # Each host probes on its own devices (the same computation everywhere; process 0 writes the results).
     teacher_params, aligned_params = sharding.local_copy((teacher_params, aligned["params"]))
-    backbones = {
-        "teacher": lambda x: backbone.apply({"params": teacher_params}, x)[1]["encoded"],
-        "aligned": lambda x: model.features(aligned_params, x),
+    prefix = teacher.num_prefix_tokens
+    backbones = {  # images -> patch tokens after the final norm, prefix tokens dropped
+        "teacher": jax.jit(lambda x: backbone.apply({"params": teacher_params}, x)[1]["encoded"][:, prefix:]),
+        "aligned": jax.jit(lambda x: model.features(aligned_params, x)[:, prefix:]),
     }
     out = {"probe": {}, "image": {}}
     for name, fn in backbones.items():
@@ -135,12 +137,15 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
             info(f"[probe] {name}: reusing {saved}")
         else:
             if splits is None:
-                splits = {split: data_lib.image_source(config.data, split, seed=config.seed).examples(0, n)
-                          for split, n in sizes.items()}
+                splits = {key: probe_lib.array_split(key, f"scenes/{split} seed {config.seed} ({n})",
+                                                     data_lib.image_source(config.data, split,
+                                                                           seed=config.seed).examples(0, n))
+                          for key, (split, n) in sizes.items()}
             t0 = time.time()
-            res = {"key": keys[name], **probe_lib.evaluate_backbone(fn, teacher.num_prefix_tokens,
-                                                                    teacher.num_heads, splits, pcfg)}
-            res["seconds"] = time.time() - t0
+            grid = config.data.image_size // teacher.patch_size[0]
+            res = probe_lib.evaluate_backbone(fn, splits, grid * grid, teacher.width, teacher.num_heads, pcfg,
+                                              features_cfg={"batch_size": 256}, what=f"probe {name}")
+            res = {"key": keys[name], "patch": res["patch"], "image": res["image"], "seconds": time.time() - t0}
             _write(str(saved), json.dumps(res, indent=2))
         out["probe"][name], out["image"][name] = res["patch"], res["image"]
         info(f"[probe] {name}: patch macro recall {res['patch']['macro_recall']:.4f} "

@@ -27,9 +27,16 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import ml_collections
 import numpy as np
 
+from lalign import data as data_lib
 from lalign import files, log
+from lalign.checkpoints.load import load_any
+from lalign.pipeline import get_teacher
+from lalign.pretrain import pretrain_teacher
+from lalign.probe.features import features_of, make_features_fn
+from lalign.probe.metrics import probes_best_at_last_epoch
 
 # Keys that do not define an experiment: replicates (seed) and bookkeeping.
 IGNORED = ("seed", "quiet", "async_checkpointing", "log_every", "mesh", "sharding_rules", "init_format",
@@ -72,8 +79,6 @@ def load_run(workdir: str) -> Optional[dict]:
             summary = None
     if summary is None:
         return None
-    from lalign.probe import probes_best_at_last_epoch
-
     probe, image = summary["probe"], summary.get("image", {})
     pts = lambda v: None if v is None else 100.0 * float(v)  # noqa: E731
     # A probe std over a single probe seed is no spread at all: shown as none.
@@ -244,20 +249,12 @@ def _wrap(text: str, width: int = 28) -> str:
 # -------------------------------------------------------------------------------------------------- PCA maps
 def load_backbones(run: dict):
     """{'teacher': (ViT, params), 'aligned': (ViT, params)} of a run, read from its workdir (never written)."""
-    import ml_collections
-
-    from lalign.checkpoints.load import load_any
-
     workdir, config = run["path"], ml_collections.ConfigDict(run["config"])
     if "pretrain" in config.stages:
         if not os.path.isdir(os.path.join(workdir, "teacher", "params")):
             raise FileNotFoundError(f"{workdir}/teacher/params is missing (the report never trains a teacher).")
-        from lalign.pretrain import pretrain_teacher
-
         teacher = pretrain_teacher(config, workdir)  # reuses WORKDIR/teacher/params
     else:
-        from lalign.pipeline import get_teacher
-
         teacher = get_teacher(config, workdir)
     best = os.path.join(workdir, "checkpoints", "best")
     steps = sorted(int(s) for s in os.listdir(best) if s.isdigit()) if os.path.isdir(best) else []
@@ -265,30 +262,6 @@ def load_backbones(run: dict):
         raise FileNotFoundError(f"{best} holds no checkpoint.")
     aligned = load_any(os.path.join(best, str(steps[-1])), "orbax", {}, quiet=True)
     return {"teacher": teacher, "aligned": aligned}
-
-
-def add_globalness(run: dict) -> None:
-    """Fills a run's background-token mAP (teacher, aligned) from its checkpoints when its probe results predate
-    that metric: the same splits and function as the pipeline's probe (`lalign.probe.background_token_probe`)."""
-    import ml_collections
-
-    from lalign import data as data_lib
-    from lalign.probe import background_token_probe, extract_features, make_features_fn
-
-    m = run["metrics"]
-    if m["teacher_bg_map"] is not None and m["aligned_bg_map"] is not None:
-        return
-    config = ml_collections.ConfigDict(run["config"])
-    sizes = {"probe_train": config.probe.num_train, "probe_test": config.probe.num_test}
-    splits = {name: data_lib.image_source(config.data, name, seed=config.seed).examples(0, n)
-              for name, n in sizes.items()}
-    for who, (model, params) in load_backbones(run).items():
-        fn = make_features_fn(model, params)
-        data = []
-        for name in sizes:
-            feats = extract_features(fn, splits[name]["image"], num_prefix_tokens=0)  # fn drops them already
-            data.append((feats, splits[name]["patch_labels"], splits[name]["labels"]))
-        m[f"{who}_bg_map"] = 100.0 * background_token_probe(*data)
 
 
 def pca_rgb(features: np.ndarray, fit: np.ndarray) -> np.ndarray:
@@ -305,11 +278,6 @@ def pca_rgb(features: np.ndarray, fit: np.ndarray) -> np.ndarray:
 
 def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> None:
     """Held-out scenes | ground truth | teacher PCA | aligned PCA, one row per scene."""
-    import ml_collections
-
-    from lalign import data as data_lib
-    from lalign.probe import extract_features, make_features_fn
-
     config = ml_collections.ConfigDict(run["config"])
     if config.data.get("name") != "scenes":
         raise ValueError(f"PCA maps need the scenes data set; this run uses {config.data.get('name')!r}.")
@@ -319,7 +287,7 @@ def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> 
     maps = {}
     for who, (model, params) in backbones.items():
         fn = make_features_fn(model, params)
-        feats = extract_features(fn, images, num_prefix_tokens=0, batch_size=64)  # fn drops them already
+        feats = features_of(fn, images)
         g = int(math.isqrt(feats.shape[1]))
         rgb = pca_rgb(feats[:num_images], feats[:num_fit].reshape(-1, feats.shape[-1]))
         maps[who] = rgb.reshape(num_images, g, g, 3)
@@ -358,8 +326,7 @@ def _safe_name(name: str) -> str:
 
 
 def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[str]] = None, pca: bool = True,
-                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report",
-                 globalness: bool = False) -> dict:
+                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report") -> dict:
     runs, unfinished = [], []
     for w in workdirs:
         r = load_run(w)
@@ -371,9 +338,6 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         if names.count(r["name"]) > 1:
             r["name"] = os.path.join(os.path.basename(os.path.dirname(r["path"])), r["name"])
     os.makedirs(out, exist_ok=True)
-    if globalness:
-        for r in runs:
-            add_globalness(r)
     keys, groups = group_runs(runs, group_by)
     rows = summarize(groups)
 
@@ -485,11 +449,9 @@ def main(argv=None) -> int:
     p.add_argument("--pca-images", type=int, default=4, help="held-out scenes per PCA figure")
     p.add_argument("--pca-fit", type=int, default=64, help="held-out scenes whose patches the PCA is fit on")
     p.add_argument("--title", default="lalign report")
-    p.add_argument("--globalness", action="store_true",
-                   help="compute the background-token mAP from the checkpoints of runs whose results lack it")
     args = p.parse_args(argv)
     data = write_report(args.workdirs, args.out, args.group_by, not args.no_pca, args.pca_runs, args.pca_images,
-                        args.pca_fit, args.title, args.globalness)
+                        args.pca_fit, args.title)
     log.info(f"[report] {len(data['runs'])} run(s), {len(data['groups'])} group(s) -> "
              f"{os.path.join(args.out, 'report.md')}")
     return 0

@@ -126,18 +126,3 @@ def test_probe_cli_reproduces_the_pipeline_probe_from_saved_checkpoints(tiny_run
         assert res["patch"]["miou"] == pytest.approx(summary["probe"][who]["miou"], abs=1e-6), who
         assert res["image"]["map"] == pytest.approx(summary["image"][who]["map"], abs=1e-4), who
     assert res["backbone"]["path"].startswith(os.path.join(tiny_run, "checkpoints", "best"))
-
-
-def test_globalness_is_recomputed_from_checkpoints_for_older_runs(tiny_run, tmp_path):
-    old = str(tmp_path / "old_run")
-    shutil.copytree(tiny_run, old)
-    summary = json.load(open(os.path.join(old, "summary.json")))
-    want = {who: 100 * summary["image"][who].pop("background_token_map") for who in ("teacher", "aligned")}
-    with open(os.path.join(old, "summary.json"), "w") as f:  # as written before the metric existed
-        json.dump(summary, f)
-    out = tmp_path / "report"
-    assert report.main(["--workdirs", old, "--out", str(out), "--no-pca", "--globalness"]) == 0
-    run = json.loads((out / "report.json").read_text())["runs"][0]
-    assert run["teacher_bg_map"] == pytest.approx(want["teacher"], abs=1e-6)
-    assert run["aligned_bg_map"] == pytest.approx(want["aligned"], abs=1e-6)
-    assert "Globalness" in (out / "report.md").read_text()

@@ -1,0 +1,102 @@
+"""The probe's train / val / test splits of each data set: the embedded scenes, COCO-Stuff, ADE20K and any folder
+of images + label PNGs, with a validation split carved out of the training images where a data set has none."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lalign.data import image_source, segmentation as seg
+
+
+@dataclasses.dataclass
+class ProbeSplit:
+    """One probe split: at most `size` examples, produced as batches {'image', 'patch_labels', 'labels'}."""
+
+    name: str
+    source: str
+    size: int
+    batches: Callable[[int], Iterator[dict]]
+    num_classes: int
+    dataset: object = None  # a SegmentationFolder (for its skipped files)
+
+
+def array_split(name: str, source: str, arrays: dict) -> ProbeSplit:
+    def batches(bs):
+        for i in range(0, len(arrays["image"]), bs):
+            yield {k: arrays[k][i:i + bs] for k in ("image", "patch_labels", "labels")}
+
+    return ProbeSplit(name, source, len(arrays["image"]), batches, arrays["patch_labels"].shape[-1])
+
+
+def folder_split(name: str, dataset, indices, num_threads: int, note: str = "") -> ProbeSplit:
+    indices = [int(i) for i in indices]
+    return ProbeSplit(name, f"{dataset.name} ({len(indices)} of {len(dataset)}{note})", len(indices),
+                      lambda bs: dataset.batches(bs, indices, num_threads), dataset.num_classes, dataset)
+
+
+def probe_splits(config, image_size: int, patch_size: int, normalization: str) -> tuple[dict, list]:
+    """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`."""
+    d = config.data
+    if d.name == "scenes":
+        p = config.probe
+        sizes = {"train": ("probe_train", p.num_train), "val": ("probe_val", p.num_val),
+                 "test": ("probe_test", p.num_test)}
+        seed = d.get("seed", 0)
+        splits = {}
+        for name, (split, n) in sizes.items():
+            source = image_source(d, split, seed=seed)
+            if source.spec.image_size != image_size or source.spec.patch_size != patch_size:
+                raise ValueError(f"Scenes of {source.spec.image_size}px with {source.spec.patch_size}px patches do "
+                                 f"not fit this backbone ({image_size}px, {patch_size}px patches).")
+            splits[name] = array_split(name, f"scenes/{split} seed {seed} ({n})", source.examples(0, n))
+        nc = splits["train"].num_classes
+        names = [str(c) for c in range(10)] if nc == 10 else [f"{c % 10}/colour{c // 10}" for c in range(nc)]
+        return splits, names
+
+    kw = dict(image_size=image_size, patch_size=patch_size, normalization=normalization,
+              label_rule=d.label_rule, min_pixels=d.get("min_pixels", 1))
+    threads = d.get("num_threads", 8)
+    if d.name == "coco_stuff":
+        if not d.root:
+            raise ValueError("config.data.root must name the COCO-Stuff directory (images/, stuffthingmaps/).")
+        train_ds, test_ds = seg.coco_stuff(d.root, "train2017", **kw), seg.coco_stuff(d.root, "val2017", **kw)
+        val_ds = None
+    elif d.name == "ade20k":
+        if not d.root:
+            raise ValueError("config.data.root must name the ADEChallengeData2016 directory (images/, annotations/).")
+        train_ds, test_ds = seg.ade20k(d.root, "training", **kw), seg.ade20k(d.root, "validation", **kw)
+        val_ds = None
+    elif d.name == "folder":
+        def folder(split):
+            images, labels = d.get(f"{split}_images"), d.get(f"{split}_labels")
+            if not images:
+                return None
+            names = list(d.class_names) if d.get("class_names") else None
+            return seg.SegmentationFolder(images, labels, num_classes=d.num_classes, ignore_index=d.ignore_index,
+                                          class_names=names, name=f"folder/{split}", **kw)
+
+        train_ds, val_ds, test_ds = folder("train"), folder("val"), folder("test")
+        if train_ds is None or test_ds is None:
+            raise ValueError("data.name='folder' needs data.train_images/train_labels and data.test_images/"
+                             "test_labels (data.val_images/val_labels optional: else carved out of train).")
+    else:
+        raise ValueError(f"Unknown config.data.name {d.name!r}; choose 'coco_stuff', 'ade20k', 'folder' or "
+                         f"'scenes'.")
+
+    num_train, num_test = d.get("num_train", -1), d.get("num_test", -1)
+    note = ""
+    if val_ds is None:  # carve a validation split out of train; the data set's own val split is the test split
+        train_idx, val_idx = seg.carve_validation(len(train_ds), d.num_val, d.get("split_seed", 0), num_train)
+        val_ds, note = train_ds, f", carved out with split_seed {d.get('split_seed', 0)}"
+    else:
+        train_idx, val_idx = np.arange(len(train_ds)), np.arange(len(val_ds))
+        if 0 <= num_train < len(train_idx):
+            train_idx = np.sort(np.random.default_rng(d.get("split_seed", 0)).permutation(len(train_ds))[:num_train])
+    test_idx = np.arange(len(test_ds) if num_test < 0 else min(num_test, len(test_ds)))
+    splits = {"train": folder_split("train", train_ds, train_idx, threads),
+              "val": folder_split("val", val_ds, val_idx, threads, note),
+              "test": folder_split("test", test_ds, test_idx, threads)}
+    names = list(train_ds.class_names) if train_ds.class_names else [str(c) for c in range(train_ds.num_classes)]
+    return splits, names

@@ -1,0 +1,76 @@
+"""One frozen backbone, evaluated: features of every split extracted once, the patch probe over its seeds (with
+a progress line per epoch and an ETA), and optionally the image and background-token probes. The pipeline's probe
+stage and `python -m lalign.probe` both go through `evaluate_backbone`."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from lalign.data.probe_splits import ProbeSplit
+from lalign.log import info
+from lalign.metrics import format_duration
+from lalign.probe.features import extract_split
+from lalign.probe.heads import background_token_probe, image_linear_probe, train_patch_probe
+from lalign.probe.metrics import summarize_runs
+
+
+def extract_splits(features_fn: Callable, splits: dict[str, ProbeSplit], num_patches: int, width: int,
+                   features_cfg=None, directory: str = "") -> tuple[dict, dict]:
+    """({name: extracted}, {f'features_{name}_s': seconds}) for the 'train', 'val' and 'test' splits."""
+    fcfg = features_cfg or {}
+    extracted, times = {}, {}
+    for name, split in splits.items():
+        t0 = time.time()
+        extracted[name] = extract_split(features_fn, split, num_patches, width,
+                                        batch_size=fcfg.get("batch_size", 64), store=fcfg.get("store", "memory"),
+                                        dtype=fcfg.get("dtype", "float32"),
+                                        directory=os.path.join(directory, "features") if directory else "")
+        times[f"features_{name}_s"] = time.time() - t0
+        e = extracted[name]
+        info(f"[probe] features {name}: {e['count']} images from {split.source} [{times[f'features_{name}_s']:.0f}s]"
+             + (f", {len(e['skipped'])} skipped" if e["skipped"] else ""))
+    return extracted, times
+
+
+def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe") -> list[dict]:
+    """The patch probe once per seed of `cfg.seeds`, each epoch logged with validation recall and an ETA."""
+    data = {name: (e["features"], e["patch_labels"]) for name, e in extracted.items()}
+    total, done, t0 = len(cfg.seeds) * cfg.epochs, 0, time.time()
+    runs = []
+    for seed in cfg.seeds:
+        def log(h, seed=seed):
+            nonlocal done
+            done += 1
+            eta = (time.time() - t0) / done * (total - done)
+            info(f"[{what}] seed {seed} epoch {h['epoch']}/{cfg.epochs} | loss {h['loss']:.4f} | val macro recall "
+                 f"{h['val_macro_recall']:.4f} | test macro recall {h['test_macro_recall']:.4f} | "
+                 f"ETA {format_duration(eta)}")
+
+        runs.append(train_patch_probe(data["train"], data["val"], data["test"], cfg, seed, num_heads, log))
+    return runs
+
+
+def image_probes(extracted: dict) -> dict:
+    """Image-level mAP of a linear probe on mean-pooled features, and of one background token per image."""
+    image = image_linear_probe((extracted["train"]["pooled"], extracted["train"]["labels"]),
+                               (extracted["test"]["pooled"], extracted["test"]["labels"]))
+    image["background_token_map"] = background_token_probe(
+        *[(extracted[n]["features"], extracted[n]["patch_labels"], extracted[n]["labels"]) for n in ("train", "test")])
+    return image
+
+
+def evaluate_backbone(features_fn: Callable, splits: dict[str, ProbeSplit], num_patches: int, width: int,
+                      num_heads: int, probe_cfg, *, image_probe: bool = True, features_cfg=None,
+                      directory: str = "", what: str = "probe") -> dict:
+    """{'patch': summary over seeds, 'image': ... (with image_probe), 'extracted', 'runtime_s'} for one backbone."""
+    extracted, times = extract_splits(features_fn, splits, num_patches, width, features_cfg, directory)
+    t0 = time.time()
+    runs = train_patch_probes(extracted, probe_cfg, num_heads, what)
+    times["probe_s"] = time.time() - t0
+    out = {"patch": summarize_runs(runs), "extracted": extracted, "runtime_s": times}
+    if image_probe:
+        t0 = time.time()
+        out["image"] = image_probes(extracted)
+        times["image_probe_s"] = time.time() - t0
+    return out

@@ -1,0 +1,124 @@
+"""The probes trained on frozen features: the patch probe (locality), the linear image probe (global knowledge
+kept) and the background-token probe (how global one patch's token is)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lalign.models.decoder import PatchProbe
+from lalign.probe.metrics import add_counts, metrics_from_counts, patch_counts
+
+
+def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
+                      log: Optional[Callable[[dict], None]] = None) -> dict:
+    """train/val/test: (features (N, P, D), labels (N, P, C)). Returns the test metrics at the best val epoch.
+
+    Features may be float16 and labels uint8 (cast to float32 on the device), and numpy memmaps (a split larger
+    than memory); evaluation streams over the split. `log`, if given, receives each epoch's history record."""
+    x_train, y_train = train
+    num_classes = y_train.shape[-1]
+    model = PatchProbe(num_classes=num_classes, num_heads=num_heads, depth=cfg.depth)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, total - 1), total,
+                                                  cfg.lr * cfg.lr_min_ratio)
+    tx = optax.adamw(schedule, weight_decay=cfg.wd)
+    key = jax.random.key(seed)
+    params = model.init(key, jnp.asarray(x_train[:1], jnp.float32))["params"]
+    opt_state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, x, y):
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+
+        def loss_fn(p):
+            return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, x), y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def predict(params, x):
+        return jax.nn.sigmoid(model.apply({"params": params}, x.astype(jnp.float32)))
+
+    def evaluate(params, split):
+        x, y = split
+        counts = None
+        for i in range(0, len(x), 512):
+            counts = add_counts(counts, patch_counts(np.asarray(predict(params, jnp.asarray(x[i:i + 512]))),
+                                                     np.asarray(y[i:i + 512])))
+        return metrics_from_counts(counts)
+
+    rng = np.random.default_rng(seed)
+    history, best = [], None
+    for epoch in range(cfg.epochs):
+        order = rng.permutation(len(x_train))
+        for i in range(steps_per_epoch):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))
+        v, t = evaluate(params, val), evaluate(params, test)
+        history.append({"epoch": epoch + 1, "loss": float(loss), "val_macro_recall": v["macro_recall"],
+                        "test_macro_recall": t["macro_recall"]})
+        if log is not None:
+            log(history[-1])
+        if best is None or v["macro_recall"] > best[0]["macro_recall"]:
+            best = (v, t, epoch + 1)
+    val_m, test_m, best_epoch = best
+    return {**test_m, "val_macro_recall": val_m["macro_recall"], "best_epoch": best_epoch, "history": history}
+
+
+def image_linear_probe(train, test, c: float = 1.0) -> dict:
+    """Logistic regression (one per class) on mean-pooled features -> macro AP on the test split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import average_precision_score
+    from sklearn.preprocessing import StandardScaler
+
+    (x_train, y_train), (x_test, y_test) = train, test
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    scores = np.zeros_like(y_test, dtype=np.float64)
+    for k in range(y_train.shape[1]):
+        if y_train[:, k].min() == y_train[:, k].max():
+            continue
+        clf = LogisticRegression(C=c, max_iter=2000).fit(x_train, y_train[:, k])
+        scores[:, k] = clf.decision_function(x_test)
+    keep = y_test.sum(0) > 0
+    return {"map": float(average_precision_score(y_test[:, keep], scores[:, keep], average="macro"))}
+
+
+def background_tokens(feats: np.ndarray, patch_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(features of one background patch per image (K, D), indices of those K images) for a "globalness" probe.
+
+    The patch chosen is the unlabelled one farthest (Euclidean distance on the patch grid; ties: first in raster
+    order) from every labelled patch, so its receptive field holds no object if features are local. Images
+    without an unlabelled patch, or without any object, are left out."""
+    n, num_patches, _ = feats.shape
+    side = int(round(np.sqrt(num_patches)))
+    if side * side != num_patches:
+        raise ValueError(f"background_tokens needs a square patch grid, got {num_patches} patches.")
+    rows, cols = np.divmod(np.arange(num_patches), side)
+    dist = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])  # (P, P)
+    labelled = patch_labels.reshape(n, num_patches, -1).max(-1) > 0.5  # (N, P)
+    keep = labelled.any(1) & ~labelled.all(1)
+    far = np.where(labelled[:, None, :], dist[None], np.inf).min(-1)  # distance of each patch to an object
+    far = np.where(labelled, -1.0, far)
+    idx = np.flatnonzero(keep)
+    return feats[idx, far[idx].argmax(1)], idx
+
+
+def background_token_probe(train, test) -> float:
+    """Globalness: image-label mAP of a linear probe on one background token per image (`background_tokens`);
+    `train`, `test` = (patch features (N, P, D), patch labels (N, P, C), image labels (N, C)). Near the pooled
+    features' mAP: every token carries the whole image's content; low: the tokens are local."""
+    data = []
+    for feats, patch_labels, labels in (train, test):
+        x, idx = background_tokens(feats, patch_labels)
+        data.append((x, np.asarray(labels)[idx]))
+    return image_linear_probe(*data)["map"]
