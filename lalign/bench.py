@@ -29,11 +29,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from lalign import allocator
+from lalign import allocator, cli, sharding
+from lalign.maskembed import num_masks, patch_grid, target_num_blocks
+from lalign.pretrain import vit_from_config
+from lalign.train import build_step
 
 # Peak dense bf16 TFLOP/s per chip, from the vendors' data sheets.
 PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
@@ -46,7 +48,6 @@ def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
 
 def maskembed_flops_per_image(teacher, image_size: int, cfg, decoder_depth: int) -> dict[str, float]:
     """The analytic model of the module docstring; returns the parts and their total."""
-    from lalign.maskembed import num_masks, patch_grid, target_num_blocks
 
     gh, gw = patch_grid((image_size, image_size), teacher.patch_size)
     n = gh * gw
@@ -178,8 +179,6 @@ def time_breakdown(step_fn, args, hlo_text: str, trace_dir: str) -> dict:
 
 def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict:
     """Compiles and times the MaskEmbed step for `config` (random weights and images of the right shape)."""
-    from lalign.pretrain import vit_from_config
-    from lalign.train import build_step
 
     size = config.data.image_size
     teacher = vit_from_config(config, num_classes=None)
@@ -187,7 +186,6 @@ def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict
     teacher_params = jax.jit(teacher.init)(jax.random.key(0), images[:1])["params"]
     s = build_step(config, teacher, teacher_params, images[:2])
     state = s.init(teacher_params, s.keys["init"])
-    from lalign import sharding
 
     images = jax.device_put(images, sharding.batch_sharding(s.mesh))
     t0 = time.perf_counter()
@@ -241,6 +239,4 @@ if __name__ == "__main__":
                         "of op time by teacher/student/decoder/optimizer and by attention matmul/matmul/other).")
     flags.mark_flags_as_required(["config"])
     allocator.use_tcmalloc()  # CPU step times depend on it: lalign/allocator.py
-    from lalign import cli
-
     cli.run_absl("bench", main)

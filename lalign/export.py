@@ -55,6 +55,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lalign.checkpoints import bigvision, hf, open_clip, timm
+from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
 from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
@@ -279,8 +280,6 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """`main` with user errors (a wrong path, an output in the way, a checkpoint that does not fit) as one line."""
-    from lalign import cli as cli_lib
-
     return cli_lib.returning("export", main, argv)
 
 

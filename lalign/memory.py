@@ -53,7 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lalign import maskembed, sharding
+from lalign import cli, maskembed, sharding
+from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
+from lalign.pretrain import vit_from_config
+from lalign.train import _dtype, make_init_state, make_optimizer
 
 HBM_GIB = {"TPU v4": 32, "TPU v5e": 16, "TPU v5 lite": 16, "TPU v5p": 95, "TPU v6 lite": 32, "NVIDIA H100": 80,
            "NVIDIA H200": 141, "NVIDIA A100": 80}
@@ -88,8 +91,6 @@ def _local_bytes(tree, mesh, rules) -> tuple[int, int]:
 def abstract_state(config):
     """(teacher ViT, abstract full teacher params, abstract target-teacher params, abstract train state), the
     same trees `train.build_step` creates, as ShapeDtypeStructs."""
-    from lalign.pretrain import vit_from_config
-    from lalign.train import _dtype, make_init_state, make_optimizer
 
     cfg, size = config.maskembed, config.data.image_size
     teacher = vit_from_config(config, num_classes=None)
@@ -160,7 +161,6 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     stats_local = (act["teacher"] + act["targets"] / 3) * (config.batch_size // batch_shards)
     total = train_local * 2 + opt_local + rows["teacher"][1] + rows["full_teacher"][1] + max(act_local, stats_local)
 
-    from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
 
     flops_image = maskembed_flops_per_image(teacher, config.data.image_size, config.maskembed,
                                             config.maskembed.decoder_depth)["total"]
@@ -280,6 +280,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("shardings", False, "Print the PartitionSpec and shape of every parameter instead (JSON).")
     flags.DEFINE_bool("update_docstring", False, "Rewrite the estimate block in the config file's docstring.")
     flags.mark_flags_as_required(["config"])
-    from lalign import cli
-
     cli.run_absl("memory", main)

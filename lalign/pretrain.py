@@ -20,6 +20,7 @@ from lalign.data import scenes
 from lalign.log import info
 from lalign.metrics import MetricWriter
 from lalign.models.vit import ViT, make_vit
+from lalign.train import make_optimizer  # one optimizer recipe for every stage
 
 
 def vit_from_config(config, num_classes: int | None = None) -> ViT:
@@ -42,7 +43,6 @@ def pretrain_teacher(config, workdir: str):
         info(f"[pretrain] reusing the teacher at {path}")
         return model, load_params(path, like=params)
 
-    from lalign.train import make_optimizer  # one optimizer recipe for every stage
 
     tx, schedule = make_optimizer(pcfg.optimizer, pcfg.steps)
     opt_state = tx.init(params)

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from lalign import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/siglip_so400m.py:smoke_folder"
 
@@ -247,6 +249,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lalign import cli
-
     sys.exit(cli.returning("rehearse", main))

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from lalign import data as data_lib
-from lalign import files, log
+from lalign import cli, files, log
 from lalign.checkpoints.load import load_any
 from lalign.pipeline import get_teacher
 from lalign.pretrain import pretrain_teacher
@@ -458,6 +458,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from lalign import cli
-
     sys.exit(cli.returning("report", main))

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign.checkpoints.common import scan_to_blocks
+from lalign.data import images as images_lib
+from lalign.data import scenes
 from lalign.models.vit import ViT
 
 REL_TOL = 0.01  # a logit is "changed by the cap" when c*tanh(x/c) differs from x by more than this fraction
@@ -89,9 +91,6 @@ def sample_images(model: ViT, image_size: int, directory: Optional[str] = None, 
                   count: int = 16) -> tuple[np.ndarray, str]:
     """(images, where they came from): up to `count` image files of `directory` (centre crop, as validation
     images), else `count` of the embedded scenes at `image_size` (a proxy for real images)."""
-    from lalign.data import images as images_lib
-    from lalign.data import scenes
-
     if directory:
         names = sorted(f for f in os.listdir(directory)
                        if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp")))[:count]

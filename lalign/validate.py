@@ -12,6 +12,7 @@ import os
 
 from etils import epath
 
+from lalign import maskembed, sharding
 from lalign.checkpoints.load import POSEMB_RESIZE
 
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
@@ -39,8 +40,6 @@ def _non_negative_int(v) -> bool:
 
 def config_errors(config, num_devices: int) -> list[str]:
     """Every problem of `config` for a run on `num_devices` devices (empty: fine)."""
-    from lalign import maskembed, sharding
-
     errors = []
 
     def need(ok, message):

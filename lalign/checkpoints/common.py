@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from lalign.models.vit import ViT, decode_variant
+from lalign.models.vit import MAPHead, ViT, decode_variant
 
 SEP = "/"
 # ViT fields that the parameters determine (a value given for them must agree with the parameters).
@@ -336,8 +336,6 @@ def random_map_head(model: ViT, seed: int = 0) -> dict:
     """A freshly initialized MAPHead_0 for `model` (numpy)."""
     import jax
     import jax.numpy as jnp
-
-    from lalign.models.vit import MAPHead
 
     head = MAPHead(num_heads=model.num_heads, mlp_dim=model.mlp_dim, act=model.act, ln_eps=model.ln_eps)
     p = head.init(jax.random.key(seed), jnp.zeros((1, 1, model.width)))["params"]

@@ -17,6 +17,8 @@ from typing import Optional
 
 import numpy as np
 
+from lalign.data.images import random_resized_crop_box
+
 SPLITS = {"pretrain": 0, "maskembed": 1, "probe_train": 2, "probe_val": 3, "probe_test": 4, "maskembed_val": 5}
 HELD_OUT_FRACTION = 0.25  # of the 1797 digit instances, used only by probe_test.
 
@@ -167,8 +169,6 @@ def random_crop(batch: dict, rng: np.random.Generator, scale, min_visible: float
     crop shows: {'image', 'labels'}. A class stays in the labels when at least `min_visible` of its pixels (in the
     segmentation) are inside the crop. The demo teacher's augmentation (`pretrain.crop_scale`) so that it has seen
     partial images and objects at other scales before MaskEmbed asks it about masked ones."""
-    from lalign.data.images import random_resized_crop_box
-
     num_classes = batch["labels"].shape[1]
     images, labels = [], []
     for img, seg in zip(batch["image"], batch["segmentation"]):
