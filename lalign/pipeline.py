@@ -25,6 +25,7 @@ from lalign import workdir as workdir_lib
 from lalign.checkpoints.common import to_layout
 from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, load_any
 from lalign.log import info
+from lalign.stats import t_interval
 from lalign.pretrain import pretrain_teacher, vit_from_config
 from lalign.train import train_maskembed
 
@@ -191,3 +192,9 @@ def print_table(summary: dict) -> None:
                      f"{i['map']:.4f}"))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     info("\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows))
+    per_seed = [summary["probe"][who].get("macro_recall_per_seed") or [] for who in ("teacher", "aligned")]
+    if len(per_seed[0]) == len(per_seed[1]) > 1:  # the same probe seeds for both: paired
+        c = t_interval([100 * (a - t) for t, a in zip(*per_seed)])
+        info(f"aligned - teacher patch macro recall: {c['mean']:+.2f} points, 95% CI [{c['low']:+.2f}, "
+             f"{c['high']:+.2f}] over {c['n']} probe seeds (probe noise only; over run seeds: python -m "
+             f"lalign.report)")

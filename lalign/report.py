@@ -16,7 +16,7 @@ runs of a group are its replicates. Writes into --out only (the workdirs are rea
   their ground truth and the first 3 PCA components of the teacher's and the aligned student's patch features as
   RGB over the patch grid. PCA is fit per backbone on the patches of --pca-fit held-out scenes. Locally semantic
   features colour each object's patches alike and differently from the background;
-- `report.json`: the numbers behind the tables.
+- `report.json`: the numbers behind the tables (with the paired statistics: `lalign.stats`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import numpy as np
 
 from lalign import data as data_lib
 from lalign import cli, files, log
+from lalign.stats import t_interval
 from lalign.checkpoints.load import load_any
 from lalign.pipeline import get_teacher
 from lalign.pretrain import pretrain_teacher
@@ -145,6 +146,48 @@ def stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[
     return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None), len(vals)
 
 
+def paired_delta(runs: Sequence[dict], key: str = "delta_patch") -> dict:
+    """The paired difference aligned - teacher over a group's runs (one per seed): its mean, 95% t-interval and
+    the count of runs where the aligned student is ahead."""
+    deltas = [r["metrics"][key] for r in runs if r["metrics"][key] is not None]
+    return dict(t_interval(deltas), ahead=int(sum(d > 0 for d in deltas)))
+
+
+def paired_test(a: Sequence[dict], b: Sequence[dict], key: str = "delta_patch") -> Optional[dict]:
+    """Setting a against setting b on the seeds both have (their runs share those seeds' teachers): the mean of
+    the per-seed differences a - b with its 95% t-interval and the two-sided paired t-test's p-value; None when
+    fewer than two seeds are shared."""
+    from scipy import stats as st
+
+    by_seed = lambda runs: {r["config"].get("seed"): r["metrics"][key] for r in runs}  # noqa: E731
+    da, db = by_seed(a), by_seed(b)
+    seeds = sorted(s for s in set(da) & set(db) if da[s] is not None and db[s] is not None)
+    if len(seeds) < 2:
+        return None
+    diffs = [da[s] - db[s] for s in seeds]
+    out = dict(t_interval(diffs), seeds=seeds, ahead=int(sum(d > 0 for d in diffs)))
+    out["p"] = float(st.ttest_rel([da[s] for s in seeds], [db[s] for s in seeds]).pvalue) if out["sd"] else None
+    return out
+
+
+def paired_comparisons(groups: dict) -> dict:
+    """{label: paired_test(group, first group)} for every other group sharing at least two seeds with the first."""
+    labels = list(groups)
+    if len(labels) < 2:
+        return {}
+    base = groups[labels[0]]
+    out = {label: paired_test(groups[label], base) for label in labels[1:]}
+    return {label: c for label, c in out.items() if c is not None}
+
+
+def _ci(c: dict, digits: int = 2) -> str:
+    if c["mean"] is None:
+        return "—"
+    if c["low"] is None:
+        return f"{c['mean']:+.{digits}f}"
+    return f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
+
+
 def _ms(mean, std, digits=2) -> str:
     if mean is None:
         return "—"
@@ -158,11 +201,8 @@ def summarize(groups: dict) -> list[dict]:
         for key, _ in METRICS:
             mean, std, _n = stats([r["metrics"][key] for r in runs])
             row[key] = {"mean": mean, "std": std}
-        d, dm = row["delta_patch"], row["delta_map"]
-        # An effect-size bar: aligned beats teacher by more than 2 std (of the paired differences) over >= 3 runs,
-        # with image-level mAP within 2 points.
-        row["beats_teacher_by_2std"] = bool(len(runs) >= 3 and d["std"] is not None and d["mean"] > 2 * d["std"]
-                                            and (dm["mean"] is None or dm["mean"] >= -2.0))
+        row["paired_delta_patch"] = paired_delta(runs)
+        row["paired_delta_map"] = paired_delta(runs, "delta_map")
         row["maskembed_val_loss"] = stats([r["metrics"]["maskembed_val_loss"] for r in runs])[0]
         rows.append(row)
     return rows
@@ -366,19 +406,31 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
               + (f", grouped by {', '.join(f'`{k}`' for k in keys)}" if keys else "")
               + ". Each run's patch recall is the mean over its probe seeds; the table gives mean ± sample std "
                 "(ddof=1) over the runs of a group, in points (×100). Δ is the paired difference aligned − teacher "
-                "within each run. '> 2σ' marks groups of ≥ 3 runs where mean Δ patch exceeds twice the std of Δ "
-                "and image mAP drops by at most 2 points.")
+                "within each run (one per seed); 'Δ patch, 95% CI' is its mean with a Student-t interval over the "
+                "runs, and 'ahead' counts the runs where the aligned student beats its teacher.")
     if unfinished:
         md.append("")
         md.append("Not finished (left out): " + ", ".join(f"`{w}`" for w in unfinished) + ".")
     md += ["", "## Results", "",
            "| group | runs | teacher patch recall | aligned patch recall | Δ patch | teacher image mAP | "
-           "aligned image mAP | Δ image mAP | > 2σ |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+           "aligned image mAP | Δ image mAP | Δ patch, 95% CI | ahead |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         cells = [_ms(row[k]["mean"], row[k]["std"]) for k, _ in METRICS]
+        d = row["paired_delta_patch"]
         md.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells)
-                  + f" | {'yes' if row['beats_teacher_by_2std'] else 'no'} |")
+                  + f" | {_ci(d)} | {d['ahead']} of {d['n']} |")
+    comparisons = paired_comparisons(groups)
+    if comparisons:
+        base = next(iter(groups))
+        md += ["", f"### Paired against `{base}`", "",
+               f"Per seed, Δ patch of the group minus Δ patch of `{base}` (runs of one seed share their teacher): "
+               "the mean with its 95% t-interval, the seeds where the group is ahead, and the two-sided paired "
+               "t-test's p-value.", "",
+               "| group | seeds | Δ patch − baseline's, 95% CI | ahead | p |", "|---|---:|---:|---:|---:|"]
+        for label, c in comparisons.items():
+            p = "—" if c["p"] is None else f"{c['p']:.3g}"
+            md.append(f"| {label} | {c['n']} | {_ci(c)} | {c['ahead']} of {c['n']} | {p} |")
     if any(r["metrics"]["teacher_bg_map"] is not None for r in runs):
         md += ["", "### Globalness: image labels from one background token", "",
                "mAP of a linear probe on the one unlabelled patch per image farthest from every object "
@@ -430,7 +482,7 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         md += [f"- {n}" for n in pca_notes]
     text = "\n".join(md).rstrip() + "\n"
     files.write_text(os.path.join(out, "report.md"), text)
-    data = {"group_keys": keys, "groups": rows, "unfinished": unfinished,
+    data = {"group_keys": keys, "groups": rows, "paired_against_first_group": comparisons, "unfinished": unfinished,
             "runs": [{"name": r["name"], "path": r["path"], "group": label_of[id(r)], **r["metrics"]} for r in runs],
             "figures": {**figures, "pca": [f for _, _, f in pca_figs]}}
     files.write_text(os.path.join(out, "report.json"), json.dumps(data, indent=2))

@@ -114,6 +114,38 @@ def test_grouping_rules():
     assert report.stats([None]) == (None, None, 0)
 
 
+def test_statistics_over_seeds_against_hand_computed_values():
+    """The paired Δ's mean and 95% t-interval, the count ahead, and the paired test between two settings that
+    share teachers (matched by seed), against scipy's t distribution and a hand computation."""
+    from scipy import stats as st
+
+    deltas = [1.2, -0.4, 0.9, 0.5]
+    c = report.t_interval(deltas)
+    m, sd = np.mean(deltas), np.std(deltas, ddof=1)
+    half = st.t.ppf(0.975, 3) * sd / 2  # sqrt(4) = 2
+    assert (c["n"], c["mean"], c["sd"]) == (4, pytest.approx(m), pytest.approx(sd))
+    assert (c["low"], c["high"]) == (pytest.approx(m - half), pytest.approx(m + half))
+    assert abs(half - 3.182446305 * sd / 2) < 1e-8  # t_{0.975, 3}
+    assert report.t_interval([2.0])["low"] is None and report.t_interval([])["mean"] is None
+
+    def run(seed, delta):
+        return {"config": {"seed": seed}, "metrics": {"delta_patch": delta, "delta_map": 0.0}}
+
+    mse = [run(s, d) for s, d in zip(range(10, 15), [0.2, -0.5, 0.4, 0.1, -0.2])]
+    white = [run(s, d) for s, d in zip(range(10, 16), [0.9, 0.3, 1.0, 0.6, 0.5, 2.0])]  # seed 15: no MSE run
+    pd = report.paired_delta(white)
+    assert pd["ahead"] == 6 and pd["n"] == 6
+    t = report.paired_test(white, mse)
+    diffs = [0.7, 0.8, 0.6, 0.5, 0.7]
+    ref = st.ttest_rel([0.9, 0.3, 1.0, 0.6, 0.5], [0.2, -0.5, 0.4, 0.1, -0.2])
+    assert t["seeds"] == [10, 11, 12, 13, 14] and t["ahead"] == 5
+    assert t["mean"] == pytest.approx(np.mean(diffs)) and t["p"] == pytest.approx(ref.pvalue)
+    assert t["low"] > 0  # the interval of whitened - MSE excludes 0
+    assert report.paired_test(white[:1], mse) is None  # one shared seed: no test
+    groups = {"baseline": mse, "whiten": white}
+    assert list(report.paired_comparisons(groups)) == ["whiten"]
+
+
 def test_probe_cli_reproduces_the_pipeline_probe_from_saved_checkpoints(tiny_run, tmp_path):
     from lalign import probe
 
