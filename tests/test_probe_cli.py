@@ -122,6 +122,28 @@ def test_the_patch_probe_finds_what_features_encode_and_nothing_in_noise():
     assert abs(noise["macro_precision"] - 0.5) < 0.1 and 0.2 < noise["macro_recall"] < 0.8
 
 
+def test_seeds_trained_side_by_side_equal_seeds_trained_one_by_one():
+    """`train_patch_probe_seeds` (one vmapped program for all seeds) against `train_patch_probe` per seed: the same
+    epochs chosen and metrics, losses equal up to float rounding."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((48, 16, 4)) < 0.5).astype(np.uint8)
+    x = ((2 * y - 1.0) @ rng.normal(size=(4, 16)) + 0.5 * rng.normal(size=(48, 16, 16))).astype(np.float32)
+    cfg = ml_collections.ConfigDict(dict(depth=1, epochs=3, batch_size=16, lr=1e-2, lr_min_ratio=0.1,
+                                         warmup_steps=2, wd=1e-4))
+    splits = (x[:32], y[:32]), (x[32:40], y[32:40]), (x[40:], y[40:])
+    logged = []
+    together = probe.train_patch_probe_seeds(*splits, cfg, (0, 1), 2, log=lambda s, h: logged.append((s, h["epoch"])))
+    assert logged == [(0, 1), (1, 1), (0, 2), (1, 2), (0, 3), (1, 3)]
+    for seed, got in zip((0, 1), together):
+        alone = probe.train_patch_probe(*splits, cfg, seed, 2)
+        assert got["best_epoch"] == alone["best_epoch"]
+        for k in ("macro_recall", "micro_recall", "macro_precision", "miou", "val_macro_recall"):
+            assert got[k] == pytest.approx(alone[k], abs=1e-6), k
+        np.testing.assert_allclose([h["loss"] for h in got["history"]], [h["loss"] for h in alone["history"]],
+                                   rtol=1e-5)
+    assert together[0]["history"] != together[1]["history"]  # two seeds, two probes
+
+
 def test_probes_that_peak_at_their_last_epoch_are_flagged():
     def run(val_curve):
         history = [{"epoch": i + 1, "val_macro_recall": v} for i, v in enumerate(val_curve)]

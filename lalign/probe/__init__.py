@@ -33,7 +33,7 @@ from lalign.probe.evaluate import evaluate_backbone, extract_splits, image_probe
 from lalign.probe.features import (backbone_image_size, extract_split, load_backbone, make_features_fn,
                                    normalization_for, resolve_backbone)
 from lalign.probe.heads import (background_token_probe, background_tokens, image_linear_probe,
-                                train_patch_probe)
+                                train_patch_probe, train_patch_probe_seeds)
 from lalign.probe.metrics import (add_counts, convergence_warning, metrics_from_counts, patch_counts,
                                   patch_metrics, per_class_rows, per_class_table, probes_best_at_last_epoch,
                                   summarize_runs)
@@ -57,6 +57,7 @@ __all__ = [
     "background_tokens",
     "image_linear_probe",
     "train_patch_probe",
+    "train_patch_probe_seeds",
     "add_counts",
     "convergence_warning",
     "metrics_from_counts",

@@ -11,7 +11,7 @@ from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
 from lalign.metrics import format_duration
 from lalign.probe.features import extract_split
-from lalign.probe.heads import background_token_probe, image_linear_probe, train_patch_probe
+from lalign.probe.heads import background_token_probe, image_linear_probe, train_patch_probe_seeds
 from lalign.probe.metrics import summarize_runs
 
 
@@ -34,21 +34,20 @@ def extract_splits(features_fn: Callable, splits: dict[str, ProbeSplit], num_pat
 
 
 def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe") -> list[dict]:
-    """The patch probe once per seed of `cfg.seeds`, each epoch logged with validation recall and an ETA."""
+    """The patch probe for every seed of `cfg.seeds` (trained side by side in one program), each epoch logged with
+    validation recall and an ETA."""
     data = {name: (e["features"], e["patch_labels"]) for name, e in extracted.items()}
     total, done, t0 = len(cfg.seeds) * cfg.epochs, 0, time.time()
-    runs = []
-    for seed in cfg.seeds:
-        def log(h, seed=seed):
-            nonlocal done
-            done += 1
-            eta = (time.time() - t0) / done * (total - done)
-            info(f"[{what}] seed {seed} epoch {h['epoch']}/{cfg.epochs} | loss {h['loss']:.4f} | val macro recall "
-                 f"{h['val_macro_recall']:.4f} | test macro recall {h['test_macro_recall']:.4f} | "
-                 f"ETA {format_duration(eta)}")
 
-        runs.append(train_patch_probe(data["train"], data["val"], data["test"], cfg, seed, num_heads, log))
-    return runs
+    def log(seed, h):
+        nonlocal done
+        done += 1
+        eta = (time.time() - t0) / done * (total - done)
+        info(f"[{what}] seed {seed} epoch {h['epoch']}/{cfg.epochs} | loss {h['loss']:.4f} | val macro recall "
+             f"{h['val_macro_recall']:.4f} | test macro recall {h['test_macro_recall']:.4f} | "
+             f"ETA {format_duration(eta)}")
+
+    return train_patch_probe_seeds(data["train"], data["val"], data["test"], cfg, cfg.seeds, num_heads, log)
 
 
 def image_probes(extracted: dict) -> dict:

@@ -2,7 +2,6 @@
 kept) and the background-token probe (how global one patch's token is)."""
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Optional
 
@@ -20,7 +19,19 @@ def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
     """train/val/test: (features (N, P, D), labels (N, P, C)). Returns the test metrics at the best val epoch.
 
     Features may be float16 and labels uint8 (cast to float32 on the device), and numpy memmaps (a split larger
-    than memory); evaluation streams over the split. `log`, if given, receives each epoch's history record."""
+    than memory); evaluation streams over the split. `log`, if given, receives each epoch's history record.
+    One seed of `train_patch_probe_seeds`."""
+    return train_patch_probe_seeds(train, val, test, cfg, [seed], num_heads,
+                                   None if log is None else (lambda _, h: log(h)))[0]
+
+
+def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
+                       log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """`train_patch_probe` for every seed of `seeds` at once: one compiled program trains all of them side by side
+    (`jax.vmap` over the seeds' parameters, optimizer states and batches), each with its own initialization and
+    data order, so the results equal the seeds trained one by one up to float rounding. A tiny probe is bound by
+    per-op overhead, which the seeds then share. `log(seed, record)` receives each seed's epoch record."""
+    seeds = list(seeds)
     x_train, y_train = train
     num_classes = y_train.shape[-1]
     model = PatchProbe(num_classes=num_classes, num_heads=num_heads, depth=cfg.depth)
@@ -29,12 +40,11 @@ def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, total - 1), total,
                                                   cfg.lr * cfg.lr_min_ratio)
     tx = optax.adamw(schedule, weight_decay=cfg.wd)
-    key = jax.random.key(seed)
-    params = model.init(key, jnp.asarray(x_train[:1], jnp.float32))["params"]
-    opt_state = tx.init(params)
+    example = jnp.asarray(x_train[:1], jnp.float32)
+    params = jax.vmap(lambda k: model.init(k, example)["params"])(jnp.stack([jax.random.key(s) for s in seeds]))
+    opt_state = jax.vmap(tx.init)(params)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, x, y):
+    def one_step(params, opt_state, x, y):
         x, y = x.astype(jnp.float32), y.astype(jnp.float32)
 
         def loss_fn(p):
@@ -44,34 +54,37 @@ def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    @jax.jit
-    def predict(params, x):
-        return jax.nn.sigmoid(model.apply({"params": params}, x.astype(jnp.float32)))
+    step = jax.jit(jax.vmap(one_step), donate_argnums=(0, 1))
+    predict = jax.jit(jax.vmap(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))),
+                               in_axes=(0, None)))
 
     def evaluate(params, split):
         x, y = split
-        counts = None
+        counts = [None] * len(seeds)
         for i in range(0, len(x), 512):
-            counts = add_counts(counts, patch_counts(np.asarray(predict(params, jnp.asarray(x[i:i + 512]))),
-                                                     np.asarray(y[i:i + 512])))
-        return metrics_from_counts(counts)
+            probs, labels = np.asarray(predict(params, jnp.asarray(x[i:i + 512]))), np.asarray(y[i:i + 512])
+            counts = [add_counts(c, patch_counts(probs[k], labels)) for k, c in enumerate(counts)]
+        return [metrics_from_counts(c) for c in counts]
 
-    rng = np.random.default_rng(seed)
-    history, best = [], None
+    rngs = [np.random.default_rng(s) for s in seeds]
+    histories, best = [[] for _ in seeds], [None] * len(seeds)
     for epoch in range(cfg.epochs):
-        order = rng.permutation(len(x_train))
+        orders = [rng.permutation(len(x_train)) for rng in rngs]
         for i in range(steps_per_epoch):
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))
-        v, t = evaluate(params, val), evaluate(params, test)
-        history.append({"epoch": epoch + 1, "loss": float(loss), "val_macro_recall": v["macro_recall"],
-                        "test_macro_recall": t["macro_recall"]})
-        if log is not None:
-            log(history[-1])
-        if best is None or v["macro_recall"] > best[0]["macro_recall"]:
-            best = (v, t, epoch + 1)
-    val_m, test_m, best_epoch = best
-    return {**test_m, "val_macro_recall": val_m["macro_recall"], "best_epoch": best_epoch, "history": history}
+            idx = [o[i * cfg.batch_size:(i + 1) * cfg.batch_size] for o in orders]
+            x = jnp.asarray(np.stack([x_train[j] for j in idx]))
+            y = jnp.asarray(np.stack([y_train[j] for j in idx]))
+            params, opt_state, loss = step(params, opt_state, x, y)
+        vs, ts, losses = evaluate(params, val), evaluate(params, test), np.asarray(loss)
+        for k, seed in enumerate(seeds):
+            histories[k].append({"epoch": epoch + 1, "loss": float(losses[k]),
+                                 "val_macro_recall": vs[k]["macro_recall"], "test_macro_recall": ts[k]["macro_recall"]})
+            if log is not None:
+                log(seed, histories[k][-1])
+            if best[k] is None or vs[k]["macro_recall"] > best[k][0]["macro_recall"]:
+                best[k] = (vs[k], ts[k], epoch + 1)
+    return [{**t, "val_macro_recall": v["macro_recall"], "best_epoch": e, "history": h}
+            for (v, t, e), h in zip(best, histories)]
 
 
 def image_linear_probe(train, test, c: float = 1.0) -> dict:
