@@ -14,6 +14,7 @@ independently with timm's ViT:
 
     python scripts/bench_torch_reference.py --model demo             # the demo's ViT (48px, patch 8, width 64)
     python scripts/bench_torch_reference.py --model b16 --steps 3    # SigLIP ViT-B/16 at 224, penultimate target
+    python scripts/bench_torch_reference.py --model b16 --batch 256 --device cuda --bf16   # on a GPU, bf16 autocast
 
 Prints one JSON line: images/s and step time (median, min), the analytic FLOPs per image of lalign/bench.py,
 achieved GFLOP/s, the measured float32 matmul peak of this CPU and the MFU. A benchmark only: the library does
@@ -84,10 +85,10 @@ class Decoder(nn.Module):
         return self.out(self.norm(self.blocks(x + self.pos)))
 
 
-def sample_masks(b: int, n: int) -> torch.Tensor:
+def sample_masks(b: int, n: int, device="cpu") -> torch.Tensor:
     """(B, 3, N) float: [m, 1 - m, ones] with |m| ~ Uniform{0..N}, a uniformly random subset."""
-    k = torch.randint(0, n + 1, (b, 1))
-    m = (torch.rand(b, n).argsort(dim=-1) < k).float()
+    k = torch.randint(0, n + 1, (b, 1), device=device)
+    m = (torch.rand(b, n, device=device).argsort(dim=-1) < k).float()
     return torch.stack([m, 1 - m, torch.ones_like(m)], dim=1)
 
 
@@ -116,7 +117,10 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="default: torch's")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as lalign's bf16 compute), on cuda")
     args = p.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -134,19 +138,23 @@ def main():
     grid, prefix, d = size // patch, teacher.num_prefix_tokens, teacher.embed_dim
     n, heads, f = grid * grid, teacher.blocks[0].attn.num_heads, teacher.blocks[0].mlp.fc1.out_features
     proj, decoder = nn.Linear(d, d), Decoder(n + prefix, d, heads)
+    for module in (teacher, student, proj, decoder):
+        module.to(device)
     params = [*student.parameters(), *proj.parameters(), *decoder.parameters()]
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
-    images, target_std = torch.randn(b, 3, size, size), 1.0
+    images, target_std = torch.randn(b, 3, size, size, device=device), 1.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     def step():
-        masks = sample_masks(b, n)
-        with torch.no_grad():
-            masked = images.repeat_interleave(NUM_MASKS, dim=0) * pixel_masks(masks, grid, patch)
-            targets = teacher.forward_features(masked) / target_std  # (B*3, T, D)
-        tokens = proj(student.forward_features(images))  # (B, T, D)
-        token_masks = F.pad(masks, (prefix, 0))  # prefix tokens always masked, as lalign does
-        masked_tokens = (tokens[:, None] * token_masks[..., None]).flatten(0, 1)  # (B*3, T, D)
-        loss = F.mse_loss(decoder(masked_tokens), targets)
+        masks = sample_masks(b, n, device)
+        with autocast:
+            with torch.no_grad():
+                masked = images.repeat_interleave(NUM_MASKS, dim=0) * pixel_masks(masks, grid, patch)
+                targets = teacher.forward_features(masked) / target_std  # (B*3, T, D)
+            tokens = proj(student.forward_features(images))  # (B, T, D)
+            token_masks = F.pad(masks, (prefix, 0))  # prefix tokens always masked, as lalign does
+            masked_tokens = (tokens[:, None] * token_masks[..., None]).flatten(0, 1)  # (B*3, T, D)
+            loss = F.mse_loss(decoder(masked_tokens).float(), targets.float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -162,11 +170,18 @@ def main():
 
     fl = flops_per_image(n, prefix, patch, d, f, depth, target_blocks)
     step_s = statistics.median(times)
-    achieved, peak = fl["total"] * b / step_s / 1e9, peak_gflops()
+    achieved = fl["total"] * b / step_s / 1e9
+    if device.type == "cuda":  # the data sheet's dense bf16 peak, as lalign.bench reports it
+        name = torch.cuda.get_device_name()
+        peak = next((v * 1e3 for k, v in {"H100": 989.0, "H200": 989.0, "A100": 312.0}.items() if k in name),
+                    float("nan"))
+    else:
+        peak = peak_gflops()
     print(json.dumps({
         "model": args.model, "arch": arch, "target_layer": target_layer,
         "batch_size": b, "images_per_s": b / step_s, "step_s": step_s, "step_s_min": min(times),
-        "torch_version": torch.__version__, "num_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__, "num_threads": torch.get_num_threads(), "device": str(device),
+        "bf16": args.bf16,
         "flops_per_image": fl["total"], "flops_per_image_parts": fl, "achieved_gflops_per_s": achieved,
         "peak_gflops_per_s": peak, "mfu": achieved / peak, "loss": loss, "allocator": allocator.describe()}))
 
