@@ -1,214 +1,20 @@
-"""Turns finished pipeline runs into a report a person can read: a results table, bar plots and PCA maps.
-
-    python -m lalign.report --workdirs runs/last_s0 runs/last_s1 runs/pen_s0 ... --out report/
-
-Each workdir is a `python -m lalign.main` run (summary.json, config.json, probe/results.json, teacher/params,
-checkpoints/best/STEP). Runs are grouped by the config keys whose values differ between them (e.g.
-`maskembed.target_layer`), ignoring the seed and bookkeeping keys (`IGNORED`), or by `--group-by KEY ...`; the
-runs of a group are its replicates. Writes into --out only (the workdirs are read, never written):
-
-- `report.md`: per group, mean ± sample std (ddof=1) over runs of the patch probe macro recall (each run's value
-  is already the mean over its probe seeds) and of the image-level linear probe mAP, for the frozen teacher and
-  the aligned student, and the paired difference aligned - teacher; a per-run table; the figures below;
-- `patch_macro_recall.png`, `image_map.png`: bars teacher vs aligned per group (error bars: std over runs; dots:
-  the runs); `delta.png`: the paired differences aligned - teacher per group;
-- `pca_<run>.png`: for the first run of each group (up to --pca-runs), held-out scenes (probe_test split) next to
-  their ground truth and the first 3 PCA components of the teacher's and the aligned student's patch features as
-  RGB over the patch grid. PCA is fit per backbone on the patches of --pca-fit held-out scenes. Locally semantic
-  features colour each object's patches alike and differently from the background;
-- `report.json`: the numbers behind the tables (with the paired statistics: `lalign.stats`).
-"""
+"""The report as files: bar plots, PCA maps of patch features, report.md and report.json."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
 
 from lalign import data as data_lib
-from lalign import cli, files, log
-from lalign.stats import t_interval
-from lalign.checkpoints.load import load_any
-from lalign.pipeline import get_teacher
-from lalign.pretrain import pretrain_teacher
+from lalign import files, log
 from lalign.probe.features import features_of, make_features_fn
-from lalign.probe.metrics import probes_best_at_last_epoch
+from lalign.report.compute import _ci, _ms, paired_comparisons, pca_rgb, stats, summarize
+from lalign.report.runs import METRICS, group_runs, load_backbones, load_run
 
-# Keys that do not define an experiment: replicates (seed) and bookkeeping.
-IGNORED = ("seed", "quiet", "async_checkpointing", "log_every", "mesh", "sharding_rules", "init_format",
-           "checkpoint_every")
-METRICS = (  # (key, label): values in points (x100)
-    ("teacher_patch", "teacher patch recall"), ("aligned_patch", "aligned patch recall"),
-    ("delta_patch", "Δ patch (aligned − teacher)"), ("teacher_map", "teacher image mAP"),
-    ("aligned_map", "aligned image mAP"), ("delta_map", "Δ image mAP"),
-)
-
-
-# ------------------------------------------------------------------------------------------------ loading runs
-def flatten(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = tuple(v) if isinstance(v, list) else v
-    return out
-
-
-def load_run(workdir: str) -> Optional[dict]:
-    """{'name', 'path', 'config', 'flat', 'summary', 'metrics'} of a finished run, or None if it has no results
-    yet (no summary.json nor probe/results.json)."""
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{workdir}: no config.json; is it a `python -m lalign.main` workdir?")
-    with open(cfg_path) as f:
-        config = json.load(f)
-    summary = None
-    for name in ("summary.json", os.path.join("probe", "results.json")):
-        path = os.path.join(workdir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                summary = json.load(f)
-            if "probe" in summary:
-                break
-            summary = None
-    if summary is None:
-        return None
-    probe, image = summary["probe"], summary.get("image", {})
-    pts = lambda v: None if v is None else 100.0 * float(v)  # noqa: E731
-    # A probe std over a single probe seed is no spread at all: shown as none.
-    seed_std = lambda p: pts(p.get("macro_recall_std")) if len(p.get("macro_recall_per_seed", ())) > 1 else None  # noqa
-    m = {
-        "teacher_patch": pts(probe["teacher"]["macro_recall"]), "aligned_patch": pts(probe["aligned"]["macro_recall"]),
-        "teacher_patch_probe_std": seed_std(probe["teacher"]), "aligned_patch_probe_std": seed_std(probe["aligned"]),
-        "teacher_miou": pts(probe["teacher"].get("miou")), "aligned_miou": pts(probe["aligned"].get("miou")),
-        "teacher_map": pts(image.get("teacher", {}).get("map")),
-        "aligned_map": pts(image.get("aligned", {}).get("map")),
-        "teacher_bg_map": pts(image.get("teacher", {}).get("background_token_map")),
-        "aligned_bg_map": pts(image.get("aligned", {}).get("background_token_map")),
-        "maskembed_val_loss": (summary.get("maskembed") or {}).get("best_val_loss"),
-        # Probe runs that peaked at their last epoch (maybe not converged): a comparison is then suspect.
-        "probes_best_at_last_epoch": {who: probes_best_at_last_epoch(probe[who])
-                                      for who in ("teacher", "aligned")},
-    }
-    m["delta_patch"] = m["aligned_patch"] - m["teacher_patch"]
-    m["delta_map"] = (None if m["teacher_map"] is None or m["aligned_map"] is None
-                      else m["aligned_map"] - m["teacher_map"])
-    return {"name": os.path.basename(os.path.normpath(workdir)), "path": os.path.abspath(workdir),
-            "config": config, "flat": flatten(config), "summary": summary, "metrics": m}
-
-
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in IGNORED)
-
-
-def differing_keys(runs: Sequence[dict]) -> list[str]:
-    """Config keys whose values differ between runs (a key missing from some runs counts only if the runs that
-    have it disagree), minus IGNORED."""
-    keys = sorted({k for r in runs for k in r["flat"]})
-    out = []
-    for k in keys:
-        if _ignored(k):
-            continue
-        values = {json.dumps(r["flat"][k], sort_keys=True) for r in runs if k in r["flat"]}
-        if len(values) > 1:
-            out.append(k)
-    return out
-
-
-def group_runs(runs: Sequence[dict], group_by: Optional[Sequence[str]] = None) -> tuple[list[str], dict]:
-    """(keys, {label: [runs]}) in first-seen order; label 'k1=v1, k2=v2' or 'all runs'."""
-    keys = list(group_by) if group_by else differing_keys(runs)
-    groups: dict[str, list] = {}
-    for r in runs:
-        label = ", ".join(f"{k}={_fmt_value(r['flat'].get(k, '—'))}" for k in keys) or "all runs"
-        groups.setdefault(label, []).append(r)
-    return keys, groups
-
-
-def _fmt_value(v) -> str:
-    if isinstance(v, tuple):
-        return "(" + ",".join(str(x) for x in v) + ")"
-    return str(v)
-
-
-def stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
-    """(mean, sample std (ddof=1; None for one value), n) over the values that are not None."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None), len(vals)
-
-
-def paired_delta(runs: Sequence[dict], key: str = "delta_patch") -> dict:
-    """The paired difference aligned - teacher over a group's runs (one per seed): its mean, 95% t-interval and
-    the count of runs where the aligned student is ahead."""
-    deltas = [r["metrics"][key] for r in runs if r["metrics"][key] is not None]
-    return dict(t_interval(deltas), ahead=int(sum(d > 0 for d in deltas)))
-
-
-def paired_test(a: Sequence[dict], b: Sequence[dict], key: str = "delta_patch") -> Optional[dict]:
-    """Setting a against setting b on the seeds both have (their runs share those seeds' teachers): the mean of
-    the per-seed differences a - b with its 95% t-interval and the two-sided paired t-test's p-value; None when
-    fewer than two seeds are shared."""
-    from scipy import stats as st
-
-    by_seed = lambda runs: {r["config"].get("seed"): r["metrics"][key] for r in runs}  # noqa: E731
-    da, db = by_seed(a), by_seed(b)
-    seeds = sorted(s for s in set(da) & set(db) if da[s] is not None and db[s] is not None)
-    if len(seeds) < 2:
-        return None
-    diffs = [da[s] - db[s] for s in seeds]
-    out = dict(t_interval(diffs), seeds=seeds, ahead=int(sum(d > 0 for d in diffs)))
-    out["p"] = float(st.ttest_rel([da[s] for s in seeds], [db[s] for s in seeds]).pvalue) if out["sd"] else None
-    return out
-
-
-def paired_comparisons(groups: dict) -> dict:
-    """{label: paired_test(group, first group)} for every other group sharing at least two seeds with the first."""
-    labels = list(groups)
-    if len(labels) < 2:
-        return {}
-    base = groups[labels[0]]
-    out = {label: paired_test(groups[label], base) for label in labels[1:]}
-    return {label: c for label, c in out.items() if c is not None}
-
-
-def _ci(c: dict, digits: int = 2) -> str:
-    if c["mean"] is None:
-        return "—"
-    if c["low"] is None:
-        return f"{c['mean']:+.{digits}f}"
-    return f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
-
-
-def _ms(mean, std, digits=2) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
-def summarize(groups: dict) -> list[dict]:
-    rows = []
-    for label, runs in groups.items():
-        row = {"group": label, "n": len(runs), "runs": [r["name"] for r in runs]}
-        for key, _ in METRICS:
-            mean, std, _n = stats([r["metrics"][key] for r in runs])
-            row[key] = {"mean": mean, "std": std}
-        row["paired_delta_patch"] = paired_delta(runs)
-        row["paired_delta_map"] = paired_delta(runs, "delta_map")
-        row["maskembed_val_loss"] = stats([r["metrics"]["maskembed_val_loss"] for r in runs])[0]
-        rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------------ plots
 def _plt():
     import matplotlib
 
@@ -286,36 +92,6 @@ def _wrap(text: str, width: int = 28) -> str:
     return "\n".join(parts)
 
 
-# -------------------------------------------------------------------------------------------------- PCA maps
-def load_backbones(run: dict):
-    """{'teacher': (ViT, params), 'aligned': (ViT, params)} of a run, read from its workdir (never written)."""
-    workdir, config = run["path"], ml_collections.ConfigDict(run["config"])
-    if "pretrain" in config.stages:
-        if not os.path.isdir(os.path.join(workdir, "teacher", "params")):
-            raise FileNotFoundError(f"{workdir}/teacher/params is missing (the report never trains a teacher).")
-        teacher = pretrain_teacher(config, workdir)  # reuses WORKDIR/teacher/params
-    else:
-        teacher = get_teacher(config, workdir)
-    best = os.path.join(workdir, "checkpoints", "best")
-    steps = sorted(int(s) for s in os.listdir(best) if s.isdigit()) if os.path.isdir(best) else []
-    if not steps:
-        raise FileNotFoundError(f"{best} holds no checkpoint.")
-    aligned = load_any(os.path.join(best, str(steps[-1])), "orbax", {}, quiet=True)
-    return {"teacher": teacher, "aligned": aligned}
-
-
-def pca_rgb(features: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    """features (..., D) -> (..., 3) in [0, 1]: projection on the top-3 principal components of `fit` (n, D),
-    each scaled by its 1st..99th percentile over `fit`."""
-    mean = fit.mean(0)
-    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
-    comps = vt[:3]
-    ref = (fit - mean) @ comps.T
-    lo, hi = np.percentile(ref, 1, axis=0), np.percentile(ref, 99, axis=0)
-    proj = (features - mean) @ comps.T
-    return np.clip((proj - lo) / np.maximum(hi - lo, 1e-8), 0.0, 1.0)
-
-
 def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> None:
     """Held-out scenes | ground truth | teacher PCA | aligned PCA, one row per scene."""
     config = ml_collections.ConfigDict(run["config"])
@@ -360,7 +136,6 @@ def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> 
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------- the report
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -487,27 +262,3 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
             "figures": {**figures, "pca": [f for _, _, f in pca_figs]}}
     files.write_text(os.path.join(out, "report.json"), json.dumps(data, indent=2))
     return data
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lalign.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdirs", nargs="+", required=True, help="pipeline workdirs (read only)")
-    p.add_argument("--out", required=True, help="report directory (report.md, PNGs, report.json)")
-    p.add_argument("--group-by", nargs="*", default=None,
-                   help="config keys (dotted, e.g. maskembed.target_layer) to group by; default: the keys that differ")
-    p.add_argument("--no-pca", action="store_true", help="skip the PCA maps (no model is loaded)")
-    p.add_argument("--pca-runs", type=int, default=4, help="PCA figures for the first run of up to this many groups")
-    p.add_argument("--pca-images", type=int, default=4, help="held-out scenes per PCA figure")
-    p.add_argument("--pca-fit", type=int, default=64, help="held-out scenes whose patches the PCA is fit on")
-    p.add_argument("--title", default="lalign report")
-    args = p.parse_args(argv)
-    data = write_report(args.workdirs, args.out, args.group_by, not args.no_pca, args.pca_runs, args.pca_images,
-                        args.pca_fit, args.title)
-    log.info(f"[report] {len(data['runs'])} run(s), {len(data['groups'])} group(s) -> "
-             f"{os.path.join(args.out, 'report.md')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.returning("report", main))
