@@ -151,6 +151,19 @@ def check_shapes(got: Mapping, expected: Mapping, source: str, what: str = "the 
     raise ValueError("\n".join(lines))
 
 
+def square_grid(rows: int, what: str, hint: str = "") -> tuple[int, int]:
+    """(side, side) of a square grid of `rows` patches; else a ValueError saying `what` has `rows` patch rows."""
+    side = math.isqrt(max(int(rows), 0))
+    if side * side != rows:
+        raise ValueError(f"{what} has {rows} patch rows, not a square grid{hint}.")
+    return side, side
+
+
+def patch_rows(model: ViT, table_rows: int) -> int:
+    """Rows of a learned position table that belong to patches (the class token may have its own row)."""
+    return int(table_rows) - int(model.has_class_token and model.cls_posemb)
+
+
 def grid_of(params: Mapping, model: ViT, image_size=None) -> tuple[int, int]:
     """Patch grid (rows, cols): from `image_size` if given, else from a square learned position embedding."""
     if image_size is not None:
@@ -158,11 +171,8 @@ def grid_of(params: Mapping, model: ViT, image_size=None) -> tuple[int, int]:
         return h // model.patch_size[0], w // model.patch_size[1]
     if "pos_embedding" not in params:
         raise ValueError("The patch grid is unknown (no learned position embedding): pass image_size.")
-    rows = int(np.shape(params["pos_embedding"])[1]) - int(model.has_class_token and model.cls_posemb)
-    side = math.isqrt(rows)
-    if side * side != rows:
-        raise ValueError(f"pos_embedding has {rows} patch rows, not a square grid: pass image_size=(height, width).")
-    return side, side
+    return square_grid(patch_rows(model, np.shape(params["pos_embedding"])[1]), "pos_embedding",
+                       ": pass image_size=(height, width)")
 
 
 def expected_shapes(model: ViT, grid: tuple[int, int]) -> dict:

@@ -31,7 +31,6 @@ class-token pooling (or none); both need square patches and a square patch grid,
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from typing import Mapping, Optional
@@ -41,7 +40,7 @@ import numpy as np
 from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically, write_text
 from lalign.checkpoints.common import (check_params, describe, expected_shapes, flatten, grid_of, random_map_head,
-                                       scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
+                                       scan_to_blocks, square_grid, take_map_head, to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 KINDS = ("siglip", "siglip2", "clip", "dinov2")
@@ -339,9 +338,7 @@ def from_hf(path: str, *, scan: bool = False, keep_head: bool = False) -> tuple[
     }[kind]
     c = dict(defaults, **{k: v for k, v in config.items() if v is not None})
     if kind == "siglip2":  # a square table of num_patches rows: the grid it was trained at
-        side = math.isqrt(int(c["num_patches"]))
-        if side * side != int(c["num_patches"]):
-            raise ValueError(f"{path}/config.json: num_patches={c['num_patches']} is not a square grid.")
+        side, _ = square_grid(int(c["num_patches"]), f"{path}/config.json: the position table of num_patches")
         c["image_size"] = side * int(c["patch_size"])
     if c["hidden_act"] not in ACT_FROM_HF:
         raise ValueError(f"{path}/config.json: hidden_act {c['hidden_act']!r} is not supported "
@@ -409,9 +406,7 @@ def _dinov2_from_hf(sd: Mapping, model: ViT, path: str) -> dict:
         renamed[k] = v
     renamed.pop("embeddings.mask_token", None)  # masked-image modelling only
     rows = np.shape(renamed.get("embeddings.position_embeddings", np.zeros((1, 1, 0))))[1] - 1
-    side = math.isqrt(max(rows, 0))
-    if side * side != rows:
-        raise ValueError(f"{path}: embeddings.position_embeddings has {rows} patch rows, not a square grid.")
-    flat = m.import_params(renamed, TABLES["dinov2"], expected_shapes(model.clone(scan=False), (side, side)),
+    grid = square_grid(rows, f"{path}: embeddings.position_embeddings")
+    flat = m.import_params(renamed, TABLES["dinov2"], expected_shapes(model.clone(scan=False), grid),
                            model.depth, f"{path}/model.safetensors", f"a DINOv2 model ({describe(model)})")
     return unflatten(flat)

@@ -22,7 +22,6 @@ scaled-cosine attention, sin-cos position tables stored as buffers are read as l
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Mapping, Optional
 
@@ -30,7 +29,7 @@ import numpy as np
 
 from lalign.checkpoints import mapping as m
 from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
-                                       model_fields, scan_to_blocks, to_layout, to_numpy, unflatten)
+                                       model_fields, scan_to_blocks, square_grid, to_layout, to_numpy, unflatten)
 from lalign.files import write_atomically
 from lalign.models.vit import ViT
 
@@ -206,10 +205,8 @@ def from_open_clip_state_dict(sd: Mapping, model: ViT, source: str = "open_clip 
     """big_vision params for `model` from an open_clip visual state dict (every tensor used, every shape checked)."""
     sd = {k: np.asarray(v) for k, v in sd.items()}
     rows = sd["positional_embedding"].shape[0] - 1 if "positional_embedding" in sd else 0
-    side = math.isqrt(max(rows, 0))
-    if side * side != rows:
-        raise ValueError(f"{source}: positional_embedding has {rows} patch rows, not a square grid.")
-    expected = flatten(expected_shapes(model.clone(scan=False), (side, side)))
+    grid = square_grid(rows, f"{source}: positional_embedding")
+    expected = flatten(expected_shapes(model.clone(scan=False), grid))
     expected.pop("head/bias", None)
     flat = m.import_params(sd, TABLE, expected, model.depth, source, f"an open_clip ViT ({model.depth} blocks)")
     if model.num_classes:

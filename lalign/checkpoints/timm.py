@@ -34,7 +34,8 @@ import numpy as np
 from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically
 from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
-                                       model_fields, scan_to_blocks, take_map_head, to_layout, to_numpy, unflatten)
+                                       model_fields, patch_rows, scan_to_blocks, square_grid, take_map_head,
+                                       to_layout, to_numpy, unflatten)
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
@@ -234,11 +235,7 @@ def from_timm_state_dict(sd: Mapping, model: ViT, source: str = "timm state dict
         sd["reg_token"] = sd["reg_token"] + pos[:, 1:1 + r]
         sd["pos_embed"] = np.concatenate([pos[:, :1], pos[:, 1 + r:]], axis=1)
     if image_size is None and "pos_embed" in sd:
-        rows = sd["pos_embed"].shape[1] - int(model.has_class_token and model.cls_posemb)
-        side = math.isqrt(rows)
-        if side * side != rows:
-            raise ValueError(f"{source}: pos_embed has {rows} patch rows, not a square grid: pass image_size.")
-        grid = (side, side)
+        grid = square_grid(patch_rows(model, sd["pos_embed"].shape[1]), f"{source}: pos_embed", ": pass image_size")
     else:
         grid = grid_of({}, model, image_size)
     flat = m.import_params(sd, TABLE, expected_shapes(stored, grid), model.depth, source,

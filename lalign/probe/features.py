@@ -2,7 +2,6 @@
 over a probe split that stores the features in memory or as memmaps on disk."""
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -11,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lalign.checkpoints.common import patch_rows, square_grid
 from lalign.checkpoints.load import guess_format, load_any
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
@@ -48,10 +48,7 @@ def backbone_image_size(model, params, image_size: int = 0) -> int:
     if pos is None:
         raise ValueError("This backbone has no learned position embedding to tell its image size: set "
                          "config.data.image_size.")
-    rows = int(np.shape(pos)[1]) - int(model.has_class_token and model.cls_posemb)
-    grid = math.isqrt(rows)
-    if grid * grid != rows:
-        raise ValueError(f"pos_embedding has {rows} patch rows, not a square grid: set config.data.image_size.")
+    grid, _ = square_grid(patch_rows(model, np.shape(pos)[1]), "pos_embedding", ": set config.data.image_size")
     return grid * int(model.patch_size[0])
 
 
