@@ -59,7 +59,7 @@ from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
 from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
-from lalign.checkpoints.load import FORMATS, load_any, load_decoder, workdir_config
+from lalign.checkpoints.load import FORMATS, load_any, load_with_decoder, workdir_config
 from lalign.checkpoints.manager import save_params
 from lalign.files import write_atomically, write_text
 
@@ -209,8 +209,7 @@ def main(argv=None) -> int:
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)
     fields = _fields_from_args(args)
-    model, params = load_any(args.input, args.src, fields, tower=args.tower)
-    decoder = load_decoder(args.input, args.src)
+    model, params, decoder = load_with_decoder(args.input, args.src, fields, tower=args.tower)
     if decoder is not None and args.to != "hf":  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], args.input, args.overwrite)
     softcap_stats = None

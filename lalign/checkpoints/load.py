@@ -3,7 +3,7 @@ export.
 
     model, params = load_any("siglip_b16_224.npz", None, {"variant": "B/16"})
     model, params = load_any("WORKDIR/checkpoints/best/2000", "orbax", {})   # the aligned student
-    decoder = load_decoder("WORKDIR/checkpoints/best/2000")                  # its MaskEmbed projection + decoder
+    model, params, decoder = load_with_decoder("WORKDIR/checkpoints/best/2000")  # + its MaskEmbed decoder
 
 Formats (guessed from the path when not given): `orbax` (a params dir written by `manager.save_params`, or a
 training checkpoint step dir, verified against its checksum record), `bigvision` (.npz), `hf` (a directory with
@@ -103,53 +103,64 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
             if fields and not quiet:
                 log.note(f"[load] {path}: the file's metadata defines the model; ignoring {sorted(fields)}")
             return timm.from_timm(path)
-        f = dict(fields)
-        variant = f.pop("variant", None)
-        if variant:
-            f.setdefault("num_heads", decode_variant(variant)["num_heads"])
-        heads = f.pop("num_heads", None)
-        f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size")}
-        return timm.from_timm(path, num_heads=heads, **f)
+        return timm.from_timm(path, **_unrecorded_fields(fields))
     if fmt == "open_clip":
-        f = dict(fields)
-        variant = f.pop("variant", None)
-        if variant:
-            f.setdefault("num_heads", decode_variant(variant)["num_heads"])
-        f = {k: v for k, v in f.items() if k not in ("width", "depth", "mlp_dim", "patch_size", "pool_type")}
-        return open_clip.from_open_clip(path, **f)
+        return open_clip.from_open_clip(path, **_unrecorded_fields(fields, "pool_type"))
     if fmt == "bigvision":
         params = bigvision.load_npz(path, tower=tower)
         return infer_model(params, **fields), params
     if fmt == "orbax":
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
-        tree = restore_verified(path)
-        student = False
-        if "params" in tree and isinstance(tree["params"], dict):
-            tree = tree["params"]
-        if "student" in tree:
-            tree, student = tree["student"], True
-        src, cfg = workdir_config(path)
-        f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
-        if student:
-            f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
-            f["pool_type"] = "none"
-        if src and not quiet:
-            log.note(f"[load] model fields from {src}")
-        f.update(fields)
-        return infer_model(tree, **f), tree
+        return _orbax_model(_restore_orbax(path), path, fields, quiet)
     raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
 
 
-def load_decoder(path: str, fmt: Optional[str] = None) -> Optional[dict]:
-    """The MaskEmbed projection + decoder ({'proj', 'decoder'}) of a training checkpoint, else None."""
-    if (fmt or guess_format(path)) != "orbax" or not os.path.isdir(path):
-        return None
-    tree = restore_verified(path)
-    tree = tree.get("params", tree) if isinstance(tree.get("params"), dict) else tree
-    if "decoder" not in tree or "proj" not in tree:
-        return None
-    return {"proj": tree["proj"], "decoder": tree["decoder"]}
+def _unrecorded_fields(fields: dict, *also_recorded: str) -> dict:
+    """The fields a state dict's shapes cannot tell (for timm and open_clip files): a variant gives its number of
+    heads; the sizes the shapes record are dropped, with `also_recorded`."""
+    f = dict(fields)
+    variant = f.pop("variant", None)
+    if variant:
+        f.setdefault("num_heads", decode_variant(variant)["num_heads"])
+    recorded = ("width", "depth", "mlp_dim", "patch_size", *also_recorded)
+    return {k: v for k, v in f.items() if k not in recorded}
+
+
+def load_with_decoder(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
+                      quiet: bool = False) -> tuple[ViT, dict, Optional[dict]]:
+    """`load_any`'s (ViT, params), and the MaskEmbed projection + decoder ({'proj', 'decoder'}) when the input is a
+    training checkpoint (else None), from one read of the checkpoint."""
+    if (fmt or guess_format(path)) != "orbax":
+        return (*load_any(path, fmt, fields, tower=tower, quiet=quiet), None)
+    tree = _restore_orbax(path)
+    model, params = _orbax_model(tree, path, dict(fields or {}), quiet)
+    params_tree = tree["params"] if isinstance(tree.get("params"), dict) else tree
+    decoder = ({"proj": params_tree["proj"], "decoder": params_tree["decoder"]}
+               if "decoder" in params_tree and "proj" in params_tree else None)
+    return model, params, decoder
+
+
+def _restore_orbax(path: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
+    return restore_verified(path)
+
+
+def _orbax_model(tree, path: str, fields: dict, quiet: bool) -> tuple[ViT, dict]:
+    """(ViT, params) of a restored orbax tree: a params tree, or a training checkpoint's aligned student."""
+    student = False
+    if "params" in tree and isinstance(tree["params"], dict):
+        tree = tree["params"]
+    if "student" in tree:
+        tree, student = tree["student"], True
+    src, cfg = workdir_config(path)
+    f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
+    if student:
+        f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
+        f["pool_type"] = "none"
+    if src and not quiet:
+        log.note(f"[load] model fields from {src}")
+    f.update(fields)
+    return infer_model(tree, **f), tree
 
 
 def fit_posemb(model, params, image_size: int, how: str):
