@@ -269,6 +269,14 @@ def infer_model(params: Mapping, **fields) -> ViT:
 
 
 # --------------------------------------------------------------------------------- position-table resizing
+def _keys_cubic(x: float, a: float) -> float:
+    """Keys' cubic convolution kernel with parameter `a` (torch: -0.75 plain, -0.5 with antialias)."""
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+
 def _resize_weights(n_in: int, n_out: int, antialias: bool, mode: str = "bicubic") -> np.ndarray:
     """(n_out, n_in) weights of torch's `interpolate(mode=mode, align_corners=False)` along one axis.
 
@@ -281,25 +289,16 @@ def _resize_weights(n_in: int, n_out: int, antialias: bool, mode: str = "bicubic
     if mode not in ("bicubic", "bilinear") or (mode == "bilinear" and not antialias):
         raise ValueError(f"Unsupported resize {mode!r} (antialias={antialias}); bicubic, or bilinear with antialias.")
     if not antialias:
-        a = -0.75
-        cubic1 = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731 - |x| <= 1
-        cubic2 = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731 - 1 < |x| < 2
         for i in range(n_out):
             src = (i + 0.5) * scale - 0.5
             j0 = int(np.floor(src))
             t = src - j0
-            for j, c in zip(range(j0 - 1, j0 + 3), (cubic2(t + 1), cubic1(t), cubic1(1 - t), cubic2(2 - t))):
-                w[i, min(max(j, 0), n_in - 1)] += c
+            for j in range(j0 - 1, j0 + 3):
+                w[i, min(max(j, 0), n_in - 1)] += _keys_cubic(j - j0 - t, -0.75)
         return w
-    a = -0.5
 
     def kernel(x):
-        x = abs(x)
-        if mode == "bilinear":
-            return max(0.0, 1.0 - x)
-        if x < 1:
-            return ((a + 2) * x - (a + 3)) * x * x + 1
-        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+        return max(0.0, 1.0 - abs(x)) if mode == "bilinear" else _keys_cubic(x, -0.5)
 
     reach = 1.0 if mode == "bilinear" else 2.0
     support = reach * scale if scale >= 1 else reach
@@ -328,8 +327,7 @@ def resample_posemb(params: Mapping, model: ViT, new_grid: tuple[int, int], old_
                     antialias: bool = True, mode: str = "bicubic") -> dict:
     """params with the learned position table resized to `new_grid` patches (bicubic, as timm's checkpoint filter
     and HF's DINOv2 `interpolate_pos_encoding` do; bilinear+antialias as HF's SigLIP 2; a class token's own row is
-    kept as it is). E.g. DINOv2 checkpoints are
-    37x37 (518 px) and the reference trains them at 16x16 (224 px)."""
+    kept as it is). E.g. DINOv2 checkpoints are 37x37 (518 px) and the reference trains them at 16x16 (224 px)."""
     if model.posemb != "learn":
         return dict(params)
     pos = np.asarray(params["pos_embedding"])

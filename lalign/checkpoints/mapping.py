@@ -101,13 +101,18 @@ def mlp(ours: str, fc1: str, fc2: str) -> list[Rule]:
     return dense(f"{ours}/Dense_0", fc1) + dense(f"{ours}/Dense_1", fc2)
 
 
+def out_projection(ours: str, out: str) -> list[Rule]:
+    """An attention's output projection (H, hd, D) <-> torch Linear `out`."""
+    return [Rule(f"{ours}/out/kernel", f"{out}.weight", "heads_out"), Rule(f"{ours}/out/bias", f"{out}.bias")]
+
+
 def attention(ours: str, q: str, k: str, v: str, out: str) -> list[Rule]:
     """Separate q/k/v/out projections (HF)."""
     rules = []
     for name, theirs in (("query", q), ("key", k), ("value", v)):
         rules += [Rule(f"{ours}/{name}/kernel", f"{theirs}.weight", "heads_in"),
                   Rule(f"{ours}/{name}/bias", f"{theirs}.bias", "flatten")]
-    return rules + [Rule(f"{ours}/out/kernel", f"{out}.weight", "heads_out"), Rule(f"{ours}/out/bias", f"{out}.bias")]
+    return rules + out_projection(ours, out)
 
 
 def packed(ours: str, names: Sequence[str], weight: str, bias: str) -> list[Rule]:
@@ -119,8 +124,7 @@ def packed(ours: str, names: Sequence[str], weight: str, bias: str) -> list[Rule
 def packed_attention(ours: str, qkv: str, out: str, *, in_proj: bool = False) -> list[Rule]:
     """q, k, v packed in one projection: timm `{qkv}.weight`, or torch MultiheadAttention `in_proj_weight`."""
     weight, bias = (f"{qkv}in_proj_weight", f"{qkv}in_proj_bias") if in_proj else (f"{qkv}.weight", f"{qkv}.bias")
-    return packed(ours, ("query", "key", "value"), weight, bias) + [
-        Rule(f"{ours}/out/kernel", f"{out}.weight", "heads_out"), Rule(f"{ours}/out/bias", f"{out}.bias")]
+    return packed(ours, ("query", "key", "value"), weight, bias) + out_projection(ours, out)
 
 
 # ------------------------------------------------------------------------------------------------ drivers
