@@ -38,13 +38,19 @@ def _encoded(model, params, x):
     return np.asarray(model.apply({"params": params}, x)[1]["encoded"])
 
 
+def _timm_file(torch, timm_mod, path, name, **kw):
+    """A timm model `name` (DINO_SMALL-sized, every weight random) and its state dict saved at `path`."""
+    from safetensors.torch import save_file
+
+    t = randomize_torch(torch, timm_mod.create_model(name, pretrained=False, **DINO_SMALL, **kw))
+    save_file(t.state_dict(), path)
+    return t
+
+
 # ------------------------------------------------------------------------------------------------- DINOv2
 @pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
 def test_timm_dinov2_imports_with_parity_and_writes_back(name, torch, timm_mod, tmp_path):
-    from safetensors.torch import save_file
-
-    t = randomize_torch(torch, timm_mod.create_model(name, pretrained=False, img_size=28, **DINO_SMALL))
-    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    t = _timm_file(torch, timm_mod, tmp_path / "t.safetensors", name, img_size=28)
     model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
     regs = 4 if "reg4" in name else 0
     assert (model.num_registers, model.num_prefix_tokens) == (regs, 1 + regs)
@@ -103,12 +109,9 @@ def test_position_tables_resize_like_torch(old, new, mode, antialias, torch):
 def test_a_dinov2_checkpoint_runs_at_the_training_resolution_like_timm(torch, timm_mod, tmp_path):
     """A 518 px DINOv2 has a 37x37 table; the reference trains at 224 (16x16): timm resizes the table when it
     loads the checkpoint (bicubic, antialias), and so does lalign; the features at the new size agree."""
-    from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 
-    big = randomize_torch(torch, timm_mod.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56,
-                                                       **DINO_SMALL))
-    save_file(big.state_dict(), tmp_path / "t.safetensors")
+    big = _timm_file(torch, timm_mod, tmp_path / "t.safetensors", "vit_small_patch14_dinov2", img_size=56)
     model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
     small = resample_posemb(params, model, (2, 2))
     sd = dict(big.state_dict())
@@ -168,13 +171,9 @@ def test_hf_dinov2_imports_with_parity_and_writes_back(registers, torch, transfo
 
 def test_timm_registers_dinov2_exports_to_hf(torch, timm_mod, transformers, tmp_path):
     """timm's reg4 DINOv2 (class position row folded into the token) -> HF Dinov2WithRegistersModel: same tokens."""
-    from safetensors.torch import save_file
-
     from lalign.checkpoints import hf
 
-    t = randomize_torch(torch, timm_mod.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=28,
-                                                     **DINO_SMALL))
-    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    t = _timm_file(torch, timm_mod, tmp_path / "t.safetensors", "vit_small_patch14_reg4_dinov2", img_size=28)
     model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
     hf.to_hf(params, model, tmp_path / "hf")
     h = transformers.Dinov2WithRegistersModel.from_pretrained(tmp_path / "hf")
@@ -319,11 +318,7 @@ PLAIN_TIMM = {
 
 @pytest.mark.parametrize("name", sorted(PLAIN_TIMM))
 def test_plain_timm_vits_import_with_parity(name, torch, timm_mod, tmp_path):
-    from safetensors.torch import save_file
-
-    t = randomize_torch(torch, timm_mod.create_model(name, pretrained=False, img_size=32, patch_size=8,
-                                                     num_classes=0, **DINO_SMALL))
-    save_file(t.state_dict(), tmp_path / "t.safetensors")
+    t = _timm_file(torch, timm_mod, tmp_path / "t.safetensors", name, img_size=32, patch_size=8, num_classes=0)
     model, params = ltimm.from_timm(tmp_path / "t.safetensors", num_heads=3)
     x = images()
     f = _features(torch, t, x)
@@ -368,15 +363,21 @@ def _siglip2_run(torch, model, x, patch):
     return out.last_hidden_state.numpy(), out.pooler_output.numpy()
 
 
+def _saved_siglip2(torch, transformers, directory):
+    """A random 2-layer Siglip2VisionModel (16 patches of 8 px in its table), saved with save_pretrained."""
+    config = transformers.Siglip2VisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                              num_attention_heads=3, num_patches=16, patch_size=8)
+    t = randomize_torch(torch, transformers.Siglip2VisionModel(config))
+    t.save_pretrained(directory)
+    return t
+
+
 def test_siglip2_naflex_tower_imports_with_parity_and_writes_back(torch, transformers, tmp_path):
     """Siglip2VisionModel (Linear patch embedding over flattened patches, a table HF resizes per image) at a fixed
     square resolution: tokens and MAP-pooled output agree both ways, and HF loads what lalign writes strictly."""
     from lalign.checkpoints import hf
 
-    config = transformers.Siglip2VisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                              num_attention_heads=3, num_patches=16, patch_size=8)
-    t = randomize_torch(torch, transformers.Siglip2VisionModel(config))
-    t.save_pretrained(tmp_path / "native")
+    t = _saved_siglip2(torch, transformers, tmp_path / "native")
     model, params = hf.from_hf(tmp_path / "native")
     assert (model.pool_type, model.has_class_token, params["embedding"]["kernel"].shape) == ("map", False,
                                                                                              (8, 8, 3, 48))
@@ -398,10 +399,7 @@ def test_siglip2_at_another_resolution_matches_a_bilinear_resized_table(torch, t
     from lalign.checkpoints import hf
     from lalign.checkpoints.load import fit_posemb
 
-    config = transformers.Siglip2VisionConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                              num_attention_heads=3, num_patches=16, patch_size=8)
-    t = randomize_torch(torch, transformers.Siglip2VisionModel(config))
-    t.save_pretrained(tmp_path / "native")
+    t = _saved_siglip2(torch, transformers, tmp_path / "native")
     model, params = hf.from_hf(tmp_path / "native")  # a 4x4 table, run on 6x6 and 3x3 patches
     for size in (48, 24):
         x = images(image=(size, size))
