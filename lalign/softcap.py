@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign.checkpoints.common import scan_to_blocks
+from lalign.data import image_folder
 from lalign.data import images as images_lib
 from lalign.data import scenes
 from lalign.models.vit import ViT
@@ -89,13 +90,13 @@ def describe(stats: dict) -> str:
 
 def sample_images(model: ViT, image_size: int, directory: Optional[str] = None, normalization: str = "siglip",
                   count: int = 16) -> tuple[np.ndarray, str]:
-    """(images, where they came from): up to `count` image files of `directory` (centre crop, as validation
-    images), else `count` of the embedded scenes at `image_size` (a proxy for real images)."""
+    """(images, where they came from): the first `count` images of the folder `directory` (found as the image-folder
+    source finds them; centre crop, as validation images), else `count` of the embedded scenes at `image_size` (a
+    proxy for real images)."""
     if directory:
-        names = sorted(f for f in os.listdir(directory)
-                       if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".webp")))[:count]
-        if not names:
-            raise FileNotFoundError(f"--softcap-images {directory}: no image files.")
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"--softcap-images {directory}: not a directory.")
+        names = image_folder.list_images(directory)[:count]
         opts = dict(images_lib.COMMON_OPTIONS)
         batch = []
         for name in names:
