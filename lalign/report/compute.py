@@ -51,20 +51,6 @@ def paired_comparisons(groups: dict) -> dict:
     return {label: c for label, c in out.items() if c is not None}
 
 
-def _ci(c: dict, digits: int = 2) -> str:
-    if c["mean"] is None:
-        return "—"
-    if c["low"] is None:
-        return f"{c['mean']:+.{digits}f}"
-    return f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
-
-
-def _ms(mean, std, digits=2) -> str:
-    if mean is None:
-        return "—"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
 def summarize(groups: dict) -> list[dict]:
     rows = []
     for label, runs in groups.items():

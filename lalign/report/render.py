@@ -12,8 +12,22 @@ import numpy as np
 from lalign import data as data_lib
 from lalign import files, log
 from lalign.probe.features import features_of, make_features_fn
-from lalign.report.compute import _ci, _ms, paired_comparisons, pca_rgb, stats, summarize
+from lalign.report.compute import paired_comparisons, pca_rgb, stats, summarize
 from lalign.report.runs import METRICS, group_runs, load_backbones, load_run
+
+def _ci(c: dict, digits: int = 2) -> str:
+    if c["mean"] is None:
+        return "—"
+    if c["low"] is None:
+        return f"{c['mean']:+.{digits}f}"
+    return f"{c['mean']:+.{digits}f} [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]"
+
+
+def _ms(mean, std, digits=2) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
 
 def _plt():
     import matplotlib
