@@ -31,23 +31,14 @@ def report(tool: str, e: BaseException, where: bool = True) -> int:
     return 2
 
 
-def returning(tool: str, fn: Callable, *args, where: bool = False):
-    """`fn(*args)`, or the exit code 2 once a user error is reported by `report` (`where`: with the hint that
-    LALIGN_TRACEBACK shows where it was raised: for errors from deep inside a run)."""
+def returning(tool: str, fn: Callable, *args):
+    """`fn(*args)`, or the exit code 2 once a user error is reported by `report` (the argparse tools)."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - sorted by is_user_error
         if not is_user_error(e) or os.environ.get("LALIGN_TRACEBACK"):
             raise
-        return report(tool, e, where)
-
-
-def guarded(tool: str, fn: Callable, *args):
-    """`fn(*args)`; a user error is reported by `report` (with the LALIGN_TRACEBACK hint) and the process exits 2."""
-    result = returning(tool, fn, *args, where=True)
-    if result == 2:
-        sys.exit(2)
-    return result
+        return report(tool, e, where=False)
 
 
 def _one_line(message: str) -> str:
@@ -77,11 +68,15 @@ def run_absl(tool: str, main: Callable, argv: Optional[Sequence[str]] = None) ->
 
     def checked_main(args):
         try:
-            return guarded(tool, main, args)
-        except OSError as e:  # config_flags loads the file on first use: a missing or unreadable config file
-            if "config" not in str(e) or os.environ.get("LALIGN_TRACEBACK"):
+            return main(args)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if os.environ.get("LALIGN_TRACEBACK"):
                 raise
-            sys.exit(report(tool, f"--config: {_one_line(str(e)).split(': ', 1)[-1]}", where=False))
+            if is_user_error(e):
+                sys.exit(report(tool, e, where=True))
+            if isinstance(e, OSError) and "config" in str(e):  # config_flags reads the file on first use
+                sys.exit(report(tool, f"--config: {_one_line(str(e)).split(': ', 1)[-1]}", where=False))
+            raise
 
     try:
         app.run(checked_main, argv=argv, flags_parser=parse)
