@@ -9,8 +9,9 @@ setting that trained it (scenes_64, teacher_crop); a teacher unlike the setting'
 Each run OUT/NAME_sS gets a copy of that seed's `teacher/` (so every setting aligns the same teacher), and
 `probe/teacher.json` from OUT/baseline_sS, else from the teacher's own run (so the teacher is probed once per
 seed; a copied probe whose key does not match this run is recomputed). The baseline setting *is*
-the demo default, so baseline_sS copies the demo run's MaskEmbed checkpoints and only re-probes them; `--reuse
-NAME=DIR` does the same for another setting already trained elsewhere. Runs are setting-major (all seeds of one
+the demo default, so baseline_sS copies the demo run's MaskEmbed checkpoints and their probe (`probe/aligned.json`),
+re-probing only what the demo run did not finish; `--reuse NAME=DIR` does the same for another setting already
+trained elsewhere. Runs are setting-major (all seeds of one
 setting before the next), a finished run (summary.json) is skipped, an interrupted one resumes, each logs to
 OUT/NAME_sS.log. On 2 CPU cores, 2 jobs give ~15% more throughput than 1.
 """
@@ -77,13 +78,16 @@ def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
     trained = {"baseline": teachers, **reuse}.get(name)
     if trained:
         shutil.copytree(os.path.join(trained.format(seed=seed), "checkpoints"), os.path.join(workdir, "checkpoints"))
-    # The teacher's probe, if one was run: the pipeline reuses it only if its key (probe config, data, seed,
-    # teacher identity) matches this run, and probes the teacher again otherwise.
+    # Probe results already computed: the pipeline reuses one only if its key (probe config, data, seed, backbone
+    # identity, checkpoint step) matches this run, and probes that backbone again otherwise.
     for teacher_probe in (os.path.join(out, f"baseline_s{seed}", "probe", "teacher.json"),
                           os.path.join(source, "probe", "teacher.json")):
-        if name != "baseline" and os.path.isfile(teacher_probe):
+        if os.path.isfile(teacher_probe):
             shutil.copy(teacher_probe, os.path.join(workdir, "probe", "teacher.json"))
             break
+    aligned_probe = os.path.join(trained.format(seed=seed), "probe", "aligned.json") if trained else ""
+    if aligned_probe and os.path.isfile(aligned_probe):  # the same checkpoints, probed where they were trained
+        shutil.copy(aligned_probe, os.path.join(workdir, "probe", "aligned.json"))
     return workdir
 
 
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         return failed
 
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        # The baselines first: they probe each seed's teacher, which the other settings then reuse.
+        # The baselines first: they hold (or probe) each seed's teacher probe, which the other settings then reuse.
         failed = launch(pool, [("baseline", s) for s in seeds]) if "baseline" in names else 0
         failed += launch(pool, [(n, s) for n in names if n != "baseline" for s in seeds])
     return 1 if failed else 0
