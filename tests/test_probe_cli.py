@@ -123,7 +123,7 @@ def test_the_patch_probe_finds_what_features_encode_and_nothing_in_noise():
 
 
 def test_seeds_trained_side_by_side_equal_seeds_trained_one_by_one():
-    """`train_patch_probe_seeds` (one vmapped program for all seeds) against `train_patch_probe` per seed: the same
+    """`train_patch_probe_seeds` (one program for all seeds) against `train_patch_probe` per seed: the same
     epochs chosen and metrics, losses equal up to float rounding."""
     rng = np.random.default_rng(0)
     y = (rng.random((48, 16, 4)) < 0.5).astype(np.uint8)

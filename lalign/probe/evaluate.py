@@ -44,8 +44,7 @@ def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe"
         done += 1
         eta = (time.time() - t0) / done * (total - done)
         info(f"[{what}] seed {seed} epoch {h['epoch']}/{cfg.epochs} | loss {h['loss']:.4f} | val macro recall "
-             f"{h['val_macro_recall']:.4f} | test macro recall {h['test_macro_recall']:.4f} | "
-             f"ETA {format_duration(eta)}")
+             f"{h['val_macro_recall']:.4f} | ETA {format_duration(eta)}")
 
     return train_patch_probe_seeds(data["train"], data["val"], data["test"], cfg, cfg.seeds, num_heads, log)
 

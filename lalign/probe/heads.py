@@ -2,6 +2,7 @@
 kept) and the background-token probe (how global one patch's token is)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -26,11 +27,14 @@ def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
 
 
 def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
-                       log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
-    """`train_patch_probe` for every seed of `seeds` at once: one compiled program trains all of them side by side
-    (`jax.vmap` over the seeds' parameters, optimizer states and batches), each with its own initialization and
-    data order, so the results equal the seeds trained one by one up to float rounding. A tiny probe is bound by
-    per-op overhead, which the seeds then share. `log(seed, record)` receives each seed's epoch record."""
+                            log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
+    """`train_patch_probe` for every seed of `seeds` at once: one compiled program trains all of them side by side,
+    each with its own initialization and data order, so the results equal the seeds trained one by one up to
+    float rounding. Each seed's step is its own copy of the one-seed computation inside that program, not a
+    `jax.vmap`: on XLA:CPU the plain matmuls run 10-20% faster than the batched ones vmap makes, and the seeds
+    still share one dispatch per step. The test split is evaluated only at epochs where some seed's validation
+    recall improves (the result is the test metrics at the best validation epoch). `log(seed, record)` receives
+    each seed's epoch record: epoch, loss, val_macro_recall."""
     seeds = list(seeds)
     x_train, y_train = train
     num_classes = y_train.shape[-1]
@@ -41,8 +45,8 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
                                                   cfg.lr * cfg.lr_min_ratio)
     tx = optax.adamw(schedule, weight_decay=cfg.wd)
     example = jnp.asarray(x_train[:1], jnp.float32)
-    params = jax.vmap(lambda k: model.init(k, example)["params"])(jnp.stack([jax.random.key(s) for s in seeds]))
-    opt_state = jax.vmap(tx.init)(params)
+    params = [model.init(jax.random.key(s), example)["params"] for s in seeds]
+    opt_state = [tx.init(p) for p in params]
 
     def one_step(params, opt_state, x, y):
         x, y = x.astype(jnp.float32), y.astype(jnp.float32)
@@ -54,15 +58,22 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    step = jax.jit(jax.vmap(one_step), donate_argnums=(0, 1))
-    predict = jax.jit(jax.vmap(lambda p, x: jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))),
-                               in_axes=(0, None)))
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, xs, ys):  # lists over seeds; xs, ys: (seeds, B, ...)
+        out = [one_step(p, o, xs[k], ys[k]) for k, (p, o) in enumerate(zip(params, opt_state))]
+        return [o[0] for o in out], [o[1] for o in out], jnp.stack([o[2] for o in out])
 
-    def evaluate(params, split):
+    predict = jax.jit(lambda params, x: jnp.stack(
+        [jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))) for p in params]))
+
+    def evaluate(params, split, chunk=512):
         x, y = split
         counts = [None] * len(seeds)
-        for i in range(0, len(x), 512):
-            probs, labels = np.asarray(predict(params, jnp.asarray(x[i:i + 512]))), np.asarray(y[i:i + 512])
+        for i in range(0, len(x), chunk):
+            xs, labels = np.asarray(x[i:i + chunk]), np.asarray(y[i:i + chunk])
+            if len(xs) < chunk:  # padded to one shape: one compilation for every split
+                xs = np.concatenate([xs, np.zeros((chunk - len(xs), *xs.shape[1:]), xs.dtype)])
+            probs = np.asarray(predict(params, jnp.asarray(xs)))[:, :len(labels)]
             counts = [add_counts(c, patch_counts(probs[k], labels)) for k, c in enumerate(counts)]
         return [metrics_from_counts(c) for c in counts]
 
@@ -75,13 +86,15 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
             x = jnp.asarray(np.stack([x_train[j] for j in idx]))
             y = jnp.asarray(np.stack([y_train[j] for j in idx]))
             params, opt_state, loss = step(params, opt_state, x, y)
-        vs, ts, losses = evaluate(params, val), evaluate(params, test), np.asarray(loss)
+        vs, losses = evaluate(params, val), np.asarray(loss)
+        improved = [b is None or v["macro_recall"] > b[0]["macro_recall"] for v, b in zip(vs, best)]
+        ts = evaluate(params, test) if any(improved) else None
         for k, seed in enumerate(seeds):
             histories[k].append({"epoch": epoch + 1, "loss": float(losses[k]),
-                                 "val_macro_recall": vs[k]["macro_recall"], "test_macro_recall": ts[k]["macro_recall"]})
+                                 "val_macro_recall": vs[k]["macro_recall"]})
             if log is not None:
                 log(seed, histories[k][-1])
-            if best[k] is None or vs[k]["macro_recall"] > best[k][0]["macro_recall"]:
+            if improved[k]:
                 best[k] = (vs[k], ts[k], epoch + 1)
     return [{**t, "val_macro_recall": v["macro_recall"], "best_epoch": e, "history": h}
             for (v, t, e), h in zip(best, histories)]
