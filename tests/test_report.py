@@ -99,6 +99,27 @@ def test_report_tables_plots_and_pca_maps(tiny_run, tmp_path):
     assert data["figures"]["pca"] == ["pca_last_s0.png", "pca_pen_s0.png"]
 
 
+def test_report_pairs_settings_on_the_seeds_they_share(tiny_run, tmp_path):
+    """Two settings over the same two seeds: the report's paired table gives, per setting against the first, the
+    mean per-seed difference of Δ patch and of the aligned image mAP with their intervals and p-values."""
+    runs = tmp_path / "runs"
+    last = [tiny_run, _edit(tiny_run, str(runs / "last_s1"), seed=1, shift=0.02)]
+    pen = [_edit(tiny_run, str(runs / "pen_s0"), target_layer="penultimate", shift=-0.01),
+           _edit(tiny_run, str(runs / "pen_s1"), seed=1, target_layer="penultimate", shift=0.05)]
+    out = tmp_path / "report"
+    assert report.main(["--workdirs", *last, *pen, "--out", str(out), "--no-pca"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    paired = data["paired_against_first_group"]["maskembed.target_layer=penultimate"]
+    diffs = [-1.0, 3.0]  # per seed, points: seed 0 -1 - 0, seed 1 +5 - 2
+    assert paired["delta_patch"]["seeds"] == [0, 1] and paired["delta_patch"]["ahead"] == 1
+    assert paired["delta_patch"]["mean"] == pytest.approx(np.mean(diffs))
+    assert paired["delta_map"]["mean"] == pytest.approx(-np.mean(diffs) / 2)  # _edit moves mAP by -shift / 2
+    md = (out / "report.md").read_text()
+    assert "### Paired against `maskembed.target_layer=last`" in md
+    row = next(line for line in md.splitlines() if line.startswith("| maskembed.target_layer=penultimate | 2 | +1.00 ["))
+    assert row.count("|") == 8 and "1 of 2" in row
+
+
 def test_grouping_rules():
     def run(name, **flat):
         return {"name": name, "flat": flat}
@@ -129,7 +150,7 @@ def test_statistics_over_seeds_against_hand_computed_values():
     assert report.t_interval([2.0])["low"] is None and report.t_interval([])["mean"] is None
 
     def run(seed, delta):
-        return {"config": {"seed": seed}, "metrics": {"delta_patch": delta, "delta_map": 0.0}}
+        return {"config": {"seed": seed}, "metrics": {"delta_patch": delta, "delta_map": -delta / 2}}
 
     mse = [run(s, d) for s, d in zip(range(10, 15), [0.2, -0.5, 0.4, 0.1, -0.2])]
     white = [run(s, d) for s, d in zip(range(10, 16), [0.9, 0.3, 1.0, 0.6, 0.5, 2.0])]  # seed 15: no MSE run
@@ -143,7 +164,11 @@ def test_statistics_over_seeds_against_hand_computed_values():
     assert t["low"] > 0  # the interval of whitened - MSE excludes 0
     assert report.paired_test(white[:1], mse) is None  # one shared seed: no test
     groups = {"baseline": mse, "whiten": white}
-    assert list(report.paired_comparisons(groups)) == ["whiten"]
+    comparisons = report.paired_comparisons(groups)
+    assert list(comparisons) == ["whiten"]
+    assert comparisons["whiten"]["delta_patch"] == t
+    image = comparisons["whiten"]["delta_map"]  # the side condition: image mAP of whitened - MSE, paired
+    assert image["mean"] == pytest.approx(-np.mean(diffs) / 2) and image["p"] == pytest.approx(ref.pvalue)
 
 
 def test_probe_cli_reproduces_the_pipeline_probe_from_saved_checkpoints(tiny_run, tmp_path):

@@ -42,13 +42,17 @@ def paired_test(a: Sequence[dict], b: Sequence[dict], key: str = "delta_patch") 
 
 
 def paired_comparisons(groups: dict) -> dict:
-    """{label: paired_test(group, first group)} for every other group sharing at least two seeds with the first."""
+    """{label: {'delta_patch': paired_test, 'delta_map': paired_test}} of every other group against the first, for
+    the groups sharing at least two seeds with it. With shared teachers the difference of the Δ image mAP is the
+    difference of the aligned students' image mAP (how much image-level knowledge one setting keeps over the
+    other); it is None where a group has no image probe."""
     labels = list(groups)
     if len(labels) < 2:
         return {}
     base = groups[labels[0]]
-    out = {label: paired_test(groups[label], base) for label in labels[1:]}
-    return {label: c for label, c in out.items() if c is not None}
+    out = {label: {key: paired_test(groups[label], base, key) for key in ("delta_patch", "delta_map")}
+           for label in labels[1:]}
+    return {label: c for label, c in out.items() if c["delta_patch"] is not None}
 
 
 def summarize(groups: dict) -> list[dict]:

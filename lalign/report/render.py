@@ -215,11 +215,15 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         md += ["", f"### Paired against `{base}`", "",
                f"Per seed, Δ patch of the group minus Δ patch of `{base}` (runs of one seed share their teacher): "
                "the mean with its 95% t-interval, the seeds where the group is ahead, and the two-sided paired "
-               "t-test's p-value.", "",
-               "| group | seeds | Δ patch − baseline's, 95% CI | ahead | p |", "|---|---:|---:|---:|---:|"]
+               "t-test's p-value; beside it the same for the image mAP (with shared teachers: the aligned "
+               "students' image mAP, group minus baseline).", "",
+               "| group | seeds | Δ patch − baseline's, 95% CI | ahead | p | image mAP − baseline's, 95% CI | p |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        pval = lambda c: "—" if c is None or c["p"] is None else f"{c['p']:.3g}"  # noqa: E731
         for label, c in comparisons.items():
-            p = "—" if c["p"] is None else f"{c['p']:.3g}"
-            md.append(f"| {label} | {c['n']} | {_ci(c)} | {c['ahead']} of {c['n']} | {p} |")
+            patch, image = c["delta_patch"], c["delta_map"]
+            md.append(f"| {label} | {patch['n']} | {_ci(patch)} | {patch['ahead']} of {patch['n']} | {pval(patch)} | "
+                      f"{'—' if image is None else _ci(image)} | {pval(image)} |")
     if any(r["metrics"]["teacher_bg_map"] is not None for r in runs):
         md += ["", "### Globalness: image labels from one background token", "",
                "mAP of a linear probe on the one unlabelled patch per image farthest from every object "
