@@ -1,7 +1,7 @@
 """Runs the demo ablations (configs/demo_ablations.py) over seeds, reusing one pre-trained teacher per seed.
 
     python scripts/run_ablations.py --teachers=/tmp/runs/demo_s{seed} --out=/tmp/ablations [--jobs=2]
-        [--settings=all] [--seeds=0,1,2] [--reuse target_penultimate=/tmp/runs/pen_s{seed}]
+        [--settings=all] [--seeds=0,1,2] [--reuse target_penultimate=/tmp/runs/pen_s{seed}] [--probe-seeds=0,1,2]
 
 --teachers names finished default demo runs (`python -m lalign.main --config=configs/demo.py --config.seed=S`),
 one per seed, or, for settings that change the teacher (scenes_64_whiten, teacher_crop_whiten), runs of the
@@ -91,15 +91,16 @@ def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
     return workdir
 
 
-def run_one(out: str, name: str, seed: int, teachers: str, reuse: dict) -> tuple[str, int, float]:
+def run_one(out: str, name: str, seed: int, teachers: str, reuse: dict,
+            probe_seeds: str = "") -> tuple[str, int, float]:
     workdir = prepare(out, name, seed, teachers, reuse)
     if os.path.isfile(os.path.join(workdir, "summary.json")):
         return workdir, 0, 0.0
     t0 = time.time()
+    cmd = [sys.executable, "-m", "lalign.main", f"--config=configs/demo_ablations.py:{name}", f"--workdir={workdir}",
+           f"--config.seed={seed}"] + ([f"--config.probe.seeds=({probe_seeds},)"] if probe_seeds else [])
     with open(workdir + ".log", "a") as log:
-        rc = subprocess.call([sys.executable, "-m", "lalign.main", f"--config=configs/demo_ablations.py:{name}",
-                              f"--workdir={workdir}", f"--config.seed={seed}"], cwd=ROOT, stdout=log,
-                             stderr=subprocess.STDOUT)
+        rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return workdir, rc, time.time() - t0
 
 
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--reuse", nargs="*", default=[], help="NAME=DIR-with-{seed}: checkpoints already trained")
+    p.add_argument("--probe-seeds", default="",
+                   help="e.g. 0,1,2: the demo's own probe (its 3 seeds) instead of the ablations' one probe seed; "
+                        "then the baseline reuses the demo run's probe results as they are")
     args = p.parse_args(argv)
     names = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
     unknown = set(names) - set(SETTINGS)
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     def launch(pool, jobs):
-        futures = [pool.submit(run_one, args.out, n, s, args.teachers, reuse) for n, s in jobs]
+        futures = [pool.submit(run_one, args.out, n, s, args.teachers, reuse, args.probe_seeds) for n, s in jobs]
         failed = 0
         for f in concurrent.futures.as_completed(futures):
             workdir, rc, secs = f.result()
