@@ -159,6 +159,27 @@ def test_ablation_runner_refuses_a_teacher_of_other_scenes_or_seed(tmp_path, mon
         run_ablations.check_teacher(str(tmp_path), "whiten", 1)
 
 
+def test_ablation_runner_gives_each_setting_the_probes_already_computed(tmp_path, monkeypatch):
+    """The baseline is the demo run itself: it gets that run's checkpoints and both probe results; another setting
+    gets the teacher's probe only (the pipeline reuses a copied result only if its key matches the run)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "scripts"))
+    import run_ablations
+
+    source = tmp_path / "demo_s0"
+    for sub in ("teacher", "checkpoints/best", "probe"):
+        (source / sub).mkdir(parents=True)
+    (source / "config.json").write_text(load_config("configs/demo.py", "full").to_json_best_effort())
+    for name in ("teacher", "aligned"):
+        (source / "probe" / f"{name}.json").write_text(json.dumps({"key": name}))
+    teachers = str(tmp_path / "demo_s{seed}")
+    base = run_ablations.prepare(str(tmp_path / "out"), "baseline", 0, teachers, {})
+    assert sorted(os.listdir(os.path.join(base, "probe"))) == ["aligned.json", "teacher.json"]
+    assert os.path.isdir(os.path.join(base, "checkpoints", "best")) and os.path.isdir(os.path.join(base, "teacher"))
+    white = run_ablations.prepare(str(tmp_path / "out"), "whiten", 0, teachers, {})
+    assert os.listdir(os.path.join(white, "probe")) == ["teacher.json"]
+    assert not os.path.exists(os.path.join(white, "checkpoints"))
+
+
 @pytest.mark.parametrize("name", ("bernoulli_p25", "block", "loss_masked", "no_ones"))
 def test_ablation_settings_train(name, tmp_path):
     c = load_config("configs/demo_ablations.py", f"{name},tiny")
