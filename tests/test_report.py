@@ -116,7 +116,8 @@ def test_report_pairs_settings_on_the_seeds_they_share(tiny_run, tmp_path):
     assert paired["delta_map"]["mean"] == pytest.approx(-np.mean(diffs) / 2)  # _edit moves mAP by -shift / 2
     md = (out / "report.md").read_text()
     assert "### Paired against `maskembed.target_layer=last`" in md
-    row = next(line for line in md.splitlines() if line.startswith("| maskembed.target_layer=penultimate | 2 | +1.00 ["))
+    row = next(line for line in md.splitlines()
+               if line.startswith("| maskembed.target_layer=penultimate | 2 | +1.00 ["))
     assert row.count("|") == 8 and "1 of 2" in row
 
 
