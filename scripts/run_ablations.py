@@ -8,12 +8,12 @@ one per seed, or, for settings that change the teacher (scenes_64_whiten, teache
 setting that trained it (scenes_64, teacher_crop); a teacher unlike the setting's is refused before any work.
 Each run OUT/NAME_sS gets a copy of that seed's `teacher/` (so every setting aligns the same teacher), and
 `probe/teacher.json` from OUT/baseline_sS, else from the teacher's own run (so the teacher is probed once per
-seed; a copied probe whose key does not match this run is recomputed). The baseline setting *is*
-the demo default, so baseline_sS copies the demo run's MaskEmbed checkpoints and their probe (`probe/aligned.json`),
-re-probing only what the demo run did not finish; `--reuse NAME=DIR` does the same for another setting already
-trained elsewhere. Runs are setting-major (all seeds of one
-setting before the next), a finished run (summary.json) is skipped, an interrupted one resumes, each logs to
-OUT/NAME_sS.log. On 2 CPU cores, 2 jobs give ~15% more throughput than 1.
+seed; a copied probe whose key does not match this run is recomputed). The baseline setting *is* the demo default,
+so baseline_sS copies the demo run's MaskEmbed checkpoints and their probe (`probe/aligned.json`, reused when the
+probe config matches: with `--probe-seeds=0,1,2`); `--reuse NAME=DIR` does the same for another setting already
+trained elsewhere. Runs are setting-major (all seeds of one setting before the next), a finished run (summary.json)
+is skipped, an interrupted one resumes, each logs to OUT/NAME_sS.log. On 2 CPU cores, 2 jobs give ~15% more
+throughput than 1.
 """
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
     check_teacher(source, name, seed)
     os.makedirs(os.path.join(workdir, "probe"))
     shutil.copytree(os.path.join(source, "teacher"), os.path.join(workdir, "teacher"))
-    trained = {"baseline": teachers, **reuse}.get(name)
+    trained = {"baseline": teachers, **reuse}.get(name)  # where this setting's checkpoints were already trained
+    trained = trained.format(seed=seed) if trained else None
     if trained:
-        shutil.copytree(os.path.join(trained.format(seed=seed), "checkpoints"), os.path.join(workdir, "checkpoints"))
+        shutil.copytree(os.path.join(trained, "checkpoints"), os.path.join(workdir, "checkpoints"))
     # Probe results already computed: the pipeline reuses one only if its key (probe config, data, seed, backbone
     # identity, checkpoint step) matches this run, and probes that backbone again otherwise.
     for teacher_probe in (os.path.join(out, f"baseline_s{seed}", "probe", "teacher.json"),
@@ -85,9 +86,8 @@ def prepare(out: str, name: str, seed: int, teachers: str, reuse: dict) -> str:
         if os.path.isfile(teacher_probe):
             shutil.copy(teacher_probe, os.path.join(workdir, "probe", "teacher.json"))
             break
-    aligned_probe = os.path.join(trained.format(seed=seed), "probe", "aligned.json") if trained else ""
-    if aligned_probe and os.path.isfile(aligned_probe):  # the same checkpoints, probed where they were trained
-        shutil.copy(aligned_probe, os.path.join(workdir, "probe", "aligned.json"))
+    if trained and os.path.isfile(os.path.join(trained, "probe", "aligned.json")):  # those checkpoints' probe
+        shutil.copy(os.path.join(trained, "probe", "aligned.json"), os.path.join(workdir, "probe", "aligned.json"))
     return workdir
 
 

@@ -9,6 +9,8 @@ import numpy as np
 from lalign.report.runs import METRICS
 from lalign.stats import t_interval
 
+
+
 def stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float], int]:
     """(mean, sample std (ddof=1; None for one value), n) over the values that are not None."""
     vals = [v for v in values if v is not None]

@@ -15,6 +15,8 @@ from lalign.probe.features import features_of, make_features_fn
 from lalign.report.compute import paired_comparisons, pca_rgb, stats, summarize
 from lalign.report.runs import METRICS, group_runs, load_backbones, load_run
 
+
+
 def _ci(c: dict, digits: int = 2) -> str:
     if c["mean"] is None:
         return "—"
