@@ -59,9 +59,9 @@ def get_config(arg: str = "full"):
     c.total_steps = 2000
     c.batch_size = 32
     c.grad_accum_steps = 1  # >1: the batch in that many micro-batches (same gradient, less activation memory)
-    # weight_decay_on: "reference" = the reference's groups (no decay on biases, norms, LayerScale; lalign/train.py)
+    # weight_decay_on "all": the reference decays every parameter ("timm_groups", "kernels": lalign/train.py)
     c.optimizer = dict(lr=3e-4, wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0, warmup_steps=0, lr_min_ratio=0.1,
-                       weight_decay_on="reference")
+                       weight_decay_on="all")
     c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
     c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
     c.log_every = 100

@@ -37,17 +37,23 @@ from lalign.models.vit import ViT
 # reads the same in both block layouts and does not depend on Flax's shapes (q/k/v biases are 2-D here, 1-D in
 # torch).
 DECAYED = {
-    # The reference: timm's create_optimizer_v2(weight_decay=0.01) puts every 1-D parameter and every bias in a
-    # group without decay (LayerNorm, biases, LayerScale); kernels (the patch embedding's too), position
-    # embeddings and the class token are decayed.
-    "reference": ("kernel", "pos_embedding", "cls"),
-    "kernels": ("kernel",),  # big_vision's recipes
-    "all": None,  # every parameter (optax.adamw's default)
+    # The reference: its train.py hands timm's create_optimizer_v2 an iterator of parameters (not the module), so
+    # timm builds no parameter groups and AdamW decays every parameter (scripts/reference_parity.py measures it).
+    "all": None,
+    # What timm's factory builds when handed a module: no decay on 1-D parameters and biases (LayerNorm, biases,
+    # LayerScale); kernels, position embeddings and the class token decayed. Not what the reference runs.
+    "timm_groups": ("kernel", "pos_embedding", "cls"),
+    "kernels": ("kernel",),  # big_vision's habit: decay the matrices only
 }
+# Earlier name of "timm_groups", refused with a pointer rather than silently read as something else.
+_RENAMED = {"reference": "timm_groups"}
 
 
-def weight_decay_mask(params, rule: str = "reference"):
+def weight_decay_mask(params, rule: str = "all"):
     """A tree of bools: True where `rule` (a key of DECAYED) decays the parameter."""
+    if rule in _RENAMED:
+        raise ValueError(f"optimizer.weight_decay_on {rule!r} is now called {_RENAMED[rule]!r} (no decay on biases, "
+                         f"norms and LayerScale); the reference itself decays every parameter: 'all'.")
     if rule not in DECAYED:
         raise ValueError(f"optimizer.weight_decay_on {rule!r}: choose from {sorted(DECAYED)}.")
     names = DECAYED[rule]
@@ -58,8 +64,8 @@ def weight_decay_mask(params, rule: str = "reference"):
 def make_optimizer(cfg, total_steps: int):
     """AdamW with global-norm clipping; linear warmup then cosine decay to lr * lr_min_ratio.
 
-    Returns (optax transform, schedule). Defaults are the paper's: b1 0.9, b2 0.95, wd 0.01 on the reference's
-    parameters (`weight_decay_mask`), clip 1.0, decay to lr/10, no warmup.
+    Returns (optax transform, schedule). Defaults are the reference's: b1 0.9, b2 0.95, wd 0.01 on every
+    parameter (`weight_decay_mask`), clip 1.0, decay to lr/10, no warmup.
     """
     warmup = int(cfg.get("warmup_steps", 0))
     end = cfg.lr * cfg.get("lr_min_ratio", 0.1)
@@ -70,7 +76,7 @@ def make_optimizer(cfg, total_steps: int):
     parts = []
     if cfg.get("grad_clip"):
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    rule = cfg.get("weight_decay_on", "reference")
+    rule = cfg.get("weight_decay_on", "all")
     weight_decay_mask({}, rule)  # an unknown rule is an error now, not at the first step
     parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
                              weight_decay=cfg.get("wd", 0.01), mask=functools.partial(weight_decay_mask, rule=rule)))

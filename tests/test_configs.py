@@ -35,7 +35,7 @@ def test_full_config_is_the_papers_recipe(name):
     assert c.batch_size == 1024 and c.total_steps == math.ceil(5 * 13_153_500 / 1024) == 64_227
     o = c.optimizer
     assert (o.lr, o.b1, o.b2, o.wd, o.grad_clip, o.warmup_steps, o.lr_min_ratio) == (lr, 0.9, 0.95, 0.01, 1.0, 0, 0.1)
-    assert o.weight_decay_on == "reference"
+    assert o.weight_decay_on == "all"  # the reference decays every parameter
     m = c.maskembed
     assert m.target_layer == "penultimate" and m.teacher_dtype == m.student_dtype == "bfloat16"
     assert (m.sampler, m.antithetic, m.include_ones, m.loss, m.decoder_depth) == ("uniform", True, True, "mse", 2)

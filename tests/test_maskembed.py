@@ -187,9 +187,41 @@ def test_losses_match_hand_computed_values():
         me.maskembed_loss(pred, target, tm, "huber")
 
 
-def test_weight_decay_falls_on_the_parameters_the_reference_decays():
-    """Rule (the reference's timm create_optimizer_v2): decay iff the leaf is a kernel, pos_embedding or cls;
-    every bias (q/k/v biases are 2-D in Flax), LayerNorm scale and LayerScale is left alone."""
+def test_default_weight_decay_falls_on_every_parameter_as_the_reference_does():
+    """The reference hands timm's optimizer factory an iterator of parameters, so AdamW decays every one: the
+    default mask selects every leaf of the MaskEmbed state's params (student, projection, decoder)."""
+    from conftest import load_config
+    from lalign.pretrain import vit_from_config
+    from lalign.train import make_optimizer, weight_decay_mask
+
+    for c in (load_config(arg="tiny"), load_config("configs/siglip_b16.py", "smoke")):
+        assert c.optimizer.weight_decay_on == "all"
+        teacher = vit_from_config(c, num_classes=3)
+        size = c.data.image_size
+        tparams = teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+        model = me.make_maskembed_model(teacher, c.maskembed)
+        params = me.init_from_teacher(model, tparams, jax.random.key(1), jnp.zeros((2, size, size, 3)), 3)
+        mask = weight_decay_mask(params, c.optimizer.weight_decay_on)
+        leaves = jax.tree.leaves(mask)
+        assert len(leaves) == len(jax.tree.leaves(params)) > 20 and all(leaves)
+        # and the optimizer built from the config applies it: one update with wd differs by -lr*wd*p everywhere
+        grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+        updates = {}
+        for wd in (0.0, 0.1):
+            cfg = ml_collections.ConfigDict(dict(c.optimizer.to_dict(), lr=1e-2, wd=wd, grad_clip=0.0,
+                                                 lr_min_ratio=1.0))
+            tx, _ = make_optimizer(cfg, 10)
+            updates[wd] = tx.update(grads, tx.init(params), params)[0]
+        for d0, d1, p in zip(jax.tree.leaves(updates[0.0]), jax.tree.leaves(updates[0.1]), jax.tree.leaves(params)):
+            np.testing.assert_allclose(d1 - d0, -1e-2 * 0.1 * p, rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="'reference' is now called 'timm_groups'"):
+        weight_decay_mask(params, "reference")
+
+
+def test_timm_groups_weight_decay_skips_biases_norms_and_layerscale():
+    """Option "timm_groups" (what timm's factory builds when handed a module): decay iff the leaf is a kernel,
+    pos_embedding or cls; every bias (q/k/v biases are 2-D in Flax), LayerNorm scale and LayerScale is left
+    alone."""
     from conftest import load_config
     from lalign.pretrain import vit_from_config
     from lalign.sharding import path_str
@@ -201,7 +233,7 @@ def test_weight_decay_falls_on_the_parameters_the_reference_decays():
     tparams = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
     model = me.make_maskembed_model(teacher, c.maskembed)
     params = me.init_from_teacher(model, tparams, jax.random.key(1), jnp.zeros((2, 16, 16, 3)), 3)
-    mask = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(weight_decay_mask(params))}
+    mask = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(weight_decay_mask(params, "timm_groups"))}
     block = "Transformer/encoderblock_0"
     decayed = {"student/cls", "student/embedding/kernel", "student/pos_embedding", "proj/kernel",
                "decoder/pos_embedding", "decoder/head/kernel",
@@ -227,7 +259,8 @@ def test_weight_decay_falls_on_the_parameters_the_reference_decays():
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
     updates = {}
     for wd in (0.0, 0.1):
-        cfg = dict(lr=1e-2, wd=wd, b1=0.9, b2=0.95, grad_clip=0.0, warmup_steps=0, lr_min_ratio=1.0)
+        cfg = dict(lr=1e-2, wd=wd, b1=0.9, b2=0.95, grad_clip=0.0, warmup_steps=0, lr_min_ratio=1.0,
+                   weight_decay_on="timm_groups")
         tx, _ = make_optimizer(ml_collections.ConfigDict(cfg), 10)
         updates[wd] = tx.update(grads, tx.init(params), params)[0]
     for path, p in jax.tree_util.tree_leaves_with_path(params):
