@@ -1,4 +1,4 @@
-"""Convert ViT checkpoints between orbax (lalign), big_vision npz, Hugging Face and timm.
+"""Convert ViT checkpoints between orbax (lalign), big_vision npz, Hugging Face, timm and open_clip.
 
     python -m lalign.export --input WORKDIR/checkpoints/best/2000 --output aligned_hf --to hf --kind siglip \\
         --head-from WORKDIR/teacher/params

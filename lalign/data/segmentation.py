@@ -1,5 +1,5 @@
-"""Segmentation data for the patch probe: COCO-Stuff in its standard layout and any "images + label PNGs" pair of
-folders. Each example becomes what a ViT and the probe need:
+"""Segmentation data for the patch probe: COCO-Stuff and ADE20K in their standard layouts and any "images + label
+PNGs" pair of folders. Each example becomes what a ViT and the probe need:
 
 - `image` (S, S, 3) float32: the shorter side resized to S (bilinear, antialiased when shrinking), then the centre
   S x S crop, normalized for the backbone ('siglip': [-1, 1]; 'clip': CLIP's mean/std; 'imagenet'; 'none': [0, 1]);
