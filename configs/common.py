@@ -31,6 +31,8 @@ def image_folder(image_size: int, normalization: str, **kw) -> dict:
     """config.data for an image folder (ImageNet-21k in class folders), the reference's training augmentation."""
     return dict(dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=image_size,
                      normalization=normalization, train_crop_mode="rkrc", interpolation="bicubic",
+                     # the reference's --train-interpolation random: bilinear or bicubic per training image
+                     train_interpolation="random",
                      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, val_crop_fraction=1.0,
                      num_workers=0, prefetch=True), **kw)
 

@@ -30,7 +30,8 @@ def test_full_config_is_the_papers_recipe(name):
     assert c.model.variant == variant and c.model.pool_type == pool and c.model.scan
     assert c.data.name == "image_folder" and c.data.image_size == size and c.data.normalization == norm
     assert tuple(c.data.crop_scale) == (0.08, 1.0) and c.data.flip
-    assert (c.data.train_crop_mode, c.data.interpolation) == ("rkrc", "bicubic")  # the reference's timm crop
+    # the reference's timm crop, its --train-interpolation random, and the teacher's bicubic for validation
+    assert (c.data.train_crop_mode, c.data.train_interpolation, c.data.interpolation) == ("rkrc", "random", "bicubic")
     assert "probe" not in c  # probing is `python -m lalign.probe` with its own data config
     assert c.batch_size == 1024 and c.total_steps == math.ceil(5 * 13_153_500 / 1024) == 64_227
     o = c.optimizer

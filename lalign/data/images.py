@@ -16,9 +16,12 @@ How a global example index g = step * batch_size + row becomes an image:
       and a side that came out short is padded by reflection;
     'rrc': random-resized-crop (area fraction `crop_scale`, aspect ratio `crop_ratio`, log-uniform,
       torchvision's 10-try rule with a centre crop fallback);
-  validation splits a centre square crop (`val_crop_fraction` of the short side). `interpolation`: 'bicubic'
-  (default; timm's CLIP / SigLIP pretrained configs) or 'bilinear', PIL's antialiased filters, straight from the
-  source pixels of the region the output needs;
+  validation splits a centre square crop (`val_crop_fraction` of the short side). Training splits resize with
+  `train_interpolation`: 'random' (default, the reference's `--train-interpolation random`: bilinear or bicubic
+  with probability 1/2, drawn per row after the crop, as timm draws it), 'bicubic', 'bilinear', or '' (=
+  `interpolation`); validation splits with `interpolation`: 'bicubic' (default; timm's CLIP / SigLIP pretrained
+  configs) or 'bilinear'. Both are PIL's antialiased filters, straight from the source pixels of the region the
+  output needs;
 - JPEGs are decoded at a reduced DCT scale (`draft`) when the crop is at least twice the output size, which is
   most of the decoding time on large images and does not change what the crop shows;
 - an image that cannot be read or decoded is *skipped*: it is replaced by another example of the split drawn
@@ -56,13 +59,19 @@ EVAL_SPLITS = ("maskembed_val", "val", "validation", "test", "probe_val", "probe
 MAX_ATTEMPTS = 16
 TRAIN_CROP_MODES = ("rkrc", "rrc")
 INTERPOLATIONS = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling values
+RANDOM_INTERPOLATIONS = ("bilinear", "bicubic")  # timm's _RANDOM_INTERPOLATION, in its order
+TRAIN_INTERPOLATIONS = ("random", *INTERPOLATIONS, "")
 
 # Options every real-image source takes (config.data.<name>), with defaults.
 COMMON_OPTIONS = dict(
     image_size=224,
     normalization="siglip",  # siglip | clip | imagenet
     train_crop_mode="rkrc",  # rkrc (the reference's, timm's ResizeKeepRatio + CenterCropOrPad) | rrc
-    interpolation="bicubic",  # bicubic (timm's CLIP/SigLIP configs) | bilinear
+    # Validation (and training if train_interpolation is ""): bicubic (timm's CLIP/SigLIP configs) | bilinear.
+    interpolation="bicubic",
+    # Training: random (the reference's --train-interpolation default: bilinear or bicubic per image, as timm) |
+    # bicubic | bilinear | "" (= interpolation, as the reference with an empty --train-interpolation).
+    train_interpolation="random",
     crop_scale=(0.08, 1.0),  # rkrc: zoom-in area range; rrc: fraction of the image area
     crop_ratio=(3 / 4, 4 / 3),  # rkrc: aspect change range; rrc: aspect ratio w/h
     flip=True,  # random horizontal flip (training splits)
@@ -110,6 +119,9 @@ def check_options(data_cfg, extra: dict, source: str) -> dict:
     if opts["interpolation"] not in INTERPOLATIONS:
         raise ValueError(f"config.data.interpolation must be one of {sorted(INTERPOLATIONS)}, got "
                          f"{opts['interpolation']!r}.")
+    if opts["train_interpolation"] not in TRAIN_INTERPOLATIONS:
+        raise ValueError(f"config.data.train_interpolation must be one of {TRAIN_INTERPOLATIONS} ('' = "
+                         f"config.data.interpolation), got {opts['train_interpolation']!r}.")
     if not 0 < opts["val_crop_fraction"] <= 1:
         raise ValueError(f"config.data.val_crop_fraction must be in (0, 1], got {opts['val_crop_fraction']}.")
     return opts
@@ -184,6 +196,16 @@ def center_crop_box(width: int, height: int, fraction: float) -> tuple[float, fl
     return left, top, left + side, top + side
 
 
+def train_resample(rng: np.random.Generator, opts: dict) -> int:
+    """The PIL filter of one training image: `train_interpolation`, or for 'random' one of
+    RANDOM_INTERPOLATIONS drawn from the row's generator with probability 1/2 each (timm's random.choice)."""
+    name = opts.get("train_interpolation", COMMON_OPTIONS["train_interpolation"]) or opts.get("interpolation",
+                                                                                              "bicubic")
+    if name == "random":
+        name = RANDOM_INTERPOLATIONS[int(rng.integers(len(RANDOM_INTERPOLATIONS)))]
+    return INTERPOLATIONS[name]
+
+
 def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generator, opts: dict) -> np.ndarray:
     """Encoded image bytes -> (size, size, 3) uint8, cropped and resized (and flipped) as described above."""
     from PIL import Image
@@ -207,6 +229,8 @@ def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generato
         else:
             box = center_crop_box(width, height, opts["val_crop_fraction"])
             out_size = (size, size)
+        if train:  # drawn after the crop and before the flip, timm's order; no draw unless 'random'
+            resample = train_resample(rng, opts)
         flip = train and bool(opts["flip"]) and rng.random() < 0.5
         shrink = max(out_size) / max(1.0, min(box[2] - box[0], box[3] - box[1]))
         if img.format == "JPEG" and shrink <= 0.5:  # decode at 1/2, 1/4 or 1/8 scale, never below the output
