@@ -40,6 +40,9 @@ def get_config(arg: str = "full"):
     c.model = dict(variant=config_dict.placeholder(str), act=config_dict.placeholder(str),
                    ln_eps=config_dict.placeholder(float), num_heads=config_dict.placeholder(int))
     c.compute_dtype = ""  # e.g. 'bfloat16' for feature extraction on accelerators; "" = float32
+    # A checkpoint of another grid than data.image_size's (DINOv2: 37x37 at 518 px): its position table resized
+    # as training resizes a teacher (checkpoints.load.fit_posemb; bicubic_antialias = timm's checkpoint filter).
+    c.posemb_resize = "bicubic_antialias"  # bicubic_antialias | bicubic | bilinear_antialias | none (refuse)
 
     c.data = dict(
         name="coco_stuff",

@@ -24,6 +24,9 @@ def get_config(arg: str = "full"):
     c.model = dict(variant=config_dict.placeholder(str), act=config_dict.placeholder(str),
                    ln_eps=config_dict.placeholder(float), num_heads=config_dict.placeholder(int))
     c.compute_dtype = ""
+    # A checkpoint of another grid than data.image_size's (DINOv2: 37x37 at 518 px): its position table resized
+    # as training resizes a teacher (checkpoints.load.fit_posemb; bicubic_antialias = timm's checkpoint filter).
+    c.posemb_resize = "bicubic_antialias"  # bicubic_antialias | bicubic | bilinear_antialias | none (refuse)
     c.data = dict(name="folder", train_images="", train_labels="", val_images="", val_labels="",
                   test_images="", test_labels="", num_classes=0, ignore_index=255, class_names=(),
                   image_size=0, normalization="", label_rule="union", min_pixels=1,

@@ -10,21 +10,33 @@ training checkpoint step dir, verified against its checksum record), `bigvision`
 config.json + model.safetensors), `timm` (.safetensors), `open_clip` (.safetensors with open_clip's
 `visual.*` / `conv1`, `transformer.resblocks` names: a whole CLIP model's or its image tower's).
 
-Model fields: HF configs and files lalign writes record the architecture; for the others the parameter shapes give
-width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and classifier. What shapes
-cannot tell (activation, LayerNorm eps, the heads of a timm file, pooling without a head) comes from, in order:
-`fields`, then for orbax inputs `PATH.model.json` or the nearest `config.json` above PATH (a lalign workdir's
-config: its "model" section, and for a student the MaskEmbed attn_softcap), else big_vision's defaults.
+Model fields: HF configs, files lalign writes and lalign workdirs record the architecture; for the others the
+parameter shapes give width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and
+classifier. An orbax input's record is, nearest first, `PATH.model.json` (written by `lalign.export --to orbax`),
+then `resolved.json` in a parent directory (a workdir: every field of the teacher and the student its run built,
+written by lalign/pipeline.py), then the nearest `config.json` above PATH (a workdir written before resolved.json:
+its "model" section, and for a student the MaskEmbed attn_softcap). `fields` must agree with what a checkpoint
+records (a contradiction is a ValueError naming both values; `recorded_wins=True`, for a run's teacher, drops
+them instead) except the compute choices (COMPUTE_FIELDS); what neither records nor `fields` give (activation,
+LayerNorm eps, the heads of a timm file, pooling without a head) is big_vision's default.
+
+Normalization: `checkpoint_normalization(path)` is the pixel normalization a checkpoint states (a HF
+`preprocessor_config.json`, a timm `config.json` pretrained_cfg, an `open_clip_config.json` preprocess_cfg, a
+workdir's record), mapped to lalign's names (lalign.data.images.NORMALIZATION), else its family's
+(`family_normalization`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional
 
+import numpy as np
+
 from lalign import log
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
-from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
+from lalign.checkpoints.common import STRUCTURAL, grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
 from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
@@ -55,23 +67,119 @@ def guess_format(path: str) -> str:
     raise ValueError(f"Cannot tell the format of {path}: pass --from ({'/'.join(FORMATS)}).")
 
 
-def workdir_config(path: str) -> tuple[Optional[str], dict]:
-    """(source, {"model": fields, ...}): `PATH.model.json`, else the nearest config.json with a "model" section
-    in PATH's parents (up to 4 levels: a lalign workdir's config)."""
+RESOLVED = "resolved.json"  # in a workdir: the models and data its run resolved (lalign/pipeline.py writes it)
+# ViT fields that say how a network is computed, not what it computes: a flag or config may always set them.
+COMPUTE_FIELDS = ("scan", "remat_policy", "attention_impl", "dtype")
+
+
+def vit_record(model: ViT) -> dict:
+    """Every field of `model` as JSON values (dtype, a compute choice, left out): what a workdir records."""
+    out = {}
+    for f in dataclasses.fields(model):
+        if f.name in ("parent", "name", "dtype"):  # flax's own fields, and the compute dtype
+            continue
+        v = getattr(model, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def workdir_record(path: str) -> dict:
+    """What records the model of an orbax checkpoint at PATH, nearest first: {"kind": "sidecar", "source",
+    "model", "normalization"} from `PATH.model.json`; {"kind": "resolved", "source", "record", "config"} from
+    `resolved.json` in one of PATH's parents (up to 4 levels: a workdir); {"kind": "config", "source", "config"}
+    from the nearest config.json with a "model" section (a workdir from before resolved.json); else {"kind": None}.
+    "config" is the workdir's config.json (maskembed, data, init_from) where there is one."""
     own = path.rstrip("/") + ".model.json"
     if os.path.isfile(own):
-        with open(own) as f:
-            return own, {"model": json.load(f)}
+        fields = _read_json(own)
+        return {"kind": "sidecar", "source": own, "normalization": fields.pop("normalization", None),
+                "model": fields, "config": {}}
     d = os.path.abspath(path)
     for _ in range(4):
         d = os.path.dirname(d)
-        cand = os.path.join(d, "config.json")
-        if os.path.isfile(cand):
-            with open(cand) as f:
-                cfg = json.load(f)
-            if isinstance(cfg.get("model"), dict):
-                return cand, cfg
-    return None, {}
+        resolved, config = os.path.join(d, RESOLVED), os.path.join(d, "config.json")
+        cfg = _read_json(config) if os.path.isfile(config) else {}
+        if os.path.isfile(resolved):
+            return {"kind": "resolved", "source": resolved, "record": _read_json(resolved), "config": cfg}
+        if isinstance(cfg.get("model"), dict):
+            return {"kind": "config", "source": config, "config": cfg}
+    return {"kind": None, "config": {}}
+
+
+def workdir_config(path: str) -> tuple[Optional[str], dict]:
+    """(source, the workdir's config.json as a dict) of an orbax checkpoint at PATH (`workdir_record`)."""
+    rec = workdir_record(path)
+    return rec.get("source"), rec.get("config") or ({"model": rec["model"]} if rec["kind"] == "sidecar" else {})
+
+
+def _same(a, b) -> bool:
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return norm(a) == norm(b)
+
+
+def contradictions(fields: dict, recorded: dict) -> list[str]:
+    """'k=given (from variant V) where SOURCE records k=value' for each of `fields` (a `variant` counts as its
+    sizes) that disagrees with `recorded` (a `vit_record`); compute choices never disagree."""
+    given = {k: (v, None) for k, v in fields.items() if k != "variant" and v is not None}
+    if fields.get("variant"):
+        for k, v in decode_variant(fields["variant"]).items():
+            given.setdefault(k, (v, fields["variant"]))
+    if isinstance(given.get("patch_size", (None,))[0], int):
+        given["patch_size"] = ((given["patch_size"][0],) * 2, given["patch_size"][1])
+    if "class_token" in recorded and recorded.get("class_token") is None:  # None: implied by the pooling
+        recorded = dict(recorded, class_token=recorded.get("pool_type") == "tok")
+    out = []
+    for k, (v, variant) in given.items():
+        if k in COMPUTE_FIELDS or k not in recorded or _same(v, recorded[k]):
+            continue
+        why = f" (from variant {variant!r})" if variant else ""
+        out.append(f"{k}={_short(v)}{why} where it records {k}={_short(recorded[k])}")
+    return out
+
+
+def _short(v):
+    return repr(tuple(v) if isinstance(v, list) else v)
+
+
+def _agree(fields: dict, recorded: dict, source: str, recorded_wins: bool, quiet: bool) -> dict:
+    """`fields` less those that contradict the record of `source`: refused (one line naming both values), or with
+    `recorded_wins` dropped (and named unless quiet)."""
+    bad = contradictions(fields, recorded)
+    if not bad:
+        return dict(fields)
+    if not recorded_wins:
+        raise ValueError(f"{source} records the model, and the model fields given contradict it: {'; '.join(bad)}. "
+                         f"Drop those fields (--variant/--model/--num-heads, config.model): the record is what the "
+                         f"checkpoint was trained as.")
+    if not quiet:
+        log.note(f"[load] {source} records the model; ignoring the contradicting fields: {'; '.join(bad)}")
+    keep = {k: v for k, v in fields.items() if k in COMPUTE_FIELDS or k in recorded and _same(v, recorded[k])}
+    return keep
+
+
+def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
+    """What records the whole model of the checkpoint at `path` (a file name), or None where the parameter
+    shapes and the fields given make it (big_vision npz, timm / open_clip files not written by lalign, an orbax
+    directory without a record)."""
+    fmt = fmt or guess_format(path)
+    if fmt == "hf":
+        return os.path.join(path, "config.json")
+    if fmt in ("timm", "open_clip"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return f"{path} (its lalign metadata)" if "lalign_vit" in (f.metadata() or {}) else None
+    if fmt == "orbax":
+        rec = workdir_record(path)
+        return rec["source"] if rec["kind"] in ("sidecar", "resolved") else None
+    return None
 
 
 def restore_verified(path: str):
@@ -90,19 +198,20 @@ def restore_verified(path: str):
 
 
 def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
-             quiet: bool = False) -> tuple[ViT, dict]:
-    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields`."""
+             quiet: bool = False, recorded_wins: bool = False) -> tuple[ViT, dict]:
+    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields` and
+    `recorded_wins`."""
     fields = dict(fields or {})
     fmt = fmt or guess_format(path)
     if fmt == "hf":
-        if fields and not quiet:
-            log.note(f"[load] {path}: the HF config defines the model; ignoring {sorted(fields)}")
-        return hf.from_hf(path)
+        model, params = hf.from_hf(path)
+        _agree(fields, vit_record(model), os.path.join(path, "config.json"), recorded_wins, quiet)
+        return model, params
     if fmt == "timm":
         if "lalign_vit" in timm.read_metadata(path):  # written by lalign: the file records the model
-            if fields and not quiet:
-                log.note(f"[load] {path}: the file's metadata defines the model; ignoring {sorted(fields)}")
-            return timm.from_timm(path)
+            model, params = timm.from_timm(path)
+            _agree(fields, vit_record(model), f"{path} (its lalign metadata)", recorded_wins, quiet)
+            return model, params
         return timm.from_timm(path, **_unrecorded_fields(fields))
     if fmt == "open_clip":
         return open_clip.from_open_clip(path, **_unrecorded_fields(fields, "pool_type"))
@@ -110,7 +219,7 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
         params = bigvision.load_npz(path, tower=tower)
         return infer_model(params, **fields), params
     if fmt == "orbax":
-        return _orbax_model(_restore_orbax(path), path, fields, quiet)
+        return _orbax_model(_restore_orbax(path), path, fields, quiet, recorded_wins)
     raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
 
 
@@ -145,22 +254,170 @@ def _restore_orbax(path: str):
     return restore_verified(path)
 
 
-def _orbax_model(tree, path: str, fields: dict, quiet: bool) -> tuple[ViT, dict]:
+def _orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool = False) -> tuple[ViT, dict]:
     """(ViT, params) of a restored orbax tree: a params tree, or a training checkpoint's aligned student."""
     student = False
     if "params" in tree and isinstance(tree["params"], dict):
         tree = tree["params"]
     if "student" in tree:
         tree, student = tree["student"], True
-    src, cfg = workdir_config(path)
-    f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
-    if student:
-        f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
-        f["pool_type"] = "none"
-    if src and not quiet:
-        log.note(f"[load] model fields from {src}")
+    rec = workdir_record(path)
+    recorded = None
+    if rec["kind"] == "sidecar":
+        recorded = rec["model"]
+    elif rec["kind"] == "resolved":
+        recorded = rec["record"].get("student" if student else "teacher")
+    if recorded is not None:
+        f = {k: v for k, v in recorded.items() if k != "scan"}  # the layout is the parameters'
+        f.update(_agree(fields, recorded, rec["source"], recorded_wins, quiet))
+        if not quiet:
+            log.note(f"[load] model from {rec['source']}" + (" (the aligned student)" if student else ""))
+        return infer_model(tree, **f), tree
+    f = {}
+    if rec["kind"] == "config":
+        cfg = rec["config"]
+        f = _legacy_teacher_fields(cfg, rec["source"], quiet)
+        if f is None:
+            f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
+            if not quiet:
+                log.note(f"[load] model fields from {rec['source']}")
+        if student:
+            f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
+            f["pool_type"] = "none"
     f.update(fields)
     return infer_model(tree, **f), tree
+
+
+def _legacy_teacher_fields(cfg: dict, source: str, quiet: bool) -> Optional[dict]:
+    """For a workdir from before resolved.json: the teacher's own record where its checkpoint records the model
+    (a HF directory), whose config.json "model" section the run did not use; None where that section is what the
+    run used (or the teacher is not here to tell)."""
+    init = cfg.get("init_from") or ""
+    if not init or init == "random" or "pretrain" in (cfg.get("stages") or ()):
+        return None
+    if not os.path.exists(init):
+        if not quiet:
+            log.note(f"[load] WARNING: {source} is from before {RESOLVED} and its teacher {init} is not here: the "
+                     f"model fields are its config's, which a teacher that records its own model (a HF directory) "
+                     f"overrode in training; check act and ln_eps, or pass them (--model)")
+        return None
+    fmt = cfg.get("init_format") or guess_format(init)
+    if records_model(init, fmt) is None:
+        return None
+    teacher, _ = load_any(init, fmt, {}, quiet=True)
+    if not quiet:
+        log.note(f"[load] model fields from the teacher {init} that {source} names (its run took the model from "
+                 f"there, not from the config's model section)")
+    return {k: v for k, v in vit_record(teacher).items() if k not in ("scan", "pool_type", "num_classes")}
+
+
+# ------------------------------------------------------------------------------------------ normalization
+# config.data.normalization values that mean "the checkpoint's".
+AUTO_NORMALIZATION = ("", "auto")
+_STATS_TOLERANCE = 1e-3  # published statistics are rounded differently (0.48145466 vs 0.4815); names are 4e-3 apart
+
+
+def named_normalization(mean, std, source: str) -> str:
+    """lalign's name (lalign.data.images.NORMALIZATION) of per-channel pixel statistics of [0, 1] pixels; any
+    other statistics are a ValueError naming them (lalign's data pipeline normalizes by name)."""
+    from lalign.data.images import NORMALIZATION
+
+    mean, std = (np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (3,)) for v in (mean, std))
+    for name, (m, sd) in NORMALIZATION.items():
+        if np.allclose(mean, m, atol=_STATS_TOLERANCE) and np.allclose(std, sd, atol=_STATS_TOLERANCE):
+            return name
+    raise ValueError(f"{source}: mean {np.round(mean, 5).tolist()}, std {np.round(std, 5).tolist()} is none of "
+                     f"lalign's normalizations {sorted(NORMALIZATION)}; set config.data.normalization to the one "
+                     f"to use.")
+
+
+def family_normalization(spec) -> tuple[str, str]:
+    """(name, why) of a ViT's (or a dict of its fields') family when its checkpoint states no normalization: DINOv2
+    (LayerScale or registers) and plain ViTs with a class token: 'imagenet'; CLIP (class token and pre-norm):
+    'clip'; no class token (SigLIP): 'siglip'."""
+    get = spec.get if isinstance(spec, dict) else (lambda k, d=None: getattr(spec, k, d))
+    cls = get("class_token")
+    cls = get("pool_type") == "tok" if cls is None else bool(cls)
+    if get("layerscale_init") is not None or (get("num_registers") or 0):
+        return "imagenet", "the DINOv2 family's (LayerScale or registers)"
+    if cls and get("pre_norm"):
+        return "clip", "the CLIP family's (class token and pre-norm)"
+    if cls:
+        return "imagenet", "the plain ViT family's (class token)"
+    return "siglip", "the SigLIP family's (no class token)"
+
+
+def _family_of_names(names) -> dict:
+    """The fields `family_normalization` reads, from parameter names alone (big_vision or timm)."""
+    parts = {p for n in names for p in n.replace(".", "/").split("/")}
+    return {"class_token": bool(parts & {"cls", "cls_token"}), "pre_norm": bool(parts & {"pre_norm", "norm_pre"}),
+            "num_registers": int(bool(parts & {"registers", "reg_token"})),
+            "layerscale_init": 1.0 if parts & {"LayerScale_0", "ls1"} else None}
+
+
+def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str = "img") -> tuple[str, str]:
+    """(lalign normalization name, where it comes from) that the checkpoint at `path` states: a HF directory's
+    preprocessor_config.json image_mean / image_std; a timm file's config.json beside it (pretrained_cfg mean /
+    std); open_clip_config.json's preprocess_cfg; an orbax checkpoint's record (the normalization its run trained
+    with). Where none is stated: its family's (`family_normalization`; HF: the model_type's, open_clip: CLIP's).
+    Reads no weights except for an orbax directory without any record."""
+    fmt = fmt or guess_format(path)
+    if fmt == "hf":
+        pre = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(pre):
+            p = _read_json(pre)
+            if p.get("do_normalize", True) is False:
+                return named_normalization(0.0, 1.0, f"{pre} (do_normalize false)"), pre
+            if "image_mean" in p and "image_std" in p:
+                return named_normalization(p["image_mean"], p["image_std"], pre), f"{pre} image_mean/image_std"
+        mt = _read_json(os.path.join(path, "config.json")).get("model_type", "")
+        for family, name in (("dinov2", "imagenet"), ("clip", "clip"), ("siglip", "siglip")):
+            if mt.startswith(family):
+                return name, f"{path}: model_type {mt!r} (no preprocessor_config.json)"
+        raise ValueError(f"{path}: no preprocessor_config.json and model_type {mt!r} names no family; set "
+                         f"config.data.normalization.")
+    if fmt == "timm":
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+        cfg = _read_json(beside) if os.path.isfile(beside) else {}
+        pc = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else cfg
+        if "architecture" in cfg and "mean" in pc and "std" in pc:  # the layout of timm's hub repositories
+            return named_normalization(pc["mean"], pc["std"], beside), f"{beside} pretrained_cfg mean/std"
+        meta = timm.read_metadata(path)
+        if "lalign_vit" in meta:
+            return family_normalization(json.loads(meta["lalign_vit"]))
+        from safetensors import safe_open
+
+        with safe_open(path, framework="numpy") as f:
+            return family_normalization(_family_of_names(f.keys()))
+    if fmt == "open_clip":
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), open_clip.CONFIG_FILE)
+        pc = (_read_json(beside).get("preprocess_cfg") or {}) if os.path.isfile(beside) else {}
+        if "mean" in pc and "std" in pc:
+            return named_normalization(pc["mean"], pc["std"], beside), f"{beside} preprocess_cfg mean/std"
+        return "clip", "open_clip's default (OpenAI CLIP statistics)"
+    if fmt == "bigvision":
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+        tower_names = [n for n in names if n.startswith((f"params/{tower}/", f"{tower}/"))]
+        return family_normalization(_family_of_names(tower_names or names))
+    if fmt == "orbax":
+        rec = workdir_record(path)
+        if rec["kind"] == "sidecar":
+            if rec.get("normalization"):
+                return rec["normalization"], rec["source"]
+            return family_normalization(rec["model"])
+        if rec["kind"] == "resolved":
+            name = (rec["record"].get("data") or {}).get("normalization")
+            if name:
+                return name, f"{rec['source']} (what its run trained with)"
+            return family_normalization(rec["record"].get("teacher") or {})
+        cfg = rec["config"]
+        name = (cfg.get("data") or {}).get("normalization")
+        if name and name not in AUTO_NORMALIZATION:
+            return name, f"{rec['source']} data.normalization (what its run trained with)"
+        model, _ = load_any(path, "orbax", {}, quiet=True)
+        return family_normalization(model)
+    raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
 
 
 def fit_posemb(model, params, image_size: int, how: str):
@@ -177,5 +434,5 @@ def fit_posemb(model, params, image_size: int, how: str):
     if old == grid or how == "none":
         return params
     log.note(f"[load] position table resized {old[0]}x{old[1]} -> {grid[0]}x{grid[1]} patches for {image_size} px "
-             f"images ({how})")
+             f"images ({how}{', as timm' if how == 'bicubic_antialias' else ''})")
     return resample_posemb(params, model, grid, antialias=how.endswith("_antialias"), mode=how.split("_")[0])

@@ -30,8 +30,8 @@ COCO-Stuff has only train2017/val2017: a seeded random `data.num_val` images of 
 """
 from lalign.data.probe_splits import ProbeSplit, array_split, probe_splits
 from lalign.probe.evaluate import evaluate_backbone, extract_splits, image_probes, train_patch_probes
-from lalign.probe.features import (backbone_image_size, extract_split, load_backbone, make_features_fn,
-                                   normalization_for, resolve_backbone)
+from lalign.probe.features import (backbone_image_size, extract_split, fit_to_image_size, load_backbone,
+                                   make_features_fn, normalization_for, resolve_backbone)
 from lalign.probe.heads import (background_token_probe, background_tokens, image_linear_probe,
                                 train_patch_probe, train_patch_probe_seeds)
 from lalign.probe.metrics import (add_counts, convergence_warning, metrics_from_counts, patch_counts,
@@ -49,6 +49,7 @@ __all__ = [
     "train_patch_probes",
     "backbone_image_size",
     "extract_split",
+    "fit_to_image_size",
     "load_backbone",
     "make_features_fn",
     "normalization_for",

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lalign.checkpoints.common import patch_rows, square_grid
-from lalign.checkpoints.load import guess_format, load_any
+from lalign.checkpoints.common import grid_of, patch_rows, square_grid
+from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, guess_format, load_any
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
 
@@ -50,6 +50,26 @@ def backbone_image_size(model, params, image_size: int = 0) -> int:
                          "config.data.image_size.")
     grid, _ = square_grid(patch_rows(model, np.shape(pos)[1]), "pos_embedding", ": set config.data.image_size")
     return grid * int(model.patch_size[0])
+
+
+def fit_to_image_size(model, params, image_size: int, how: str) -> tuple[dict, Optional[tuple[int, int]]]:
+    """(params whose learned position table fits `image_size`'s patch grid, the checkpoint's grid where it was
+    resized else None). The table is resized by `checkpoints.load.fit_posemb`, the function training applies to
+    its teacher (`config.init_posemb_resize`), so a backbone is probed at the grid it would be trained at."""
+    if how not in POSEMB_RESIZE:
+        raise ValueError(f"config.posemb_resize={how!r}; choose from {POSEMB_RESIZE}.")
+    if "pos_embedding" not in params:
+        return params, None
+    old = grid_of(params, model)
+    params = fit_posemb(model, params, image_size, how)
+    new = grid_of(params, model)
+    want = grid_of(params, model, image_size)
+    if new != want:
+        raise ValueError(f"config.posemb_resize={how!r} keeps the backbone's {new[0]}x{new[1]} position table, but "
+                         f"config.data.image_size={image_size} needs {want[0]}x{want[1]}: choose one of "
+                         f"{[h for h in POSEMB_RESIZE if h != 'none']} or image_size "
+                         f"{new[0] * int(model.patch_size[0])}.")
+    return params, (old if old != new else None)
 
 
 def make_features_fn(model, params, dtype: str = "") -> Callable[[np.ndarray], jax.Array]:

@@ -9,10 +9,12 @@ import time
 import numpy as np
 
 from lalign import files
+from lalign.checkpoints.load import POSEMB_RESIZE
 from lalign.data.probe_splits import probe_splits
 from lalign.log import info
 from lalign.probe.evaluate import evaluate_backbone
-from lalign.probe.features import backbone_image_size, load_backbone, make_features_fn, normalization_for
+from lalign.probe.features import (backbone_image_size, fit_to_image_size, load_backbone, make_features_fn,
+                                   normalization_for)
 from lalign.probe.metrics import convergence_warning, per_class_rows, per_class_table
 
 
@@ -25,9 +27,14 @@ def run(config, workdir: str) -> dict:
                                              dict(config.get("model") or {}))
     image_size = backbone_image_size(model, params, config.data.get("image_size", 0))
     patch = int(model.patch_size[0])
+    # Another image size than the checkpoint's: its position table resized as training resizes a teacher's.
+    posemb_resize = config.get("posemb_resize", "") or POSEMB_RESIZE[0]
+    params, resized_from = fit_to_image_size(model, params, image_size, posemb_resize)
     normalization = normalization_for(model, config.data.get("normalization", ""))
+    size_note = ("config.data.image_size" if config.data.get("image_size", 0)
+                 else "the checkpoint's own: its position grid x patch; config.data.image_size sets another")
     info(f"[probe] backbone {path} ({fmt}): ViT width {model.width}, depth {model.depth}, patch {patch}, "
-         f"{image_size}px, normalization '{normalization}'")
+         f"{image_size}px ({size_note}), normalization '{normalization}'")
     splits, class_names = probe_splits(config, image_size, patch, normalization)
     grid = image_size // patch
     features_fn = make_features_fn(model, params, config.get("compute_dtype", ""))
@@ -38,7 +45,9 @@ def run(config, workdir: str) -> dict:
     results = {
         "backbone": {"path": os.path.abspath(path), "format": fmt, "width": model.width, "depth": model.depth,
                      "patch_size": patch, "image_size": image_size, "normalization": normalization,
-                     "num_prefix_tokens": model.num_prefix_tokens},
+                     "num_prefix_tokens": model.num_prefix_tokens,
+                     "posemb_resized_from": None if resized_from is None else list(resized_from),
+                     "posemb_resize": posemb_resize},
         "data": {"name": config.data.name, "label_rule": config.data.get("label_rule", "union"),
                  "num_classes": len(class_names),
                  "splits": {name: {"source": splits[name].source, "count": e["count"],
