@@ -22,6 +22,8 @@ Recipe (configs/common.py): 5 epochs at global batch 1024 = ceil(5 x 13,153,500 
 b2 0.95, wd 0.01, clip 1.0, lr 3e-4 cosine to 3e-5, no warmup; teacher target = penultimate block + final norm;
 bf16 compute, fp32 master weights; nn.scan over blocks, no rematerialization (activations fit); the
 checkpoint with the best validation loss is kept (`checkpoints/best`).
+At another global batch (`--config.batch_size`) the lr follows from batch 1024 by the square-root rule
+(`optimizer.lr_base_batch`, `optimizer.lr_scale_rule`), and the log says so.
 
 Expected result: a student whose patch tokens are locally semantic while the global knowledge is kept; the
 paper reports that the aligned backbone beats its teacher on the patch-level probe (for CLIP ViT-B/16 on

@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -61,18 +61,49 @@ def weight_decay_mask(params, rule: str = "all"):
         lambda path, _: names is None or sharding.path_str(path).rsplit("/", 1)[-1] in names, params)
 
 
-def make_optimizer(cfg, total_steps: int):
+# How a recipe's learning rate follows the global batch (`optimizer.lr_scale_rule`): the factor applied to `lr`
+# at batch B when the recipe's lr belongs to batch `lr_base_batch`. Adam moves every weight by about lr per step
+# whatever the batch, so a recipe's lr at a much smaller batch random-walks a pre-trained student away from its
+# teacher; 'sqrt' is timm's rule for Adam-family optimizers (`lr_base_scale`), 'linear' its rule for SGD.
+LR_SCALE_RULES = {
+    "sqrt": lambda ratio: ratio ** 0.5,
+    "linear": lambda ratio: ratio,
+    "none": lambda ratio: 1.0,
+}
+
+
+def peak_lr(cfg, batch_size: Optional[int] = None) -> tuple[float, str]:
+    """(peak learning rate at global batch `batch_size`, a log line saying how it follows from the config; ""
+    when nothing was scaled).
+
+    `cfg` is config.optimizer (or a plain dict of it): `lr` is the recipe's peak learning rate at global batch
+    `lr_base_batch`; at another batch it is multiplied by LR_SCALE_RULES[`lr_scale_rule`](batch / lr_base_batch).
+    `lr_base_batch` 0 (or absent) or no `batch_size`: `lr` is used as given, as the reference uses its --lr."""
+    lr, base = float(cfg["lr"]), int(cfg.get("lr_base_batch") or 0)
+    rule = cfg.get("lr_scale_rule") or "sqrt"
+    if rule not in LR_SCALE_RULES:
+        raise ValueError(f"config.optimizer.lr_scale_rule must be one of {tuple(LR_SCALE_RULES)}, got {rule!r}.")
+    if not base or not batch_size or batch_size == base:
+        return lr, ""
+    scaled = lr * LR_SCALE_RULES[rule](batch_size / base)
+    how = "lr_scale_rule 'none': not scaled" if rule == "none" else f"{rule} rule"
+    return scaled, f"lr {lr:.2g} is for batch {base}; batch {batch_size} → lr {scaled:.2g} ({how})"
+
+
+def make_optimizer(cfg, total_steps: int, batch_size: Optional[int] = None):
     """AdamW with global-norm clipping; linear warmup then cosine decay to lr * lr_min_ratio.
 
     Returns (optax transform, schedule). Defaults are the reference's: b1 0.9, b2 0.95, wd 0.01 on every
-    parameter (`weight_decay_mask`), clip 1.0, decay to lr/10, no warmup.
+    parameter (`weight_decay_mask`), clip 1.0, decay to lr/10, no warmup. The peak lr is `peak_lr(cfg,
+    batch_size)`: the config's lr, scaled when the global batch differs from the one it belongs to.
     """
+    lr = peak_lr(cfg, batch_size)[0]
     warmup = int(cfg.get("warmup_steps", 0))
-    end = cfg.lr * cfg.get("lr_min_ratio", 0.1)
+    end = lr * cfg.get("lr_min_ratio", 0.1)
     if warmup:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
     else:
-        schedule = optax.cosine_decay_schedule(cfg.lr, max(total_steps, 1), alpha=end / cfg.lr)
+        schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=end / lr)
     parts = []
     if cfg.get("grad_clip"):
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -146,7 +177,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     target_teacher, target_params = maskembed.Teacher.create(teacher, teacher_params, cfg.target_layer,
                                                               dtype=_dtype(cfg.teacher_dtype))
     model = maskembed.make_maskembed_model(teacher, cfg)
-    tx, schedule = make_optimizer(config.optimizer, config.total_steps)
+    tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     loss_fn = maskembed.make_loss_fn(model, target_teacher, cfg)
     masked_loss_fn = maskembed.make_masked_loss_fn(model, target_teacher, cfg)
     accum = int(config.get("grad_accum_steps", 1) or 1)
@@ -239,6 +270,9 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         info(f"[maskembed] image {size} px, patch {teacher.patch_size[0]}: the patch grid covers {covered} px; the "
              f"last {size - covered} pixel rows and columns are outside it (masked to zero for the teacher, not "
              f"seen by the student's patch embedding)")
+    lr_note = peak_lr(config.optimizer, batch_size)[1]
+    if lr_note:  # the recipe's lr belongs to another global batch
+        info(f"[maskembed] {lr_note}")
     s = build_step(config, teacher, teacher_params, np.zeros((2, size, size, 3), np.float32))
     mesh, repl = s.mesh, sharding.replicated(s.mesh)
     shard = sharding.host_shard(batch_size, mesh)  # (i, n): this host's slice of every global batch

@@ -14,6 +14,7 @@ from etils import epath
 
 from lalign import maskembed, sharding
 from lalign.checkpoints.load import POSEMB_RESIZE
+from lalign.train import LR_SCALE_RULES, peak_lr
 
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
 # resume: total_steps (extend a run), the logging/evaluation/checkpoint intervals, the mesh (resume on another
@@ -75,6 +76,12 @@ def config_errors(config, num_devices: int) -> list[str]:
                                                            f"{o.get('warmup_steps')!r}")
     need(0 <= o.get("lr_min_ratio", 0.1) <= 1, f"config.optimizer.lr_min_ratio must be in [0, 1], got "
                                                f"{o.get('lr_min_ratio')!r}")
+    need(_non_negative_int(o.get("lr_base_batch", 0) or 0), f"config.optimizer.lr_base_batch must be 0 (lr used "
+                                                            f"at any batch) or the global batch size lr belongs "
+                                                            f"to, got {o.get('lr_base_batch')!r}")
+    need((o.get("lr_scale_rule") or "sqrt") in LR_SCALE_RULES, f"config.optimizer.lr_scale_rule must be one of "
+                                                               f"{tuple(LR_SCALE_RULES)}, got "
+                                                               f"{o.get('lr_scale_rule')!r}")
 
     m = c.maskembed
     need(m.sampler in maskembed.SAMPLERS, f"config.maskembed.sampler {m.sampler!r} is not one of "
@@ -126,9 +133,23 @@ def resume_errors(config, workdir: str) -> list[str]:
         if field.split(".")[0] not in saved:
             continue  # a config.json from before the field existed
         a, b = _get(saved, field), _get(new, field)
+        if field == "optimizer" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = _same_lr_fields(a, saved.get("batch_size"), b, new.get("batch_size"))
         if a != b:
             out.append(f"{field}: {json.dumps(a)} in the workdir's checkpoints, {json.dumps(b)} now")
     return out
+
+
+def _same_lr_fields(saved: dict, saved_batch, new: dict, new_batch) -> tuple[dict, dict]:
+    """A config.json written before `lr_base_batch` and `lr_scale_rule` existed ran with its lr as given: the
+    two optimizer configs compared with those fields left out and the peak learning rate each gives in their
+    place, so such a run resumes when its learning rate is unchanged."""
+    missing = [k for k in ("lr_base_batch", "lr_scale_rule") if k in new and k not in saved]
+    if not missing or not isinstance(saved.get("lr"), (int, float)):
+        return saved, new
+    drop = lambda o: {k: v for k, v in o.items() if k not in missing}  # noqa: E731
+    return ({**drop(saved), "peak lr": peak_lr(saved, saved_batch)[0]},
+            {**drop(new), "peak lr": peak_lr(new, new_batch)[0]})
 
 
 def check(config, workdir: str, num_devices: int) -> None:

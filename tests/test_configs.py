@@ -37,6 +37,7 @@ def test_full_config_is_the_papers_recipe(name):
     o = c.optimizer
     assert (o.lr, o.b1, o.b2, o.wd, o.grad_clip, o.warmup_steps, o.lr_min_ratio) == (lr, 0.9, 0.95, 0.01, 1.0, 0, 0.1)
     assert o.weight_decay_on == "all"  # the reference decays every parameter
+    assert (o.lr_base_batch, o.lr_scale_rule) == (1024, "sqrt")  # the recipe's lr belongs to its batch
     m = c.maskembed
     assert m.target_layer == "penultimate" and m.teacher_dtype == m.student_dtype == "bfloat16"
     assert (m.sampler, m.antithetic, m.include_ones, m.loss, m.decoder_depth) == ("uniform", True, True, "mse", 2)
@@ -201,3 +202,67 @@ def test_memory_estimate_counts_the_target_statistics_pass():
     assert b["target_stats"] == plain["target_stats"] > 0  # micro-batching does not shrink that pass
     assert b["activations"] < b["target_stats"] < plain["activations"]
     assert b["total"] == b["params"] + b["grads"] + b["adamw"] + b["teacher"] + b["full_teacher"] + b["target_stats"]
+
+
+# ------------------------------------------------------------------------- the learning rate follows the batch
+def test_lr_is_scaled_from_the_batch_it_belongs_to():
+    from lalign.train import make_optimizer, peak_lr
+
+    recipe = load_config("configs/siglip_b16.py", "full").optimizer  # lr 3e-4 at batch 1024, sqrt rule
+    assert peak_lr(recipe, 1024) == (3e-4, "")  # the recipe's batch: nothing changes, nothing said
+    lr, note = peak_lr(recipe, 4)
+    assert lr == pytest.approx(3e-4 * (4 / 1024) ** 0.5) and f"{lr:.2g}" == "1.9e-05"
+    assert note == "lr 0.0003 is for batch 1024; batch 4 → lr 1.9e-05 (sqrt rule)"
+    assert peak_lr(dict(recipe, lr_scale_rule="linear"), 4)[0] == pytest.approx(3e-4 * 4 / 1024)
+    assert peak_lr(dict(recipe, lr_scale_rule="linear"), 2048)[0] == pytest.approx(6e-4)
+    lr, note = peak_lr(dict(recipe, lr_scale_rule="none"), 4)
+    assert lr == 3e-4
+    assert note == "lr 0.0003 is for batch 1024; batch 4 → lr 0.0003 (lr_scale_rule 'none': not scaled)"
+    assert peak_lr(dict(recipe, lr_base_batch=0), 4) == (3e-4, "")  # 0: lr as given at any batch
+    assert peak_lr({"lr": 1e-3}, 4) == (1e-3, "")  # an optimizer config without the fields (pretrain's)
+    demo = load_config("configs/demo.py", "full")
+    assert (demo.optimizer.lr, demo.optimizer.lr_base_batch, demo.batch_size) == (3e-4, 32, 32)  # unchanged
+    assert peak_lr(demo.optimizer, 4)[0] == pytest.approx(3e-4 / 8 ** 0.5)
+    _, schedule = make_optimizer(recipe, 100, 4)  # the schedule's peak is the scaled lr, its floor a tenth of it
+    assert float(schedule(0)) == pytest.approx(3e-4 * (4 / 1024) ** 0.5, rel=1e-6)
+    assert float(schedule(100)) == pytest.approx(0.1 * 3e-4 * (4 / 1024) ** 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="lr_scale_rule must be one of .*'sqrt'.*got 'cube'"):
+        peak_lr(dict(recipe, lr_scale_rule="cube"), 4)
+
+
+def test_a_run_at_another_batch_says_how_its_lr_was_scaled(tmp_path, capsys):
+    from lalign.pretrain import pretrain_teacher
+    from lalign.train import train_maskembed
+
+    c = load_config("configs/demo.py", "tiny")
+    c.update(total_steps=2, eval_every=0, log_every=1)
+    c.optimizer.lr_base_batch = 32
+    teacher = pretrain_teacher(c, str(tmp_path / "teacher"))
+    capsys.readouterr()
+    train_maskembed(c, str(tmp_path / "run"), *teacher)
+    assert "[maskembed] lr 0.0003 is for batch 32; batch 8 → lr 0.00015 (sqrt rule)" in capsys.readouterr().out
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        lrs = [json.loads(line)["lr"] for line in f if '"lr"' in line]
+    assert lrs[0] == pytest.approx(1.5e-4, rel=1e-6)  # step 1 logs the step-0 lr: the peak
+
+
+def test_config_check_of_the_lr_fields_and_a_resume_from_before_they_existed(tmp_path):
+    from lalign import validate
+
+    c = load_config("configs/demo.py", "full")
+    c.optimizer.update(lr_base_batch=-1, lr_scale_rule="cube")
+    errors = validate.config_errors(c, 1)
+    assert any("config.optimizer.lr_base_batch must be 0" in e and "got -1" in e for e in errors), errors
+    assert any("config.optimizer.lr_scale_rule must be one of ('sqrt', 'linear', 'none'), got 'cube'" in e
+               for e in errors), errors
+    # A workdir whose config.json predates the fields ran with its lr as given: it resumes when the lr is unchanged
+    c = load_config("configs/demo.py", "full")
+    (tmp_path / "checkpoints" / "latest" / "500").mkdir(parents=True)
+    saved = json.loads(c.to_json_best_effort())
+    del saved["optimizer"]["lr_base_batch"], saved["optimizer"]["lr_scale_rule"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert validate.resume_errors(c, str(tmp_path)) == []  # batch 32: lr 3e-4 either way
+    c.batch_size = saved["batch_size"] = 4
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (error,) = validate.resume_errors(c, str(tmp_path))  # batch 4: 3e-4 then, 1.06e-4 now
+    assert error.startswith("optimizer: ") and '"peak lr": 0.0003}' in error and '"peak lr": 0.000106' in error
