@@ -378,10 +378,10 @@ def _timm_run(torch, t, x):
         return f, t.forward_head(f)
 
 
-def _create(timm_mod, name, kwargs):
-    """`timm.create_model(name)` with the architecture overridden by our kwargs (not the eps: the named config's)."""
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k != "norm_eps"}
-    return timm_mod.create_model(name, pretrained=False, **kw)
+def _create(name, kwargs):
+    """`timm.create_model(name)` with the architecture overridden by our kwargs (not the eps: the named config's),
+    through `timm_model` (which fits the kwargs to the installed timm)."""
+    return ltimm.timm_model({k: v for k, v in kwargs.items() if k != "norm_eps"}, name=name)
 
 
 @pytest.mark.parametrize("name", ["siglip", "clip"])
@@ -393,8 +393,7 @@ def test_timm_parity_with_named_models(name, siglip, clip, torch_mods, timm_mod,
     path = tmp_path / "m.safetensors"
     kwargs = ltimm.to_timm(params, model, path)
     # The stock configs, overriding only sizes (and for SigLIP the GELU: timm's stock one is exact erf).
-    t = _create(timm_mod, {"siglip": "vit_base_patch16_siglip_224",
-                           "clip": "vit_base_patch16_clip_quickgelu_224"}[name], kwargs)
+    t = _create({"siglip": "vit_base_patch16_siglip_224", "clip": "vit_base_patch16_clip_quickgelu_224"}[name], kwargs)
     assert t.norm.eps == model.ln_eps
     t.load_state_dict(load_file(path), strict=True)
     f, pooled = _timm_run(torch, t, x)

@@ -13,17 +13,25 @@ SigLIP-style models (`vit_base_patch16_siglip_224`: no class token, MAP head `at
 a big_vision class token (position embedding added before it is prepended) is timm's `no_embed_class=True`.
 
 `to_timm` writes the state dict as safetensors (numpy only, no torch needed) and stores the timm constructor
-arguments in the file's metadata (`timm_kwargs`, JSON); `timm_model(path)` builds the matching timm model
-(`timm.create_model(name, pretrained=False, **kwargs)` works too). Note timm's stock SigLIP configs use exact
-(erf) GELU where big_vision uses the tanh approximation: for bit-exact features pass `act_layer='gelu_tanh'`, as
-`timm_kwargs` does. timm's `forward_features(x)` returns our `aux['encoded']` (final norm on every token), and
-`forward_head(.., pre_logits=True)` our pooled output.
+arguments in the file's metadata (`timm_kwargs`, JSON); `timm_model(path)` builds the matching timm model with any
+timm from 1.0.8 on (`timm_model(path, name=...)` through `timm.create_model`; a plain
+`timm.create_model(name, pretrained=False, **kwargs)` needs timm >= 1.0.16, the first with `pool_include_prefix`).
+Note timm's stock SigLIP configs use exact (erf) GELU where big_vision uses the tanh approximation: for bit-exact
+features pass `act_layer='gelu_tanh'`, as `timm_kwargs` does. timm's `forward_features(x)` returns our
+`aux['encoded']` (final norm on every token), and `forward_head(.., pre_logits=True)` our pooled output.
+
+Versions: timm < 1.0.16 has no `pool_include_prefix` (its MAP head always sees the prefix tokens, as big_vision's
+does), and timm < 1.0.15 builds the MAP head's MLP with exact GELU whatever `act_layer` says; `timm_model` leaves
+out an argument the installed timm lacks where its fixed behaviour is the one asked for (else one line names the
+timm release needed), and gives the MAP head the blocks' activation.
 
 A head-less aligned student (pool_type 'none') is written with `global_pool=''` (no head; loads strictly); pass
 `head_params=` (the teacher's params or its MAPHead_0) to include the teacher's MAP head as `attn_pool`.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import math
 import os
@@ -132,7 +140,8 @@ def timm_kwargs(model: ViT, grid: tuple[int, int], *, with_map_head: Optional[bo
         class_token=model.has_class_token, no_embed_class=_no_embed_class(model), reg_tokens=model.num_registers,
         init_values=model.layerscale_init,
         pre_norm=model.pre_norm, global_pool=POOL_TO_TIMM[pool], fc_norm=False,
-        pool_include_prefix=pool == "map" and model.has_class_token, num_classes=model.num_classes or 0,
+        # lalign's MAP head attends to every token, prefix tokens (class token, registers) included
+        pool_include_prefix=pool == "map" and model.num_prefix_tokens > 0, num_classes=model.num_classes or 0,
         act_layer=ACT_TO_TIMM[model.act], norm_eps=float(model.ln_eps),
     )
 
@@ -314,15 +323,88 @@ def from_timm(path: str, *, scan: bool = False, keep_head: bool = False, num_hea
     return model, to_layout(params, scan)
 
 
-def timm_model(source, **overrides):
-    """A timm VisionTransformer (random init) for a `to_timm` file (path) or a kwargs dict from `timm_kwargs`.
+# timm releases that added a VisionTransformer argument lalign's files use
+ADDED_IN = {"pool_include_prefix": "1.0.16"}
 
-    Needs torch and timm. `overrides` replace individual timm arguments.
+
+def torchvision_hint(library: str) -> str:
+    """One line: `library` imports torchvision, which is missing, and the pip command for the build of the installed
+    torch (torch 2.M.p pairs with torchvision 0.(M+15).p; a local build tag such as +cpu names PyTorch's index)."""
+    import torch
+
+    release, _, local = torch.__version__.partition("+")
+    major, minor, patch = (release.split(".") + ["0", "0"])[:3]
+    head = f"{library} imports torchvision, which is not installed: "
+    if major != "2" or not minor.isdigit():
+        return head + f"install the torchvision release built for torch {torch.__version__}."
+    spec = f"torchvision==0.{int(minor) + 15}.{patch}" + (f"+{local} --index-url https://download.pytorch.org/whl/"
+                                                          f"{local}" if local else "")
+    return head + f"pip install --no-deps {spec} (built for torch {torch.__version__}; --no-deps keeps that torch)."
+
+
+def _import_timm():
+    """(timm, its VisionTransformer); a missing torchvision, which timm imports at load, is one line naming the
+    install command."""
+    try:
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == "torchvision":
+            raise ImportError(torchvision_hint("timm")) from None
+        raise
+    return timm, VisionTransformer
+
+
+def _prefix_tokens(kwargs: Mapping) -> int:
+    return int(kwargs.get("class_token", True)) + int(kwargs.get("reg_tokens", 0) or 0)
+
+
+def kwargs_for_installed_timm(kwargs: Mapping, vit_class=None, version: Optional[str] = None) -> dict:
+    """`kwargs` less the arguments the installed timm's VisionTransformer does not take, where leaving one out
+    gives the same model (that timm's fixed behaviour is the value asked for); any other is a ValueError naming the
+    timm release that has it. `vit_class` / `version`: the VisionTransformer to check against (default: timm's)."""
+    if vit_class is None or version is None:
+        timm, vit = _import_timm()
+        vit_class, version = vit_class or vit, version or timm.__version__
+    params = inspect.signature(vit_class.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    out = {k: v for k, v in kwargs.items() if k in params}
+    for key in [k for k in kwargs if k not in params]:
+        value = kwargs[key]
+        if key == "pool_include_prefix" and (not _prefix_tokens(kwargs)
+                                             or bool(value) == (kwargs.get("global_pool", "token") == "map")):
+            continue  # before it: the MAP head pools every token, the other pools only the patches
+        need = f"timm>={ADDED_IN[key]}" if key in ADDED_IN else "a timm that has it"
+        raise ValueError(f"timm {version}'s VisionTransformer has no argument {key} (this model needs {key}="
+                         f"{value!r}): install {need}.")
+    return out
+
+
+def match_map_head_activation(t) -> None:
+    """Gives a timm model's MAP head (attn_pool) the activation of its blocks, as big_vision's MAPHead and timm >=
+    1.0.15 have it; older timm builds that MLP with exact GELU whatever act_layer says (6e-4 off big_vision's tanh
+    GELU at the pooled output)."""
+    pool = getattr(t, "attn_pool", None)
+    if pool is None or not len(t.blocks) or not hasattr(pool, "mlp"):
+        return
+    want = t.blocks[0].mlp.act
+    if repr(pool.mlp.act) != repr(want):
+        pool.mlp.act = copy.deepcopy(want)
+
+
+def timm_model(source, name: Optional[str] = None, **overrides):
+    """A timm VisionTransformer (random init) for a `to_timm` file (path) or a kwargs dict from `timm_kwargs`, for
+    the installed timm (1.0.8 and later; see the module docstring).
+
+    Needs torch and timm. `name`: build through `timm.create_model(name, pretrained=False, ...)` (a named
+    config's other settings, e.g. its LayerNorm eps when the kwargs have no `norm_eps`). `overrides` replace
+    individual timm arguments.
     """
     from functools import partial
 
+    timm, vit_class = _import_timm()
     from timm.layers import LayerNorm
-    from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(source, (str, os.PathLike)):
         _, meta = read_timm(os.fspath(source))
@@ -332,9 +414,13 @@ def timm_model(source, **overrides):
     else:
         kwargs = dict(source)
     kwargs.update(overrides)
-    eps = kwargs.pop("norm_eps", 1e-6)
-    kwargs.setdefault("norm_layer", partial(LayerNorm, eps=eps))
+    eps = kwargs.pop("norm_eps", None if name else 1e-6)
+    if eps is not None:
+        kwargs.setdefault("norm_layer", partial(LayerNorm, eps=eps))
     for k in ("img_size", "patch_size"):
         if isinstance(kwargs.get(k), list):
             kwargs[k] = tuple(kwargs[k])
-    return VisionTransformer(**kwargs)
+    kwargs = kwargs_for_installed_timm(kwargs, vit_class, timm.__version__)
+    t = timm.create_model(name, pretrained=False, **kwargs) if name else vit_class(**kwargs)
+    match_map_head_activation(t)
+    return t
