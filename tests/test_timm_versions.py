@@ -115,24 +115,32 @@ def test_kwargs_fit_a_timm_without_pool_include_prefix(timm_mod, tmp_path):
         ltimm.kwargs_for_installed_timm(dict(with_cls, global_pool="avg"), Old, "1.0.8")
 
 
-def test_timm_without_torchvision_is_one_line_naming_the_install():
-    """Outside the tests' shim, timm fails to import without torchvision: timm_model says what to install."""
+def test_timm_and_open_clip_without_torchvision_are_one_line_naming_the_install():
+    """Outside the tests' shim, timm and open_clip fail to import without torchvision: lalign says what to
+    install."""
     pytest.importorskip("torch")
-    if importlib.util.find_spec("timm") is None:
-        pytest.skip("timm is not installed")
+    if importlib.util.find_spec("timm") is None or importlib.util.find_spec("open_clip") is None:
+        pytest.skip("timm or open_clip is not installed")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "shims" not in p]))
     code = ("import importlib.util, sys\n"
             "if importlib.util.find_spec('torchvision'): sys.exit(3)\n"
-            "from lalign.checkpoints.timm import timm_model; timm_model({})")
+            "from lalign.checkpoints.open_clip import open_clip_visual\n"
+            "from lalign.checkpoints.timm import timm_model\n"
+            "for build, arg in ((timm_model, {}), (open_clip_visual, {'embed_dim': 8, 'vision_cfg': {}})):\n"
+            "    try:\n"
+            "        build(arg)\n"
+            "    except ImportError as e:\n"
+            "        print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     if r.returncode == 3:
         pytest.skip("torchvision is installed")
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: timm imports torchvision, which is not installed: pip install --no-deps "
-                           "torchvision=="), r.stderr
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["timm", "open_clip"], r.stdout
     import torch
 
-    if torch.__version__ == "2.13.0+cpu":
-        assert "torchvision==0.28.0+cpu --index-url https://download.pytorch.org/whl/cpu" in last
+    for line in lines:
+        assert " imports torchvision, which is not installed: pip install --no-deps torchvision==" in line
+        if torch.__version__ == "2.13.0+cpu":
+            assert "torchvision==0.28.0+cpu --index-url https://download.pytorch.org/whl/cpu" in line

@@ -236,7 +236,14 @@ def from_open_clip(path: str, *, scan: bool = False, keep_head: bool = False, **
 def open_clip_visual(path_or_cfg, **overrides):
     """An open_clip VisionTransformer (random init) for a `to_open_clip` file or a model_cfg dict. Needs torch
     and open_clip."""
-    import open_clip.model as ocm
+    try:
+        import open_clip.model as ocm
+    except ModuleNotFoundError as e:  # open_clip imports torchvision at load
+        if (e.name or "").split(".")[0] != "torchvision":
+            raise
+        from lalign.checkpoints.timm import torchvision_hint
+
+        raise ImportError(torchvision_hint("open_clip")) from None
 
     if isinstance(path_or_cfg, (str, os.PathLike)):
         _, _, cfg = read_open_clip(os.fspath(path_or_cfg))
