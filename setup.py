@@ -25,6 +25,10 @@ setup(
         "torch": ["torch==2.13.0", "transformers>=4.50", "safetensors"],
         "test": ["pytest", "pytest-xdist", "fsspec", "torch==2.13.0", "transformers>=4.50", "safetensors",
                  "array-record"],
+        # timm interop (lalign.checkpoints.timm.timm_model): timm 1.0.8 (the reference's pin) to 1.0.31 tested.
+        # timm imports torchvision, whose build must match torch's: `scripts/install.sh test` installs timm,
+        # and torchvision where it can.
+        "timm": ["timm>=1.0.8", "safetensors"],
         "tfds": ["array-record"],  # data.name='tfds': TFDS data sets in ArrayRecord files (lalign.data.tfds)
         "tpu": ["jax[tpu]>=0.10"],
         "gcs": ["gcsfs"],  # gs:// image folders and file lists (lalign.data.image_folder)

@@ -26,8 +26,9 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
-# timm imports torchvision at load time; where it is not installed (CI: it cannot sit beside the CPU torch wheel),
-# a test-only shim answers those imports. See tests/shims/torchvision/__init__.py.
+# timm and open_clip import torchvision at load time. scripts/install.sh installs PyTorch's CPU build of it where
+# that index is reachable (PyPI's build needs a CUDA torch); where none is installed, a test-only shim answers those
+# imports. See tests/shims/torchvision/__init__.py.
 if importlib.util.find_spec("torchvision") is None:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "shims"))
 
