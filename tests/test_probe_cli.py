@@ -144,6 +144,53 @@ def test_seeds_trained_side_by_side_equal_seeds_trained_one_by_one():
     assert together[0]["history"] != together[1]["history"]  # two seeds, two probes
 
 
+def test_evaluation_pads_to_the_chunk_a_split_needs_and_the_memory_is_printed(monkeypatch, capsys):
+    """A 21-image validation split is evaluated as one 32-row chunk (not padded to 512 rows), every split in the
+    same shape (one compiled program), the last chunk of a larger split padded; the memory the probe needs is
+    printed before the features are extracted."""
+    from lalign.probe import heads
+
+    assert heads.eval_chunk((21, 40)) == 32 and heads.eval_chunk((101, 233)) == 128
+    assert heads.eval_chunk((500, 1000)) == 512  # the demo's splits: the shape they always had
+    assert heads.eval_chunk((101, 233), cap=64) == 64 and heads.eval_chunk((3, 5)) == 4
+    assert heads.eval_chunk((101, 233), fit=100) == 64
+    # ViT-S/14 features at 518 px (1,369 patches): a 128-row chunk would need ~13 GB of activations, more than a
+    # training step's 7.4: the chunk is limited to 64 rows.
+    vit_s = ml_collections.ConfigDict(dict(depth=2, batch_size=32))
+    assert heads.probe_memory(1369, 384, 6, 11, vit_s, 1, (101, 233))["chunk"] == 64
+    assert heads.probe_memory(256, 384, 6, 11, vit_s, 1, (101, 233))["chunk"] == 128
+    seen = []
+    real = heads.padded_chunks
+
+    def spy(x, y, chunk):
+        for xs, labels in real(x, y, chunk):
+            seen.append((xs.shape[0], len(labels)))
+            yield xs, labels
+
+    monkeypatch.setattr(heads, "padded_chunks", spy)
+    rng = np.random.default_rng(0)
+
+    def split(name, n):
+        return probe.array_split(name, name, {"image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32),
+                                              "patch_labels": (rng.random((n, 4, 3)) < 0.3).astype(np.uint8),
+                                              "labels": np.ones((n, 3), np.uint8)})
+
+    splits = {"train": split("train", 24), "val": split("val", 21), "test": split("test", 40)}
+    cfg = ml_collections.ConfigDict(dict(depth=1, epochs=1, batch_size=8, lr=1e-2, lr_min_ratio=0.1,
+                                         warmup_steps=1, wd=0.0, seeds=(0,)))
+    features = jax.jit(lambda images: images.reshape(len(images), 4, 48))  # 4 "patches" of width 48
+    capsys.readouterr()
+    res = probe.evaluate_backbone(features, splits, 4, 48, 2, cfg, image_probe=False)
+    assert {rows for rows, _ in seen} == {32}  # one shape, never 512
+    assert [n for _, n in seen] == [21, 32, 8]  # validation, then the test split in two chunks
+    assert res["patch"]["runs"][0]["best_epoch"] == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("[probe] memory:"))
+    assert out.index("[probe] memory:") < out.index("[probe] features train")
+    assert "85 images x 4 patches x 48 float32" in line and "evaluation" in line and "(chunk 32)" in line
+    assert "batch 8 x 1" in line and "in memory" in line
+
+
 def test_probes_that_peak_at_their_last_epoch_are_flagged():
     def run(val_curve):
         history = [{"epoch": i + 1, "val_macro_recall": v} for i, v in enumerate(val_curve)]

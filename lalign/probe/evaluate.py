@@ -7,11 +7,13 @@ import os
 import time
 from typing import Callable
 
+import numpy as np
+
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
 from lalign.metrics import format_duration
 from lalign.probe.features import extract_split
-from lalign.probe.heads import background_token_probe, image_linear_probe, train_patch_probe_seeds
+from lalign.probe.heads import background_token_probe, image_linear_probe, probe_memory, train_patch_probe_seeds
 from lalign.probe.metrics import summarize_runs
 
 
@@ -31,6 +33,32 @@ def extract_splits(features_fn: Callable, splits: dict[str, ProbeSplit], num_pat
         info(f"[probe] features {name}: {e['count']} images from {split.source} [{times[f'features_{name}_s']:.0f}s]"
              + (f", {len(e['skipped'])} skipped" if e["skipped"] else ""))
     return extracted, times
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def memory_line(splits: dict[str, ProbeSplit], num_patches: int, width: int, num_heads: int, probe_cfg,
+                features_cfg=None) -> str:
+    """What the probe will hold: the feature store (in memory, or memmaps on disk read a piece at a time), the
+    probe's parameters and optimizer state, and the larger of a training step's and an evaluation chunk's
+    activations (`heads.probe_memory`)."""
+    fcfg = features_cfg or {}
+    store, dtype = fcfg.get("store", "memory"), np.dtype(fcfg.get("dtype", "float32"))
+    n = sum(s.size for s in splits.values())
+    c = next(iter(splits.values())).num_classes
+    feats = n * num_patches * width * dtype.itemsize
+    labels = n * num_patches * c
+    seeds = len(probe_cfg.seeds)
+    m = probe_memory(num_patches, width, num_heads, c, probe_cfg, seeds, (splits["val"].size, splits["test"].size))
+    in_ram = (feats + labels if store == "memory" else 0) + n * (4 * width + c) + m["state"]
+    where = "in memory" if store == "memory" else "on disk (memmaps, read as needed)"
+    return (f"[probe] memory: features {_bytes(feats)} + patch labels {_bytes(labels)} {where} ({n} images x "
+            f"{num_patches} patches x {width} {dtype.name}); probe state {_bytes(m['state'])} ({seeds} seed(s)); "
+            f"activations: training step {_bytes(m['step'])} (batch {probe_cfg.batch_size} x {seeds}), "
+            f"evaluation {_bytes(m['eval'])} (chunk {m['chunk']}); about {_bytes(in_ram + max(m['step'], m['eval']))} "
+            f"of memory in all (an estimate; XLA:CPU's temporaries run up to 1.7x the activations)")
 
 
 def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe") -> list[dict]:
@@ -62,6 +90,7 @@ def evaluate_backbone(features_fn: Callable, splits: dict[str, ProbeSplit], num_
                       num_heads: int, probe_cfg, *, image_probe: bool = True, features_cfg=None,
                       directory: str = "", what: str = "probe") -> dict:
     """{'patch': summary over seeds, 'image': ... (with image_probe), 'extracted', 'runtime_s'} for one backbone."""
+    info(memory_line(splits, num_patches, width, num_heads, probe_cfg, features_cfg))
     extracted, times = extract_splits(features_fn, splits, num_patches, width, features_cfg, directory)
     t0 = time.time()
     runs = train_patch_probes(extracted, probe_cfg, num_heads, what)

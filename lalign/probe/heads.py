@@ -15,6 +15,60 @@ from lalign.models.decoder import PatchProbe
 from lalign.probe.metrics import add_counts, metrics_from_counts, patch_counts
 
 
+EVAL_BATCH_SIZE = 512  # the largest evaluation chunk unless cfg.eval_batch_size says otherwise
+EVAL_BUDGET = 2**30  # an evaluation chunk's activations stay within max(this, a training step's)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def eval_chunk(sizes, cap: int = EVAL_BATCH_SIZE, fit: int = 0) -> int:
+    """The one evaluation shape for splits of `sizes` examples: the smallest split rounded up to a power of two,
+    at most `cap` and at most the power of two at or below `fit` (the rows that fit the memory budget; 0: no
+    limit). A small split is padded to what it needs, not to `cap` (a 21-image split: 32 rows); a larger one runs
+    in chunks of that size, its last chunk padded, so every split shares one compiled program. Powers of two keep
+    the shapes few, and the demo's 500 / 1,000-image splits at the 512 rows they always had."""
+    chunk = min(int(cap), _pow2_ceil(min([int(s) for s in sizes if s > 0] or [1])))
+    if fit:
+        chunk = min(chunk, 1 << (max(1, int(fit)).bit_length() - 1))
+    return max(1, chunk)
+
+
+def padded_chunks(x, y, chunk: int):
+    """(features, labels) of a split in pieces of `chunk` rows read from the store as they are needed (memmaps
+    stay on disk); the features of the last piece padded with zeros to `chunk` rows."""
+    for i in range(0, len(x), chunk):
+        xs, labels = np.asarray(x[i:i + chunk]), np.asarray(y[i:i + chunk])
+        if len(xs) < chunk:
+            xs = np.concatenate([xs, np.zeros((chunk - len(xs), *xs.shape[1:]), xs.dtype)])
+        yield xs, labels
+
+
+def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int, cfg, num_seeds: int,
+                 eval_sizes) -> dict:
+    """The probe's programs, sized (float32 bytes) by lalign.memory's activation model of a pre-LN block:
+    'state' = parameters, gradients and AdamW's two moments of every seed; 'step' = what autodiff keeps for one
+    training step of `cfg.batch_size` images per seed (every block's saved activations, the input, the logits);
+    'eval' = one evaluation chunk's working set (one block at a time, the probabilities of every seed) at
+    'chunk' = `eval_chunk` of the `eval_sizes` splits, limited to the rows whose activations fit in the larger of
+    a training step's and `EVAL_BUDGET`, so evaluating never needs much more than training does. An estimate:
+    XLA:CPU's temporaries run 1.4-1.7x above this model (lalign/memory.py)."""
+    from lalign.memory import block_saved
+
+    t, d, c, b = num_patches, width, num_classes, 4
+    f = 4 * d
+    model = PatchProbe(num_classes=num_classes, num_heads=num_heads, depth=cfg.depth)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, t, d), jnp.float32))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    step = (cfg.depth * block_saved(t, d, f, num_heads, b, 1) + b * t * d + 3 * b * t * c) * cfg.batch_size * num_seeds
+    per_image_eval = b * t * (4 * d + f) + num_heads * t * t * (4 + b) + b * t * c * num_seeds
+    chunk = eval_chunk(eval_sizes, cfg.get("eval_batch_size", EVAL_BATCH_SIZE),
+                       fit=int(max(step, EVAL_BUDGET) // per_image_eval))
+    return {"params": params, "state": 4 * b * params * num_seeds, "step": step, "chunk": chunk,
+            "eval": per_image_eval * chunk}
+
+
 def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
                       log: Optional[Callable[[dict], None]] = None) -> dict:
     """train/val/test: (features (N, P, D), labels (N, P, C)). Returns the test metrics at the best val epoch.
@@ -65,14 +119,12 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
 
     predict = jax.jit(lambda params, x: jnp.stack(
         [jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))) for p in params]))
+    chunk = probe_memory(x_train.shape[1], x_train.shape[2], num_heads, num_classes, cfg, len(seeds),
+                         (len(val[0]), len(test[0])))["chunk"]
 
-    def evaluate(params, split, chunk=512):
-        x, y = split
+    def evaluate(params, split):
         counts = [None] * len(seeds)
-        for i in range(0, len(x), chunk):
-            xs, labels = np.asarray(x[i:i + chunk]), np.asarray(y[i:i + chunk])
-            if len(xs) < chunk:  # padded to one shape: one compilation for every split
-                xs = np.concatenate([xs, np.zeros((chunk - len(xs), *xs.shape[1:]), xs.dtype)])
+        for xs, labels in padded_chunks(*split, chunk):
             probs = np.asarray(predict(params, jnp.asarray(xs)))[:, :len(labels)]
             counts = [add_counts(c, patch_counts(probs[k], labels)) for k, c in enumerate(counts)]
         return [metrics_from_counts(c) for c in counts]
@@ -131,12 +183,18 @@ def background_tokens(feats: np.ndarray, patch_labels: np.ndarray) -> tuple[np.n
         raise ValueError(f"background_tokens needs a square patch grid, got {num_patches} patches.")
     rows, cols = np.divmod(np.arange(num_patches), side)
     dist = np.hypot(rows[:, None] - rows[None], cols[:, None] - cols[None])  # (P, P)
-    labelled = patch_labels.reshape(n, num_patches, -1).max(-1) > 0.5  # (N, P)
-    keep = labelled.any(1) & ~labelled.all(1)
-    far = np.where(labelled[:, None, :], dist[None], np.inf).min(-1)  # distance of each patch to an object
-    far = np.where(labelled, -1.0, far)
-    idx = np.flatnonzero(keep)
-    return feats[idx, far[idx].argmax(1)], idx
+    idx, chosen = [], []
+    step = max(1, 2**24 // (num_patches * num_patches))  # images at a time: (step, P, P) distances, ~128 MB
+    for i in range(0, n, step):  # streamed: the labels of a memmap store are read a piece at a time
+        labelled = np.asarray(patch_labels[i:i + step]).reshape(-1, num_patches,
+                                                                  np.shape(patch_labels)[-1]).max(-1) > 0.5
+        keep = np.flatnonzero(labelled.any(1) & ~labelled.all(1))
+        far = np.where(labelled[keep, None, :], dist[None], np.inf).min(-1)  # distance of each patch to an object
+        far = np.where(labelled[keep], -1.0, far)
+        idx.append(i + keep)
+        chosen.append(far.argmax(1))
+    idx, chosen = np.concatenate(idx).astype(np.int64), np.concatenate(chosen).astype(np.int64)
+    return np.asarray(feats[idx, chosen]), idx
 
 
 def background_token_probe(train, test) -> float:
