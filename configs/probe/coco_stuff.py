@@ -59,7 +59,10 @@ def get_config(arg: str = "full"):
     )
     c.features = dict(batch_size=64, store="disk", dtype="float16")  # store: memory | disk (DIR/features/*.npy)
     c.probe = dict(depth=2, epochs=5, batch_size=32, lr=1e-3, lr_min_ratio=0.1, warmup_steps=500, wd=0.01,
-                   seeds=(0,))
+                   seeds=(0,),
+                   # Largest evaluation chunk; the chunk is the smallest split rounded up to a power of two, within
+                   # what a training step's activations allow (lalign/probe/heads.py, eval_chunk).
+                   eval_batch_size=512)
     c.image_probe = False  # logistic regression per class on pooled features (slow at COCO scale)
 
     if arg == "smoke":
