@@ -46,6 +46,7 @@ def get_config(arg: str = "full"):
         target_layer="last",
         loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
         decoder_depth=2,
+        decoder_ln_eps=1e-5,  # the reference's (torch's default); None: the teacher's eps
         attn_softcap=config_dict.placeholder(float),  # e.g. 30.0, the reference's cap; None: off
         normalize_targets=True,
         # True: ZCA-whitened targets, every feature direction weighed equally (not the paper). On the demo's 10

@@ -237,8 +237,8 @@ def make_maskembed_model(teacher: ViT, cfg) -> MaskEmbedModel:
     student = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token,
                             attn_softcap=cfg.get("attn_softcap"), dtype=dtype)
     decoder = MaskEmbedDecoder(out_dim=teacher.width, num_heads=teacher.num_heads, depth=cfg.decoder_depth,
-                               ln_eps=teacher.ln_eps, act=teacher.act, attention_impl=teacher.attention_impl,
-                               dtype=dtype)
+                               ln_eps=cfg.get("decoder_ln_eps") or teacher.ln_eps, act=teacher.act,
+                               attention_impl=teacher.attention_impl, dtype=dtype)
     return MaskEmbedModel(student=student, decoder=decoder)
 
 

@@ -97,6 +97,9 @@ def config_errors(config, num_devices: int) -> list[str]:
                                                         f"integer, got {m.get('target_std_batches')!r}")
     need(_positive_int(m.get("decoder_depth", 2)), f"config.maskembed.decoder_depth must be a positive integer, "
                                                    f"got {m.get('decoder_depth')!r}")
+    eps = m.get("decoder_ln_eps")
+    need(eps is None or (isinstance(eps, (int, float)) and 0 < eps < 1),
+         f"config.maskembed.decoder_ln_eps must be a small positive number or None (the teacher's), got {eps!r}")
     if "pretrain" in c.stages:
         for name in ("steps", "batch_size"):
             need(_positive_int(c.pretrain.get(name)), f"config.pretrain.{name} must be a positive integer, got "

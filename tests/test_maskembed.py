@@ -303,3 +303,17 @@ def test_a_dinov2_teacher_with_registers_trains_with_every_prefix_token_masked()
     assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     assert np.any(grads["student"]["registers"]) and np.any(grads["student"]["Transformer"]["encoderblock_0"][
         "LayerScale_0"])
+
+
+def test_decoder_layernorm_eps_is_the_references_unless_set():
+    """The reference builds its decoder norms from type(encoder.norm): torch's default eps 1e-5 whatever the
+    teacher's; maskembed.decoder_ln_eps=None gives the teacher's."""
+    from conftest import load_config
+    from lalign.pretrain import vit_from_config
+
+    c = load_config("configs/siglip_b16.py", "smoke")
+    teacher = vit_from_config(c, num_classes=None)
+    assert teacher.ln_eps == 1e-6 and c.maskembed.decoder_ln_eps == 1e-5
+    assert me.make_maskembed_model(teacher, c.maskembed).decoder.ln_eps == 1e-5
+    c.maskembed.decoder_ln_eps = None
+    assert me.make_maskembed_model(teacher, c.maskembed).decoder.ln_eps == 1e-6
