@@ -38,8 +38,8 @@ What it does:
 
 Where the two differ by construction, lalign is set to the reference's behaviour for the comparison, and what
 each difference changes on this batch is printed: the decoder's LayerNorm eps (the reference's decoder norms are
-torch's default 1e-5; lalign's default is the teacher's eps), the student's final LayerNorm eps (the reference
-re-creates it as `type(model.norm)(embed_dim)`, so 1e-5; lalign keeps the teacher's eps and has no setting for
+torch's default 1e-5, as lalign's `maskembed.decoder_ln_eps`; the row shows what the teacher's eps would
+change), the student's final LayerNorm eps (the reference re-creates it as `type(model.norm)(embed_dim)`, so 1e-5; lalign keeps the teacher's eps and has no setting for
 it, so the reference's is set to lalign's instead), and the attention soft-cap (lalign's default is none).
 
 Output: a header (timm, torch and jax versions, the model, the reference's optimizer and eps values, the masks),
@@ -340,7 +340,7 @@ class Lalign:
         self.teacher, self.teacher_params = maskembed.Teacher.create(teacher_vit, teacher_params, cfg.target_layer,
                                                                      dtype=jnp.dtype(cfg.teacher_dtype))
         model = maskembed.make_maskembed_model(teacher_vit, cfg)
-        if decoder_eps is not None:  # no config key: the reference's torch-default eps, set on the module
+        if decoder_eps is not None:  # what maskembed.decoder_ln_eps sets, replaced on the module
             model = model.clone(decoder=model.decoder.clone(ln_eps=decoder_eps))
         if softcap != "config":
             model = model.clone(student=model.student.clone(attn_softcap=softcap))
@@ -478,12 +478,13 @@ def main(argv=None) -> int:
     decoder_eps = student.decoder.norm.eps
     assert all(m.eps == decoder_eps for m in student.decoder.modules() if isinstance(m, torch.nn.LayerNorm))
     student_norm_eps = student.encoder.norm.eps
-    print(f"LayerNorm eps: teacher {teacher.norm.eps}; reference decoder {decoder_eps} (lalign's: the teacher's, "
-          f"set to {decoder_eps} here); reference student final norm {student_norm_eps} (lalign's: the teacher's, "
-          f"no setting: the reference's is set to {teacher_vit.ln_eps} here)")
     student.encoder.norm.eps = teacher_vit.ln_eps
 
     configs = {rule: lalign_config(args.lr, rule) for rule in rules}
+    print(f"LayerNorm eps: teacher {teacher.norm.eps}; reference decoder {decoder_eps} (lalign's "
+          f"maskembed.decoder_ln_eps: {configs[rules[0]].maskembed.decoder_ln_eps}); reference student final norm "
+          f"{student_norm_eps} (lalign's: the teacher's, no setting: the reference's is set to {teacher_vit.ln_eps} "
+          f"here)")
     ours = {rule: Lalign(c, teacher_vit, teacher_params, decoder_eps=decoder_eps) for rule, c in configs.items()}
     first = ours[rules[0]]
     cfg = first.config.maskembed
@@ -586,18 +587,19 @@ def main(argv=None) -> int:
     print(f"  lalign.train.DECAYED (leaf names decayed; None: all): {DECAYED}")
 
     # --- What each difference in defaults changes.
-    default_eps = Lalign(configs[rules[0]], teacher_vit, teacher_params).step(params, *batch)
+    teacher_eps = Lalign(configs[rules[0]], teacher_vit, teacher_params, decoder_eps=teacher_vit.ln_eps,
+                         ).step(params, *batch)
     no_cap = Lalign(configs[rules[0]], teacher_vit, teacher_params, decoder_eps=decoder_eps, softcap=None)
     tokens_no_cap = np.asarray(no_cap.model.features(params, images_nhwc))
     loss_no_cap, grads_no_cap, _ = no_cap.step(params, *batch)
     quirk_rows = [
-        ("decoder LayerNorm eps", decoder_eps, teacher_vit.ln_eps, *effect(default_eps[0], default_eps[1],
-                                                                           loss_ours, grads_ours)),
+        ("decoder LayerNorm eps (the teacher's)", decoder_eps, teacher_vit.ln_eps,
+         *effect(teacher_eps[0], teacher_eps[1], loss_ours, grads_ours)),
         ("student final LayerNorm eps", student_norm_eps, teacher_vit.ln_eps,
          *effect(loss_lalign_eps, convert(grads_lalign_eps), loss_ours_eps, convert(grads_ours_eps))),
         ("attention soft-cap", 30.0, "None", *effect(loss_no_cap, grads_no_cap, loss_ours, grads_ours))]
     table("Differences in defaults, on this batch: the reference's value vs lalign's default (loss and gradients "
-          "relative, as above)", ("what", "reference", "lalign default", "loss", "gradients"), quirk_rows)
+          "relative, as above)", ("what", "reference", "lalign", "loss", "gradients"), quirk_rows)
     moved = np.sqrt(np.mean((tokens_no_cap - tokens_ours) ** 2) / np.mean(tokens_ours ** 2))
     print(f"  soft-cap: the student's attention logits reach {np.max(np.abs(logits)):.1f}; the cap changes "
           f"{np.mean(np.abs(30 * np.tanh(logits / 30) - logits) > 0.01 * np.abs(logits)):.1%} of them by more "
