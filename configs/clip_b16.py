@@ -53,7 +53,7 @@ from configs import common
 def get_config(arg: str = "full"):
     arg = common.check_arg(arg, "configs/clip_b16.py", ("full", "smoke"))
     c = common.maskembed_imagenet21k(
-        image_size=224, normalization="clip", lr=3e-4, fsdp=1,
+        image_size=224, lr=3e-4, fsdp=1,
         model=dict(variant="B/16", pool_type="tok", pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5,
                    patch_bias=False, posemb="learn", scan=True, remat_policy="none", attention_impl="xla"))
     if arg.startswith("smoke"):  # the same family (CLIP extras, class token, scan), tiny

@@ -53,7 +53,7 @@ from configs import common
 def get_config(arg: str = "full"):
     arg = common.check_arg(arg, "configs/clip_l14_336.py", ("full", "smoke"))
     c = common.maskembed_imagenet21k(
-        image_size=336, normalization="clip", lr=2e-4, fsdp=16,
+        image_size=336, lr=2e-4, fsdp=16,
         model=dict(variant="L/14", pool_type="tok", pre_norm=True, cls_posemb=True, act="quick_gelu", ln_eps=1e-5,
                    patch_bias=False, posemb="learn", scan=True, remat_policy="nothing_saveable", attention_impl="xla"))
     c.estimate = dict(slice="v4-256", chip="TPU v4", devices=128, mfu=0.4)

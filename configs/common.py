@@ -28,8 +28,10 @@ def check_arg(arg: str, path: str, choices=("full", "smoke")) -> str:
     return arg
 
 
-def image_folder(image_size: int, normalization: str, **kw) -> dict:
-    """config.data for an image folder (ImageNet-21k in class folders), the reference's training augmentation."""
+def image_folder(image_size: int, normalization: str = "", **kw) -> dict:
+    """config.data for an image folder (ImageNet-21k in class folders), the reference's training augmentation.
+    normalization "" (or "auto"): the teacher checkpoint's, as the reference takes it from the teacher's timm
+    pretrained_cfg (lalign/pipeline.py: resolve_normalization); a name (siglip | clip | imagenet) overrides it."""
     return dict(dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=image_size,
                      normalization=normalization, train_crop_mode="rkrc", interpolation="bicubic",
                      # the reference's --train-interpolation random: bilinear or bicubic per training image
@@ -38,7 +40,7 @@ def image_folder(image_size: int, normalization: str, **kw) -> dict:
                      num_workers=0, prefetch=True), **kw)
 
 
-def maskembed_imagenet21k(*, image_size: int, normalization: str, lr: float, model: dict,
+def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalization: str = "",
                           fsdp: int = 1) -> ml_collections.ConfigDict:
     """The whole run config of the paper's recipe for one teacher."""
     c = ml_collections.ConfigDict()

@@ -52,7 +52,7 @@ from configs import common
 def get_config(arg: str = "full"):
     arg = common.check_arg(arg, "configs/siglip_b16.py", ("full", "smoke"))
     c = common.maskembed_imagenet21k(
-        image_size=224, normalization="siglip", lr=3e-4, fsdp=1,
+        image_size=224, lr=3e-4, fsdp=1,
         model=dict(variant="B/16", pool_type="map", posemb="learn", scan=True, remat_policy="none",
                    attention_impl="xla"))
     if arg.startswith("smoke"):  # the same family (MAP head, patch grid covering the image, scan), tiny

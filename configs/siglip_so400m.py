@@ -54,7 +54,7 @@ from configs import common
 def get_config(arg: str = "full"):
     arg = common.check_arg(arg, "configs/siglip_so400m.py", ("full", "smoke", "smoke_folder"))
     c = common.maskembed_imagenet21k(
-        image_size=384, normalization="siglip", lr=2e-4, fsdp=16,
+        image_size=384, lr=2e-4, fsdp=16,
         model=dict(variant="So400m/14", pool_type="map", posemb="learn", scan=True, remat_policy="nothing_saveable",
                    attention_impl="xla"))
     c.estimate = dict(slice="v4-512", chip="TPU v4", devices=256, mfu=0.4)

@@ -21,13 +21,15 @@ An output that exists is refused unless --overwrite, and one that would replace 
 output is written at a staging path beside OUTPUT and renamed into place once complete, so an error or a kill
 never leaves half of one (or has already removed the old one).
 
-Model fields. HF inputs and files written by this tool record the architecture. For the others the parameter
-shapes give width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head, classifier;
-what they cannot give (activation, LayerNorm eps, heads of a timm file, pooling without a head) comes from, in
-order: --model/--variant/--num-heads flags, then for orbax inputs `INPUT.model.json` (written by --to orbax) or
-the nearest `config.json` above INPUT (a lalign workdir's config: its "model" section, and for a student the
-MaskEmbed attn_softcap), else big_vision defaults (gelu tanh, eps 1e-6). CLIP-style models need
---model '{"act": "quick_gelu", "ln_eps": 1e-5}' unless recorded.
+Model fields. HF inputs, files written by this tool and lalign workdirs record the architecture: a workdir's
+`resolved.json` (every field of the teacher and the student its run built), or `INPUT.model.json` (written by
+--to orbax); no flag is needed, and a --model/--variant/--num-heads value that contradicts a recorded field is
+refused, naming both. For the other inputs the parameter shapes give width, depth, mlp_dim, heads (not timm),
+patch size, class token, pre-norm, MAP head, classifier; what they cannot give (activation, LayerNorm eps, heads
+of a timm file, pooling without a head) comes from the flags, then for an orbax input in a workdir from before
+resolved.json its `config.json` (its "model" section, or the teacher it names where that teacher records its
+model, and for a student the MaskEmbed attn_softcap), else big_vision defaults (gelu tanh, eps 1e-6). CLIP-style
+models need --model '{"act": "quick_gelu", "ln_eps": 1e-5}' unless recorded.
 
 Aligned students (no pooling head): --to hf --kind siglip needs a head for SiglipVisionModel to load strictly:
 --head-from TEACHER copies the teacher's MAP head, --no-head writes vision_use_head=false; otherwise a random head
@@ -59,7 +61,7 @@ from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
 from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
-from lalign.checkpoints.load import FORMATS, load_any, load_with_decoder, workdir_config
+from lalign.checkpoints.load import FORMATS, checkpoint_normalization, load_any, load_with_decoder
 from lalign.checkpoints.manager import save_params
 from lalign.files import write_atomically, write_text
 
@@ -160,10 +162,8 @@ def write_in_place(path: str, write) -> None:
 def drop_softcap(model, params, args):
     """(the model without its attention soft-cap, the measurement) for a format that cannot hold the cap: measured
     first (lalign.softcap); refused unless --allow-softcap-drop, with the numbers either way."""
-    _, cfg = workdir_config(args.input)
     size = grid_of(to_layout(params, False), model, args.image_size)[0] * int(model.patch_size[0])
-    images, source = softcap.sample_images(model, size, args.softcap_images,
-                                           (cfg.get("data") or {}).get("normalization") or "siglip")
+    images, source = softcap.sample_images(model, size, args.softcap_images, _normalization(args) or "siglip")
     stats = softcap.measure(model, params, images)
     what = f"{args.input} was trained with the attention soft-cap, which {args.to} attention cannot hold: " \
            f"{softcap.describe(stats)} ({source})"
@@ -171,6 +171,14 @@ def drop_softcap(model, params, args):
         raise ValueError(f"{what}. Pass --allow-softcap-drop to export it without the cap.")
     log.note(f"[export] WARNING: {what}; exported without the cap.")
     return model.clone(attn_softcap=None), dict(stats, images=source)
+
+
+def _normalization(args) -> Optional[str]:
+    """The input's normalization (`checkpoint_normalization`), or None where its statistics have no lalign name."""
+    try:
+        return checkpoint_normalization(args.input, args.src, tower=args.tower)[0]
+    except ValueError:
+        return None
 
 
 def main(argv=None) -> int:
@@ -265,7 +273,11 @@ def main(argv=None) -> int:
             write_in_place(args.output, lambda stage: bigvision.save_npz(stage, params))
         else:
             write_in_place(args.output, lambda stage: save_params(stage, params))
-            text = json.dumps(dict(model_fields(model), scan=scan), indent=2)
+            record = dict(model_fields(model), scan=scan)
+            normalization = _normalization(args)
+            if normalization:  # read back by checkpoint_normalization (the probe, a run's init_from)
+                record["normalization"] = normalization
+            text = json.dumps(record, indent=2)
             write_text(model_json, text)
         log.note(f"[export] wrote {args.to} params to {args.output}")
     if decoder is not None:

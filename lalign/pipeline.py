@@ -5,9 +5,11 @@ resumes an interrupted MaskEmbed run from its latest checkpoint. Writes `summary
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +20,17 @@ from lalign import allocator
 from lalign import data as data_lib
 from lalign import distributed
 from lalign import files
+from lalign import maskembed
 from lalign import probe as probe_lib
 from lalign import sharding
 from lalign import validate
 from lalign import workdir as workdir_lib
-from lalign.checkpoints.common import to_layout
-from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, load_any
+from lalign.checkpoints.common import MODEL_FIELDS, STRUCTURAL, to_layout
+from lalign.checkpoints.load import (AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED,
+                                     checkpoint_normalization, contradictions, family_normalization, fit_posemb,
+                                     guess_format, load_any, records_model, vit_record)
 from lalign.log import info
+from lalign.models.vit import decode_variant
 from lalign.stats import t_interval
 from lalign.pretrain import pretrain_teacher, vit_from_config
 from lalign.train import train_maskembed
@@ -35,7 +41,10 @@ STAGES = ("pretrain", "maskembed", "probe")
 def get_teacher(config, workdir: str):
     """(ViT, params) of the teacher: pre-trained here (demo) or read from `config.init_from` in any format the
     export tool reads (orbax params, big_vision npz, HF directory, timm safetensors; `config.init_format` names it
-    where the path does not tell). `config.model` supplies what the checkpoint cannot (act, ln_eps, scan, ...)."""
+    where the path does not tell). A checkpoint that records its model (a HF directory, lalign's files and
+    workdirs) decides every field but the compute choices (scan, remat_policy, attention_impl); for the others
+    the parameter shapes decide the sizes and `config.model` what shapes cannot tell (act, ln_eps, ...). One block
+    of the log says which field came from where."""
     if "pretrain" in config.stages:
         return pretrain_teacher(config, workdir)
     if not config.get("init_from"):
@@ -47,15 +56,102 @@ def get_teacher(config, workdir: str):
         return model, jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, size, size, 3)))["params"]
     fields = {k: v for k, v in config.model.items() if v is not None and v != ""}
     scan = fields.pop("scan", None)
-    model, params = load_any(config.init_from, config.get("init_format") or None, fields)
+    source = teacher_source(config)
+    model, params = load_any(config.init_from, source["format"], fields, quiet=True, recorded_wins=True)
     if scan is not None and scan != model.scan:  # e.g. a per-block npz into a scanned (memory-lean) model
         model, params = model.clone(scan=scan), to_layout(params, scan)
     for field in ("remat_policy", "attention_impl"):  # compute choices no checkpoint records
         if fields.get(field) not in (None, "") and getattr(model, field) != fields[field]:
             model = model.clone(**{field: fields[field]})
     params = fit_posemb(model, params, config.data.image_size, config.get("init_posemb_resize") or POSEMB_RESIZE[0])
-    info(f"[teacher] {config.init_from}: ViT width {model.width}, depth {model.depth}, pool {model.pool_type}")
+    if scan is not None:
+        fields["scan"] = scan
+    info(teacher_provenance(config.init_from, source, fields, model))
     return model, params
+
+
+def teacher_source(config) -> dict:
+    """Where the teacher of `config` comes from: {"path", "format", "recorded_by"} (recorded_by: the file that
+    records its whole model, None when the parameter shapes and config.model make it)."""
+    fmt = config.get("init_format") or guess_format(config.init_from)
+    return {"path": files.absolute(config.init_from), "format": fmt,
+            "recorded_by": records_model(config.init_from, fmt)}
+
+
+_SHAPE_FIELDS = (*STRUCTURAL, "cls_posemb", "layerscale_init")  # what a checkpoint's parameters show
+
+
+def teacher_provenance(init_from: str, source: dict, fields: dict, model) -> str:
+    """The log block saying which fields of the teacher the checkpoint decides and which config.model does."""
+    rec = vit_record(model)
+    arch = [k for k in MODEL_FIELDS if k != "scan"]
+
+    def show(keys):
+        return " ".join(f"{k}={tuple(rec[k]) if isinstance(rec[k], list) else rec[k]!r}" for k in keys) or "-"
+
+    compute = " ".join(f"{k}={v!r}" for k, v in fields.items() if k in COMPUTE_FIELDS) or "-"
+    lines = [f"[teacher] {init_from} ({source['format']}): ViT width {model.width}, depth {model.depth}, heads "
+             f"{model.num_heads}, patch {model.patch_size[0]}, pool {model.pool_type}, act {model.act}"]
+    if source["recorded_by"]:
+        ignored = contradictions({k: v for k, v in fields.items() if k not in COMPUTE_FIELDS}, rec)
+        lines += [f"  the checkpoint decides ({source['recorded_by']}): {show(arch)}",
+                  f"  config.model ignored (the checkpoint decides): {'; '.join(ignored) or '-'}",
+                  f"  config.model decides (compute choices): {compute}"]
+    else:
+        given = set(fields) | (set(decode_variant(fields["variant"])) if fields.get("variant") else set())
+        shown = (*_SHAPE_FIELDS, "pool_type") if model.pool_type == "map" else _SHAPE_FIELDS  # a MAP head is seen
+        shapes = [k for k in arch if k in shown and not (k == "num_heads" and k in given
+                                                         and source["format"] == "timm")]
+        configured = [k for k in arch if k not in shapes and k in given]
+        defaults = [k for k in arch if k not in shapes and k not in given]
+        lines += [f"  the parameter shapes decide: {show(shapes)}",
+                  f"  config.model decides: {show(configured)}; compute choices: {compute}",
+                  f"  neither records (defaults): {show(defaults)}"]
+    return "\n".join(lines)
+
+
+def resolve_normalization(config) -> Optional[dict]:
+    """Sets `config.data.normalization` where it is "" or "auto" (or absent, for a source of real images) to the
+    teacher checkpoint's (`checkpoints.load.checkpoint_normalization`; for a random or pre-trained teacher, its
+    config.model family's), as the reference takes it from the teacher's pretrained_cfg; a name set in the config
+    wins. Logs one line; returns {"normalization", "source"}, or None for the embedded scenes (which have none)."""
+    data = config.data
+    if data.get("name") == "scenes":
+        return None
+    configured = data.get("normalization", "") or ""
+    from_checkpoint = "pretrain" not in config.stages and config.get("init_from") not in (None, "", "random")
+    try:
+        if from_checkpoint:
+            stated = checkpoint_normalization(config.init_from, config.get("init_format") or None)
+        else:
+            name, why = family_normalization(vit_from_config(config))
+            stated = name, f"config.model: {why}"
+    except (ValueError, FileNotFoundError):
+        if configured in AUTO_NORMALIZATION:
+            raise
+        stated = None
+    if configured not in AUTO_NORMALIZATION:
+        other = f"; the teacher's would be '{stated[0]}' ({stated[1]})" if stated and stated[0] != configured else ""
+        info(f"[data] normalization '{configured}' (config.data.normalization){other}")
+        return {"normalization": configured, "source": "config.data.normalization"}
+    with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+        data.normalization = stated[0]
+    info(f"[data] normalization '{stated[0]}' from {stated[1]} (config.data.normalization sets another)")
+    return {"normalization": stated[0], "source": stated[1]}
+
+
+def resolved_record(config, teacher, normalization: Optional[dict]) -> dict:
+    """What a workdir records beside config.json (`RESOLVED`): every field of the teacher and of the student its
+    run builds (`maskembed.make_maskembed_model`), the normalization and image size, and where the teacher came
+    from. `lalign.export` and `lalign.probe` read it before anything else (checkpoints/load.py)."""
+    student = maskembed.make_maskembed_model(teacher, config.maskembed).student
+    source = ({"path": "pretrain"} if "pretrain" in config.stages else
+              {"path": "random"} if config.get("init_from") == "random" else teacher_source(config))
+    return {"teacher": vit_record(teacher), "student": vit_record(student),
+            "data": {"image_size": config.data.image_size,
+                     "normalization": (normalization or {}).get("normalization"),
+                     "normalization_source": (normalization or {}).get("source")},
+            "init_from": source}
 
 
 def run(config, workdir: str) -> dict:
@@ -67,14 +163,15 @@ def run(config, workdir: str) -> dict:
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
     distributed.check_same_config(config)  # before anything is written
+    normalization = resolve_normalization(config)  # before the config is checked and saved: it records the name
     validate.check(config, workdir, jax.device_count())
     with workdir_lib.hold(workdir) as lock:  # one run per workdir (lalign/workdir.py)
         if lock is not None and lock.note:
             info(f"[workdir] {lock.note}")
-        return _run(config, workdir)
+        return _run(config, workdir, normalization)
 
 
-def _run(config, workdir: str) -> dict:
+def _run(config, workdir: str, normalization: Optional[dict] = None) -> dict:
     if "maskembed" in config.stages:  # fail fast on a wrong data path, before writing or loading a large teacher
         data_lib.image_source(config.data, "maskembed", seed=config.seed)
     _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
@@ -87,6 +184,9 @@ def _run(config, workdir: str) -> dict:
     times = {}
     t0 = time.time()
     teacher, teacher_params = get_teacher(config, workdir)
+    record = resolved_record(config, teacher, normalization)
+    validate.check_resolved(record, workdir)  # a resumed run's checkpoints were trained as the same model
+    _write(os.path.join(workdir, RESOLVED), json.dumps(record, indent=2))
     times["teacher_s"] = time.time() - t0
     summary = {"workdir": files.absolute(workdir), "seed": config.seed}
 

@@ -13,7 +13,7 @@ import os
 from etils import epath
 
 from lalign import maskembed, sharding
-from lalign.checkpoints.load import POSEMB_RESIZE
+from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED
 from lalign.train import LR_SCALE_RULES, peak_lr
 
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
@@ -106,6 +106,12 @@ def config_errors(config, num_devices: int) -> list[str]:
                                                       f"{c.pretrain.get(name)!r}")
     need(_positive_int(c.data.get("image_size")), f"config.data.image_size must be a positive integer, got "
                                                   f"{c.data.get('image_size')!r}")
+    if c.data.get("name") != "scenes" and "normalization" in c.data:
+        from lalign.data.images import NORMALIZATION
+
+        need(c.data.normalization in (*NORMALIZATION, *AUTO_NORMALIZATION),
+             f"config.data.normalization must be one of {sorted(NORMALIZATION)}, or '' / 'auto' for the teacher "
+             f"checkpoint's, got {c.data.normalization!r}")
 
     if errors:  # the mesh checks need sane sizes
         return errors
@@ -153,6 +159,34 @@ def _same_lr_fields(saved: dict, saved_batch, new: dict, new_batch) -> tuple[dic
     drop = lambda o: {k: v for k, v in o.items() if k not in missing}  # noqa: E731
     return ({**drop(saved), "peak lr": peak_lr(saved, saved_batch)[0]},
             {**drop(new), "peak lr": peak_lr(new, new_batch)[0]})
+
+
+def resolved_errors(saved: dict, new: dict) -> list[str]:
+    """Differences between two records of what a run resolved (resolved.json: the student model, the data's
+    normalization and image size) that checkpoints cannot be resumed across."""
+    out = []
+    for section, keys in (("student", None), ("data", ("normalization", "image_size"))):
+        a, b = saved.get(section) or {}, new.get(section) or {}
+        for k in keys or sorted(set(a) | set(b)):
+            if k in COMPUTE_FIELDS or (k not in a and section == "student"):
+                continue  # a compute choice, or a field from before it was recorded
+            if a.get(k) != b.get(k):
+                out.append(f"{section}.{k}: {json.dumps(a.get(k))} in the workdir's checkpoints, "
+                           f"{json.dumps(b.get(k))} now")
+    return out
+
+
+def check_resolved(record: dict, workdir: str) -> None:
+    """A resumed run must resolve to the model and data its checkpoints were trained with (the teacher checkpoint
+    at init_from could have changed); raises one ValueError naming every difference."""
+    latest = epath.Path(workdir) / "checkpoints" / "latest"
+    saved_path = epath.Path(workdir) / RESOLVED
+    if not latest.exists() or not any(p.name.isdigit() for p in latest.iterdir()) or not saved_path.exists():
+        return
+    changed = resolved_errors(json.loads(saved_path.read_text()), json.loads(json.dumps(record)))
+    if changed:
+        raise ValueError(f"{workdir} holds checkpoints of another model: " + "; ".join(changed) + f" (recorded in "
+                         f"{saved_path}). Use a new --workdir, or the teacher and config that run had.")
 
 
 def check(config, workdir: str, num_devices: int) -> None:

@@ -79,8 +79,10 @@ def test_a_518px_dinov2_is_probed_at_224px_with_its_table_resized_as_training_do
     files = sorted(os.listdir(root / "camvid" / "test"))
     from PIL import Image
     pixels = np.stack([np.asarray(Image.open(root / "camvid" / "test" / f), np.float32) for f in files])
-    with torch.no_grad():  # 224 px images are not resized; 'siglip' normalization: [-1, 1]
-        hf = t(pixel_values=torch.from_numpy(pixels / 127.5 - 1).permute(0, 3, 1, 2)).last_hidden_state.numpy()
+    assert res["backbone"]["normalization"] == "imagenet"  # DINOv2's (its model_type's family)
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    with torch.no_grad():  # 224 px images are not resized
+        hf = t(pixel_values=torch.from_numpy((pixels / 255 - mean) / std).permute(0, 3, 1, 2)).last_hidden_state.numpy()
     np.testing.assert_allclose(stored, hf[:, 1:], atol=2e-4)
 
     # The default is timm's resize (the teacher's in training), and it is said so.

@@ -36,7 +36,7 @@ import numpy as np
 
 from lalign import log
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
-from lalign.checkpoints.common import STRUCTURAL, grid_of, infer_model, resample_posemb
+from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
 from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
@@ -109,12 +109,6 @@ def workdir_record(path: str) -> dict:
         if isinstance(cfg.get("model"), dict):
             return {"kind": "config", "source": config, "config": cfg}
     return {"kind": None, "config": {}}
-
-
-def workdir_config(path: str) -> tuple[Optional[str], dict]:
-    """(source, the workdir's config.json as a dict) of an orbax checkpoint at PATH (`workdir_record`)."""
-    rec = workdir_record(path)
-    return rec.get("source"), rec.get("config") or ({"model": rec["model"]} if rec["kind"] == "sidecar" else {})
 
 
 def _same(a, b) -> bool:

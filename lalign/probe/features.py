@@ -87,10 +87,17 @@ def make_features_fn(model, params, dtype: str = "") -> Callable[[np.ndarray], j
     return lambda images: fn(params, images)
 
 
-def normalization_for(model, name: str) -> str:
-    if name:
+def normalization_for(model, name: str, path: str = "", fmt: str = "") -> str:
+    """`name` (config.data.normalization) where set; "" or "auto": what the checkpoint at `path` states
+    (`checkpoints.load.checkpoint_normalization`: a HF preprocessor_config.json, a timm / open_clip config, a
+    workdir's record), else the model's family. Logged in one line."""
+    from lalign.checkpoints.load import AUTO_NORMALIZATION, checkpoint_normalization, family_normalization
+
+    if name and name not in AUTO_NORMALIZATION:
         return name
-    return "clip" if (model.pre_norm and model.has_class_token) else "siglip"
+    name, source = checkpoint_normalization(path, fmt or None) if path else family_normalization(model)
+    info(f"[probe] normalization '{name}' from {source} (config.data.normalization sets another)")
+    return name
 
 
 def extract_split(features_fn: Callable, split: ProbeSplit, num_patches: int, width: int, *, batch_size: int,

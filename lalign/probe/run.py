@@ -30,7 +30,7 @@ def run(config, workdir: str) -> dict:
     # Another image size than the checkpoint's: its position table resized as training resizes a teacher's.
     posemb_resize = config.get("posemb_resize", "") or POSEMB_RESIZE[0]
     params, resized_from = fit_to_image_size(model, params, image_size, posemb_resize)
-    normalization = normalization_for(model, config.data.get("normalization", ""))
+    normalization = normalization_for(model, config.data.get("normalization", ""), path, fmt)
     size_note = ("config.data.image_size" if config.data.get("image_size", 0)
                  else "the checkpoint's own: its position grid x patch; config.data.image_size sets another")
     info(f"[probe] backbone {path} ({fmt}): ViT width {model.width}, depth {model.depth}, patch {patch}, "
