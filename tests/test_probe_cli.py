@@ -191,6 +191,57 @@ def test_evaluation_pads_to_the_chunk_a_split_needs_and_the_memory_is_printed(mo
     assert "batch 8 x 1" in line and "in memory" in line
 
 
+def test_the_epoch_is_chosen_by_a_score_a_degenerate_probe_cannot_win():
+    """Epoch 1 predicts every class on every patch (recall ~1, precision 0.27, mIoU 0.14, as a 10-epoch CamVid probe
+    did): validation recall, the paper's reported metric, picks it; validation mIoU, the default, does not."""
+    history = [{"epoch": 1, "val_macro_recall": 0.97, "val_miou": 0.14},
+               {"epoch": 2, "val_macro_recall": 0.55, "val_miou": 0.31},
+               {"epoch": 3, "val_macro_recall": 0.62, "val_miou": 0.41},
+               {"epoch": 4, "val_macro_recall": 0.63, "val_miou": 0.41}]  # a tie keeps the earlier epoch
+    assert probe.select_epoch(history, "recall") == 1
+    assert probe.select_epoch(history, "miou") == probe.select_epoch(history) == 3
+    with pytest.raises(ValueError, match=r"probe.select_by='f1'; choose from \['miou', 'recall'\]"):
+        probe.select_epoch(history, "f1")
+    # The warning: on an all-positive prediction, not on PROBS (6 of 20 pairs predicted).
+    everything = probe.patch_metrics(np.ones_like(PROBS), LABELS)
+    assert everything["predicted_positive_rate"] == 1 and everything["macro_recall"] == 1
+    assert probe.patch_metrics(PROBS, LABELS)["predicted_positive_rate"] == pytest.approx(6 / 20)
+    run = lambda m: {**m, "best_epoch": 1, "history": [], "selected_by": "recall"}  # noqa: E731
+    patch = probe.summarize_runs([run(probe.patch_metrics(PROBS, LABELS)), run(everything)])
+    assert patch["degenerate_runs"] == [1] and patch["selected_by"] == "recall"
+    warning = probe.degenerate_warning(patch, "teacher")
+    assert "teacher" in warning and "[1] of 2" in warning and "[1.0]" in warning and "select_by='miou'" in warning
+    assert probe.degenerate_warning(probe.summarize_runs([run(probe.patch_metrics(PROBS, LABELS))]), "x") is None
+    assert "predict [1.0] of all" in probe.per_class_table(
+        {"backbone": {"path": "b"}, "data": {"name": "d", "label_rule": "union", "num_classes": 4, "splits": {}},
+         "patch": patch, "per_class": []})
+
+
+@pytest.mark.parametrize("select_by", ["miou", "recall"])
+def test_training_chooses_the_epoch_by_select_by_and_warns_on_an_all_positive_probe(select_by, capsys):
+    """The training loop applies `select_epoch`'s rule to the epochs it logs; a probe trained on patches that are
+    all positive predicts every class on held-out patches, and the log and the results say so."""
+    rng = np.random.default_rng(0)
+
+    def split(name, n, rate):
+        return probe.array_split(name, name, {"image": rng.normal(size=(n, 8, 8, 3)).astype(np.float32),
+                                              "patch_labels": (rng.random((n, 4, 3)) < rate).astype(np.uint8),
+                                              "labels": np.ones((n, 3), np.uint8)})
+
+    splits = {"train": split("train", 48, 1.0), "val": split("val", 8, 0.3), "test": split("test", 8, 0.3)}
+    cfg = ml_collections.ConfigDict(dict(depth=1, epochs=3, batch_size=8, lr=3e-2, lr_min_ratio=0.1,
+                                         warmup_steps=1, wd=0.0, seeds=(0, 1), select_by=select_by))
+    features = jax.jit(lambda images: images.reshape(len(images), 4, 48))
+    res = probe.evaluate_backbone(features, splits, 4, 48, 2, cfg, image_probe=False, what="probe teacher")
+    patch = res["patch"]
+    for r in patch["runs"]:
+        assert r["selected_by"] == select_by and r["best_epoch"] == probe.select_epoch(r["history"], select_by)
+        assert {"val_miou", "val_predicted_positive_rate"} <= set(r["history"][0])
+    assert patch["predicted_positive_rate"] > 0.9 and patch["degenerate_runs"] == [0, 1]
+    assert len(patch["warnings"]) == 1 and "probe teacher" in patch["warnings"][0]
+    assert "[probe teacher] WARNING: probe teacher: at the chosen epoch" in capsys.readouterr().out
+
+
 def test_probes_that_peak_at_their_last_epoch_are_flagged():
     def run(val_curve):
         history = [{"epoch": i + 1, "val_macro_recall": v} for i, v in enumerate(val_curve)]

@@ -34,6 +34,10 @@ def get_config(arg: str = "full"):
     c.features = dict(batch_size=64, store="disk", dtype="float16")
     c.probe = dict(depth=2, epochs=5, batch_size=32, lr=1e-3, lr_min_ratio=0.1, warmup_steps=500, wd=0.01,
                    seeds=(0,),
+                   # Deviation: the epoch is chosen by validation mIoU, not by the paper's validation macro recall
+                   # (still the reported metric): recall is won by a probe that predicts every class everywhere
+                   # (lalign/probe/metrics.py, SELECT_BY). "recall" selects as the paper does.
+                   select_by="miou",
                    # Largest evaluation chunk; the chunk is the smallest split rounded up to a power of two, within
                    # what a training step's activations allow (lalign/probe/heads.py, eval_chunk).
                    eval_batch_size=512)

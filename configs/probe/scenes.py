@@ -47,6 +47,7 @@ def get_config(arg: str = "full"):
     c.features = dict(batch_size=256, store="memory", dtype="float32")  # as the pipeline extracts them
     probe = dict(run["probe"])
     probe["seeds"] = tuple(probe["seeds"])
+    probe.setdefault("select_by", "recall")  # a run saved before the field chose its epochs by validation recall
     c.probe = probe
     c.image_probe = True
     return c

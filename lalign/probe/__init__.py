@@ -10,8 +10,9 @@ The splits of each data set are built in lalign/data/probe_splits.py.
 Patch probe (docs/design.md): frozen backbone, final features of every patch; probe = 2 transformer blocks at the
 backbone's width with LayerScale 0.01, LayerNorm, Dense -> classes; per-patch multi-label BCE; AdamW with warmup
 and cosine decay to lr/10. Metric: macro-averaged recall at sigmoid > 0.5 over classes present in the evaluated
-set. The epoch is chosen on a validation split and the *test* split is reported at that epoch, so nothing is
-tuned on the test scenes.
+set. The epoch is chosen on a validation split (by validation mIoU, `probe.select_by`: recall is won by a probe
+predicting every class everywhere) and the *test* split is reported at that epoch, so nothing is tuned on the
+test scenes.
 
 Image probe: logistic regression on mean-pooled patch features (does global knowledge survive alignment?),
 reported as macro average precision (mAP) over classes.
@@ -34,9 +35,9 @@ from lalign.probe.features import (backbone_image_size, extract_split, fit_to_im
                                    make_features_fn, normalization_for, resolve_backbone)
 from lalign.probe.heads import (background_token_probe, background_tokens, image_linear_probe,
                                 train_patch_probe, train_patch_probe_seeds)
-from lalign.probe.metrics import (add_counts, convergence_warning, metrics_from_counts, patch_counts,
-                                  patch_metrics, per_class_rows, per_class_table, probes_best_at_last_epoch,
-                                  summarize_runs)
+from lalign.probe.metrics import (SELECT_BY, add_counts, convergence_warning, degenerate_warning,
+                                  metrics_from_counts, patch_counts, patch_metrics, per_class_rows, per_class_table,
+                                  probes_best_at_last_epoch, select_epoch, summarize_runs)
 from lalign.probe.run import run
 
 __all__ = [
@@ -59,14 +60,17 @@ __all__ = [
     "image_linear_probe",
     "train_patch_probe",
     "train_patch_probe_seeds",
+    "SELECT_BY",
     "add_counts",
     "convergence_warning",
+    "degenerate_warning",
     "metrics_from_counts",
     "patch_counts",
     "patch_metrics",
     "per_class_rows",
     "per_class_table",
     "probes_best_at_last_epoch",
+    "select_epoch",
     "summarize_runs",
     "run",
 ]

@@ -14,7 +14,7 @@ from lalign.log import info
 from lalign.metrics import format_duration
 from lalign.probe.features import extract_split
 from lalign.probe.heads import background_token_probe, image_linear_probe, probe_memory, train_patch_probe_seeds
-from lalign.probe.metrics import summarize_runs
+from lalign.probe.metrics import degenerate_warning, summarize_runs
 
 
 def extract_splits(features_fn: Callable, splits: dict[str, ProbeSplit], num_patches: int, width: int,
@@ -63,7 +63,7 @@ def memory_line(splits: dict[str, ProbeSplit], num_patches: int, width: int, num
 
 def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe") -> list[dict]:
     """The patch probe for every seed of `cfg.seeds` (trained side by side in one program), each epoch logged with
-    validation recall and an ETA."""
+    validation recall and mIoU and an ETA."""
     data = {name: (e["features"], e["patch_labels"]) for name, e in extracted.items()}
     total, done, t0 = len(cfg.seeds) * cfg.epochs, 0, time.time()
 
@@ -72,7 +72,7 @@ def train_patch_probes(extracted: dict, cfg, num_heads: int, what: str = "probe"
         done += 1
         eta = (time.time() - t0) / done * (total - done)
         info(f"[{what}] seed {seed} epoch {h['epoch']}/{cfg.epochs} | loss {h['loss']:.4f} | val macro recall "
-             f"{h['val_macro_recall']:.4f} | ETA {format_duration(eta)}")
+             f"{h['val_macro_recall']:.4f} | val mIoU {h['val_miou']:.4f} | ETA {format_duration(eta)}")
 
     return train_patch_probe_seeds(data["train"], data["val"], data["test"], cfg, cfg.seeds, num_heads, log)
 
@@ -96,6 +96,10 @@ def evaluate_backbone(features_fn: Callable, splits: dict[str, ProbeSplit], num_
     runs = train_patch_probes(extracted, probe_cfg, num_heads, what)
     times["probe_s"] = time.time() - t0
     out = {"patch": summarize_runs(runs), "extracted": extracted, "runtime_s": times}
+    warning = degenerate_warning(out["patch"], what)
+    if warning:  # in the log and in the results (results.json, the pipeline's probe/*.json)
+        info(f"[{what}] {warning}")
+        out["patch"]["warnings"] = [warning]
     if image_probe:
         t0 = time.time()
         out["image"] = image_probes(extracted)
