@@ -11,24 +11,29 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from lalign import memory, pipeline
+from lalign.checkpoints.load import family_normalization
 from lalign.pretrain import vit_from_config
 
-REAL = ("siglip_so400m", "siglip_b16", "clip_l14_336", "clip_b16")
-EXPECTED = {  # name: (variant, image size, lr, normalization, pool, CLIP extras)
-    "siglip_so400m": ("So400m/14", 384, 2e-4, "siglip", "map", False),
-    "siglip_b16": ("B/16", 224, 3e-4, "siglip", "map", False),
-    "clip_l14_336": ("L/14", 336, 2e-4, "clip", "tok", True),
-    "clip_b16": ("B/16", 224, 3e-4, "clip", "tok", True),
+REAL = ("siglip_so400m", "siglip_b16", "clip_l14_336", "clip_b16", "dinov2_b14")
+EXPECTED = {  # name: (variant, image size, lr, pool, family)
+    "siglip_so400m": ("So400m/14", 384, 2e-4, "map", "siglip"),
+    "siglip_b16": ("B/16", 224, 3e-4, "map", "siglip"),
+    "clip_l14_336": ("L/14", 336, 2e-4, "tok", "clip"),
+    "clip_b16": ("B/16", 224, 3e-4, "tok", "clip"),
+    "dinov2_b14": ("B/14", 224, 3e-4, "tok", "dinov2"),  # the reference's configs/dinov2-vit-b.yaml
 }
+# The normalization a teacher of each family gets where its checkpoint states none (checkpoints/load.py).
+FAMILY_NORMALIZATION = {"siglip": "siglip", "clip": "clip", "dinov2": "imagenet"}
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_full_config_is_the_papers_recipe(name):
     c = load_config(f"configs/{name}.py", "full")
-    variant, size, lr, norm, pool, clip = EXPECTED[name]
+    variant, size, lr, pool, family = EXPECTED[name]
     assert c.stages == ("maskembed",) and c.init_from == ""
     assert c.model.variant == variant and c.model.pool_type == pool and c.model.scan
-    assert c.data.name == "image_folder" and c.data.image_size == size and c.data.normalization == norm
+    # normalization "": the teacher checkpoint's (pipeline.resolve_normalization), as the reference's timm data config
+    assert c.data.name == "image_folder" and c.data.image_size == size and c.data.normalization == ""
     assert tuple(c.data.crop_scale) == (0.08, 1.0) and c.data.flip
     # the reference's timm crop, its --train-interpolation random, and the teacher's bicubic for validation
     assert (c.data.train_crop_mode, c.data.train_interpolation, c.data.interpolation) == ("rkrc", "random", "bicubic")
@@ -44,10 +49,15 @@ def test_full_config_is_the_papers_recipe(name):
     if variant in ("So400m/14", "L/14"):
         assert c.model.remat_policy == "nothing_saveable"
     model = vit_from_config(c)
-    assert model.has_class_token == clip
-    if clip:
+    assert family_normalization(model)[0] == FAMILY_NORMALIZATION[family]
+    assert model.has_class_token == (family != "siglip")
+    if family == "clip":
         assert (model.pre_norm, model.cls_posemb, model.act, model.ln_eps, model.patch_bias) == (
             True, True, "quick_gelu", 1e-5, False)
+    elif family == "dinov2":  # timm's vit_base_patch14_reg4_dinov2: registers without position rows, LayerScale
+        assert (model.num_registers, model.cls_posemb, model.layerscale_init, model.act, model.ln_eps,
+                model.pre_norm, model.patch_size) == (4, False, 1e-5, "gelu_exact", 1e-6, False, (14, 14))
+        assert c.init_posemb_resize == "bicubic_antialias"  # its 37x37 table to 16x16, as timm loads it
     else:
         assert (model.pre_norm, model.act, model.ln_eps) == (False, "gelu", 1e-6)
 
