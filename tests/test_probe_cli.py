@@ -242,6 +242,36 @@ def test_training_chooses_the_epoch_by_select_by_and_warns_on_an_all_positive_pr
     assert "[probe teacher] WARNING: probe teacher: at the chosen epoch" in capsys.readouterr().out
 
 
+def test_warm_up_is_sized_to_the_data_and_stays_the_papers_500_steps_at_coco_scale(capsys):
+    from conftest import load_config
+
+    from lalign.probe import heads
+
+    cfg = load_config("configs/probe/folder.py", "full").probe
+    coco = heads.probe_schedule(load_config("configs/probe/coco_stuff.py", "full").probe, 118_287 - 5_000)
+    assert (coco["total"], coco["warmup"]) == (5 * 3541, 500) and "WARNING" not in coco["line"]
+    ade = heads.probe_schedule(load_config("configs/probe/ade20k.py", "full").probe, 20_210 - 2_000)
+    assert (ade["total"], ade["warmup"]) == (2850, 500) and "WARNING" not in ade["line"]
+    camvid = heads.probe_schedule(cfg, 367)  # 12 steps an epoch: 500 warm-up steps would be the whole run
+    assert (camvid["total"], camvid["warmup"]) == (60, 12)
+    assert "warm-up 12 (0.2 of the steps" in camvid["line"] and "very short schedule (60 steps" in camvid["line"]
+    assert "mostly warm-up" not in camvid["line"]
+    # Without warmup_fraction (the demo's probe): warmup_steps as given, below the total; the smoke run's schedule
+    # is mostly warm-up, and says so.
+    assert heads.probe_schedule(load_config("configs/demo.py", "full").probe, 4000)["warmup"] == 100
+    smoke = heads.probe_schedule(load_config("configs/demo.py", "smoke").probe, 400)
+    assert (smoke["total"], smoke["warmup"]) == (39, 38) and "mostly warm-up (38 of 39 steps)" in smoke["line"]
+    # Training logs the line before its first step and records the schedule it ran.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 4, 8)).astype(np.float32), (rng.random((40, 4, 3)) < 0.5).astype(np.uint8)
+    small = ml_collections.ConfigDict(dict(depth=1, epochs=2, batch_size=8, lr=1e-2, lr_min_ratio=0.1,
+                                           warmup_steps=500, warmup_fraction=0.2, wd=0.0))
+    capsys.readouterr()
+    got = probe.train_patch_probe((x, y), (x[:8], y[:8]), (x[8:], y[8:]), small, seed=0, num_heads=2)
+    assert (got["steps"], got["warmup_steps"]) == (10, 2)
+    assert "[probe] schedule: 10 steps (2 epochs x 5 of batch 8), warm-up 2" in capsys.readouterr().out
+
+
 def test_probes_that_peak_at_their_last_epoch_are_flagged():
     def run(val_curve):
         history = [{"epoch": i + 1, "val_macro_recall": v} for i, v in enumerate(val_curve)]

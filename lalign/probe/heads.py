@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lalign.log import info
 from lalign.models.decoder import PatchProbe
 from lalign.probe.metrics import (DEFAULT_SELECT_BY, add_counts, improves, metrics_from_counts, patch_counts,
                                   selection_metric)
@@ -70,6 +71,32 @@ def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int,
             "eval": per_image_eval * chunk}
 
 
+def probe_schedule(cfg, num_train: int) -> dict:
+    """The probe's step count and warm-up for `num_train` training examples, and a log line about them.
+
+    Warm-up is `cfg.warmup_steps` (the paper's 500), at most `cfg.warmup_fraction` of all steps when that is set:
+    the paper's 500 steps are sized for COCO-Stuff (5 epochs of ~113k images, ~17,700 steps); 5 epochs of a
+    small data set (CamVid's 367 images: 60 steps) would never leave warm-up. At 0.2 the paper's 500 steps stay
+    exactly as they are on COCO-Stuff and ADE20K (2,850 steps); unset, warm-up is `cfg.warmup_steps` alone.
+    Always less than the total, so the cosine decay has a step."""
+    steps_per_epoch = math.ceil(num_train / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    warmup, fraction = int(cfg.warmup_steps), cfg.get("warmup_fraction")
+    sized = fraction and round(fraction * total) < warmup
+    if sized:
+        warmup = max(1, round(fraction * total))
+    warmup = max(0, min(warmup, total - 1))
+    line = (f"[probe] schedule: {total} steps ({cfg.epochs} epochs x {steps_per_epoch} of batch {cfg.batch_size}), "
+            f"warm-up {warmup}" + (f" ({fraction:g} of the steps: probe.warmup_steps {cfg.warmup_steps} is sized for "
+                                   f"COCO-scale data)" if sized else ""))
+    if total < cfg.warmup_steps:
+        line += (f"; WARNING: a very short schedule ({total} steps, fewer than probe.warmup_steps "
+                 f"{cfg.warmup_steps}): raise probe.epochs for a probe that converges")
+    if warmup >= total / 2:
+        line += f"; WARNING: mostly warm-up ({warmup} of {total} steps): the learning rate is at its peak only briefly"
+    return {"steps_per_epoch": steps_per_epoch, "total": total, "warmup": warmup, "line": line}
+
+
 def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
                       log: Optional[Callable[[dict], None]] = None) -> dict:
     """train/val/test: (features (N, P, D), labels (N, P, C)). Returns the test metrics at the best val epoch.
@@ -98,10 +125,10 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
     x_train, y_train = train
     num_classes = y_train.shape[-1]
     model = PatchProbe(num_classes=num_classes, num_heads=num_heads, depth=cfg.depth)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup_steps, total - 1), total,
-                                                  cfg.lr * cfg.lr_min_ratio)
+    plan = probe_schedule(cfg, len(x_train))
+    info(plan["line"])
+    steps_per_epoch, total = plan["steps_per_epoch"], plan["total"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, plan["warmup"], total, cfg.lr * cfg.lr_min_ratio)
     tx = optax.adamw(schedule, weight_decay=cfg.wd)
     example = jnp.asarray(x_train[:1], jnp.float32)
     params = [model.init(jax.random.key(s), example)["params"] for s in seeds]
@@ -155,7 +182,8 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
             if improved[k]:
                 best[k] = (vs[k], ts[k], epoch + 1)
     return [{**t, "val_macro_recall": v["macro_recall"], "val_miou": v["miou"], "best_epoch": e,
-             "selected_by": select_by, "history": h} for (v, t, e), h in zip(best, histories)]
+             "selected_by": select_by, "steps": total, "warmup_steps": plan["warmup"], "history": h}
+            for (v, t, e), h in zip(best, histories)]
 
 
 def image_linear_probe(train, test, c: float = 1.0) -> dict:
