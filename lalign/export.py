@@ -56,7 +56,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lalign.checkpoints import bigvision, hf, open_clip, timm
+from lalign.checkpoints import bigvision, hf, hub, open_clip, timm
 from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
@@ -213,6 +213,9 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
+    args.input = hub.resolve(args.input).path  # a hub id or bucket URL: fetched once into a local cache
+    if args.head_from:
+        args.head_from = hub.resolve(args.head_from).path
 
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)

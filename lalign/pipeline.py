@@ -25,6 +25,7 @@ from lalign import probe as probe_lib
 from lalign import sharding
 from lalign import validate
 from lalign import workdir as workdir_lib
+from lalign.checkpoints import hub
 from lalign.checkpoints.common import MODEL_FIELDS, STRUCTURAL, to_layout
 from lalign.checkpoints.load import (AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED,
                                      checkpoint_normalization, contradictions, family_normalization, fit_posemb,
@@ -163,18 +164,33 @@ def run(config, workdir: str) -> dict:
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
     distributed.check_same_config(config)  # before anything is written
+    teacher_hub = None
+    if "pretrain" not in config.stages and hub.is_remote(config.get("init_from") or ""):
+        teacher_hub = hub.resolve(config.init_from)  # every host: process 0 downloads first, the commit is shared
+        with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
+            config.init_from = teacher_hub.path
     normalization = resolve_normalization(config)  # before the config is checked and saved: it records the name
-    validate.check(config, workdir, jax.device_count())
+    validate.check(as_given(config, teacher_hub), workdir, jax.device_count())
     with workdir_lib.hold(workdir) as lock:  # one run per workdir (lalign/workdir.py)
         if lock is not None and lock.note:
             info(f"[workdir] {lock.note}")
-        return _run(config, workdir, normalization)
+        return _run(config, workdir, normalization, teacher_hub)
 
 
-def _run(config, workdir: str, normalization: Optional[dict] = None) -> dict:
+def as_given(config, teacher_hub):
+    """The config with init_from as the run was given it (a hub id, a bucket URL), not its local copy: what
+    config.json keeps and a resumed run is compared with; resolved.json records the path and the commit."""
+    if teacher_hub is None:
+        return config
+    given = config.copy_and_resolve_references()
+    given.init_from = teacher_hub.source
+    return given
+
+
+def _run(config, workdir: str, normalization: Optional[dict] = None, teacher_hub=None) -> dict:
     if "maskembed" in config.stages:  # fail fast on a wrong data path, before writing or loading a large teacher
         data_lib.image_source(config.data, "maskembed", seed=config.seed)
-    _write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    _write(os.path.join(workdir, "config.json"), as_given(config, teacher_hub).to_json_best_effort(indent=2))
     hosts = f"{jax.process_count()} processes x {jax.local_device_count()}, " if jax.process_count() > 1 else ""
     info(f"[host] jax {jax.__version__}, {hosts}{jax.device_count()} {jax.default_backend()} device(s), "
          f"{allocator.describe()}")
@@ -185,6 +201,8 @@ def _run(config, workdir: str, normalization: Optional[dict] = None) -> dict:
     t0 = time.time()
     teacher, teacher_params = get_teacher(config, workdir)
     record = resolved_record(config, teacher, normalization)
+    if teacher_hub is not None:
+        record["init_from"].update(source=teacher_hub.source, revision=teacher_hub.revision)
     validate.check_resolved(record, workdir)  # a resumed run's checkpoints were trained as the same model
     _write(os.path.join(workdir, RESOLVED), json.dumps(record, indent=2))
     times["teacher_s"] = time.time() - t0

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lalign.checkpoints import hub
 from lalign.checkpoints.common import grid_of, patch_rows, square_grid
 from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, guess_format, load_any
 from lalign.data.probe_splits import ProbeSplit
@@ -33,7 +34,7 @@ def load_backbone(path: str, fmt: str = "", fields: Optional[dict] = None):
     if not path:
         raise ValueError("config.backbone must name the backbone checkpoint (orbax dir, training checkpoint step "
                          "dir or pipeline workdir, big_vision .npz, HF dir, timm .safetensors).")
-    path = resolve_backbone(path)
+    path = resolve_backbone(hub.resolve(path).path)  # a hub id or bucket URL: fetched once into a local cache
     fmt = fmt or guess_format(path)
     fields = {k: v for k, v in (fields or {}).items() if v is not None and v != ""}
     model, params = load_any(path, fmt, fields)
