@@ -212,6 +212,11 @@ def test_the_epoch_is_chosen_by_a_score_a_degenerate_probe_cannot_win():
     warning = probe.degenerate_warning(patch, "teacher")
     assert "teacher" in warning and "[1] of 2" in warning and "[1.0]" in warning and "select_by='miou'" in warning
     assert probe.degenerate_warning(probe.summarize_runs([run(probe.patch_metrics(PROBS, LABELS))]), "x") is None
+    # With the epoch records at hand, the warning names the epoch validation mIoU chooses, or says it is the same.
+    logged = probe.summarize_runs([{**run(everything), "history": history}])
+    assert "validation mIoU (probe.select_by='miou') chooses epoch(s) [3]" in probe.degenerate_warning(logged, "t")
+    same = probe.summarize_runs([{**run(everything), "history": history, "best_epoch": 3}])
+    assert "chooses the same epoch(s): the probe had not learned" in probe.degenerate_warning(same, "t")
     assert "predict [1.0] of all" in probe.per_class_table(
         {"backbone": {"path": "b"}, "data": {"name": "d", "label_rule": "union", "num_classes": 4, "splits": {}},
          "patch": patch, "per_class": []})

@@ -118,10 +118,23 @@ def degenerate_warning(patch: dict, backbone: str) -> Optional[str]:
     return (f"WARNING: {backbone}: at the chosen epoch probe run(s) {bad} of {len(patch['runs'])} predict "
             f"{rates} of all (patch, class) pairs positive: most classes on most patches, so their recall says "
             f"little (macro precision {patch.get('macro_precision', float('nan')):.2f}, mIoU "
-            f"{patch.get('miou', float('nan')):.2f}). "
-            + ("The epoch was chosen by validation recall, which such a probe wins: probe.select_by='miou' does not."
-               if (patch.get("selected_by") or "recall") == "recall" else
-               "Even by validation mIoU no epoch did better: the probe had not learned; raise probe.epochs."))
+            f"{patch.get('miou', float('nan')):.2f}). " + _degenerate_advice(patch, bad))
+
+
+def _degenerate_advice(patch: dict, bad: list[int]) -> str:
+    """What to do about degenerate runs `bad`: select by mIoU where that chooses another epoch (read from the
+    runs' histories), else train longer."""
+    runs = patch["runs"]
+    if (patch.get("selected_by") or "recall") != "recall":
+        return "No epoch did better by validation mIoU: the probe had not learned; raise probe.epochs."
+    alts = [select_epoch(runs[i]["history"], "miou") if "val_miou" in (runs[i].get("history") or [{}])[0]
+            else None for i in bad]
+    if any(a is not None and a != runs[i]["best_epoch"] for a, i in zip(alts, bad)):
+        return (f"The epochs were chosen by validation recall, which such a probe wins; validation mIoU "
+                f"(probe.select_by='miou') chooses epoch(s) {alts}.")
+    if all(a is not None for a in alts):
+        return "Validation mIoU chooses the same epoch(s): the probe had not learned; raise probe.epochs."
+    return "The epochs were chosen by validation recall, which such a probe wins: probe.select_by='miou' does not."
 
 
 def probes_best_at_last_epoch(patch: dict) -> list[int]:
