@@ -217,6 +217,11 @@ def test_the_epoch_is_chosen_by_a_score_a_degenerate_probe_cannot_win():
     assert "validation mIoU (probe.select_by='miou') chooses epoch(s) [3]" in probe.degenerate_warning(logged, "t")
     same = probe.summarize_runs([{**run(everything), "history": history, "best_epoch": 3}])
     assert "chooses the same epoch(s): the probe had not learned" in probe.degenerate_warning(same, "t")
+    # Where most (patch, class) pairs are labeled positive, predicting most of them is no warning.
+    crowded = np.ones_like(LABELS)
+    crowded[0, 0] = 0
+    assert probe.degenerate_warning(probe.summarize_runs([run(probe.patch_metrics(np.ones_like(PROBS), crowded))]),
+                                    "x") is None
     assert "predict [1.0] of all" in probe.per_class_table(
         {"backbone": {"path": "b"}, "data": {"name": "d", "label_rule": "union", "num_classes": 4, "splits": {}},
          "patch": patch, "per_class": []})

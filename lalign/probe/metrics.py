@@ -22,9 +22,9 @@ def add_counts(a: Optional[dict], b: dict) -> dict:
 
 def metrics_from_counts(counts: dict) -> dict:
     """Macro recall over classes with positives, micro recall, macro precision over classes with predictions,
-    mean IoU over classes with positives (per class TP / (TP + FP + FN)), the fraction of (patch, class) pairs
-    predicted positive, and the per-class values (None where undefined) with each class's number of positives
-    ('per_class_support')."""
+    mean IoU over classes with positives (per class TP / (TP + FP + FN)), the fractions of (patch, class) pairs
+    predicted positive and labeled positive, and the per-class values (None where undefined) with each class's
+    number of positives ('per_class_support')."""
     tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
     cells = counts.get("patches", 0.0) * len(tp)
     present = (tp + fn) > 0
@@ -43,6 +43,7 @@ def metrics_from_counts(counts: dict) -> dict:
         "macro_precision": float(np.nanmean(precision)) if predicted.any() else 0.0,
         "miou": float(np.nanmean(iou)) if present.any() else float("nan"),
         "predicted_positive_rate": float((tp + fp).sum() / cells) if cells else float("nan"),
+        "positive_rate": float((tp + fn).sum() / cells) if cells else float("nan"),
         "per_class_recall": listed(recall),
         "per_class_precision": listed(precision),
         "per_class_iou": listed(iou),
@@ -65,9 +66,17 @@ def patch_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float = 0.5)
 # IoU)); mIoU is already reported beside recall. The reported metric stays macro recall at the chosen epoch.
 SELECT_BY = {"miou": "miou", "recall": "macro_recall"}
 DEFAULT_SELECT_BY = "miou"
-# A probe whose chosen epoch predicts more than this fraction of all (patch, class) pairs positive predicts most
-# classes on most patches: its recall says little (warned in the log and in the results).
+# A probe whose chosen epoch predicts more than this fraction of all (patch, class) pairs positive, and more than
+# twice as many as are labeled positive, predicts most classes on most patches: its recall says little (warned in
+# the log and in the results). The second condition spares data whose patches do hold most classes (label_rule
+# 'global_union', a few classes each in every patch).
 DEGENERATE_RATE = 0.5
+
+
+def is_degenerate(run: dict) -> bool:
+    """Whether a run's reported (test) metrics come from a probe that predicts most classes on most patches."""
+    rate = run.get("predicted_positive_rate", 0.0)
+    return rate > DEGENERATE_RATE and rate > 2 * run.get("positive_rate", 0.0)
 
 
 def selection_metric(select_by: str) -> str:
@@ -102,16 +111,15 @@ def summarize_runs(runs: list[dict]) -> dict:
             **{k: float(np.mean([r[k] for r in runs])) for k in ("micro_recall", "macro_precision", "miou")},
             "predicted_positive_rate": float(np.mean([r.get("predicted_positive_rate", np.nan) for r in runs])),
             "selected_by": runs[0].get("selected_by"),
-            "degenerate_runs": [i for i, r in enumerate(runs)
-                                if r.get("predicted_positive_rate", 0.0) > DEGENERATE_RATE],
+            "degenerate_runs": [i for i, r in enumerate(runs) if is_degenerate(r)],
             "runs": runs}
 
 
 def degenerate_warning(patch: dict, backbone: str) -> Optional[str]:
     """A sentence for the log and the results when some probe run's chosen epoch predicts more than
-    `DEGENERATE_RATE` of all (patch, class) pairs positive on the test split, else None."""
-    bad = [i for i, r in enumerate(patch.get("runs", ()))
-           if r.get("predicted_positive_rate", 0.0) > DEGENERATE_RATE]
+    `DEGENERATE_RATE` of all (patch, class) pairs positive on the test split, and twice as many as are labeled
+    positive (`is_degenerate`), else None."""
+    bad = [i for i, r in enumerate(patch.get("runs", ())) if is_degenerate(r)]
     if not bad:
         return None
     rates = [round(patch["runs"][i]["predicted_positive_rate"], 2) for i in bad]
