@@ -184,10 +184,13 @@ def restore_verified(path: str):
     tree = restore_arrays(path)
     record = verify.for_step_dir(path)
     if record is not None:
-        problems = verify.mismatches(verify.read(record), verify.host_record(tree))
+        try:
+            problems = verify.mismatches(verify.read(record), verify.host_record(tree))
+            why = "Its bytes changed after it was saved; use another step."
+        except verify.RecordError as e:
+            problems, why = [str(e)], "Nothing says what the step held; use another step."
         if problems:
-            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. Its bytes "
-                             f"changed after it was saved; use another step.")
+            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. {why}")
     return tree
 
 

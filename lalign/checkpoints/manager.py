@@ -161,7 +161,10 @@ class Checkpoints:
             logging.debug("restoring %s/%s", manager.directory, step, exc_info=True)
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             return None, [f"cannot be read ({type(e).__name__}: {first[:300]})"]
-        expected = verify.read(verify.record_path(self.root, kind, step))
+        try:
+            expected = verify.read(verify.record_path(self.root, kind, step))
+        except verify.RecordError as e:
+            return None, [str(e)]
         if expected is None:
             warnings.warn(f"{manager.directory}/{step} has no checksum record (saved by an older lalign): "
                           f"restored unverified.", stacklevel=3)

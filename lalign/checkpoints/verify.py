@@ -100,11 +100,24 @@ def write(path: str, step: int, record: dict) -> None:
     files.write_text(path, json.dumps({"step": int(step), "arrays": record}))
 
 
+class RecordError(ValueError):
+    """A checksum record that exists but cannot be read (torn, truncated, not a record): nothing to verify
+    against, so the step it describes fails verification."""
+
+
 def read(path: str) -> Optional[dict]:
+    """The arrays a record lists; None where there is no record; RecordError, naming the file, where it cannot be
+    read."""
     p = epath.Path(path)
     if not p.exists():
         return None
-    return json.loads(p.read_text())["arrays"]
+    try:
+        arrays = json.loads(p.read_text())["arrays"]
+        if not isinstance(arrays, dict):
+            raise TypeError(f"'arrays' is a {type(arrays).__name__}, expected an object")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RecordError(f"its checksum record {path} cannot be read ({type(e).__name__}: {e})") from None
+    return arrays
 
 
 def for_step_dir(step_dir: str) -> Optional[str]:

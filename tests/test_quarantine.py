@@ -1,0 +1,72 @@
+"""A damaged checkpoint step is never used and never destroyed: it fails verification (a flipped block, a missing
+or unreadable checksum record), the run falls back to the step before it, and the step is moved aside to
+`checkpoints/quarantine/STEP` with the reason, where its params can still be exported if they verify."""
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from lalign import export
+from lalign.checkpoints import load, verify
+from lalign.checkpoints.manager import CheckpointError, Checkpoints
+from lalign.models.vit import ViT
+
+VIT = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4), pool_type="none")
+
+
+@pytest.fixture(scope="module")
+def student():
+    return ViT(**VIT).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+
+
+def _state(step: int, student) -> dict:
+    """A train state's shape: step, params (the student ViT), optimizer moments."""
+    params = jax.tree.map(lambda x: x + step, {"student": student})
+    return {"step": jnp.int32(step), "params": params,
+            "opt": {"mu": jax.tree.map(jnp.zeros_like, params), "nu": jax.tree.map(jnp.ones_like, params)}}
+
+
+def _saved(tmp_path, student, steps=(1, 2)) -> Checkpoints:
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"), async_save=False)
+    for step in steps:
+        ckpts.save(step, _state(step, student))
+    ckpts.wait()
+    return ckpts
+
+
+def _restart(tmp_path, student):
+    """A new run on the same workdir: what train.py does when it starts again."""
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"), async_save=False)
+    return ckpts, ckpts.restore_latest(_state(0, student))
+
+
+def _record(tmp_path, step):
+    return tmp_path / "checkpoints" / "checksums" / "latest" / f"{step}.json"
+
+
+def _damage_record(tmp_path, step, key_prefix="opt/") -> str:
+    """The record and the bytes disagree on one array under `key_prefix`: what a flipped block in that array
+    reads back as. Returns the array's path."""
+    path = _record(tmp_path, step)
+    record = json.loads(path.read_text())
+    key = sorted(k for k in record["arrays"] if k.startswith(key_prefix))[0]
+    record["arrays"][key]["sums"][0] ^= 1
+    path.write_text(json.dumps(record))
+    return key
+
+
+def test_a_truncated_record_is_a_verification_failure_naming_the_file(tmp_path, student):
+    _saved(tmp_path, student)
+    record = _record(tmp_path, 2)
+    record.write_text(record.read_text()[:95])  # a torn write or copy
+    with pytest.raises(ValueError, match=rf"{re.escape(str(record))} cannot be read"):
+        load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))
+    with pytest.warns(UserWarning, match=rf"Step 2 .* failed verification .*: its checksum record "
+                                         rf"{re.escape(str(record))} cannot be read \(JSONDecodeError"):
+        _, state = _restart(tmp_path, student)
+    assert int(state["step"]) == 1
