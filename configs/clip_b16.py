@@ -24,6 +24,8 @@ bf16 compute, fp32 master weights; nn.scan over blocks, no rematerialization (ac
 checkpoint with the best validation loss is kept (`checkpoints/best`).
 At another global batch (`--config.batch_size`) the lr follows from batch 1024 by the square-root rule
 (`optimizer.lr_base_batch`, `optimizer.lr_scale_rule`), and the log says so.
+The locality meter (lalign/watch.py) probes student and teacher at each validation on a labelled folder:
+`--config.watch.images=DIR --config.watch.labels=DIR --config.watch.num_classes=N`.
 
 Expected result: a student whose patch tokens are locally semantic while the global knowledge is kept; the
 paper reports that the aligned backbone beats its teacher on the patch-level probe (for CLIP ViT-B/16 on

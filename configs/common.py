@@ -88,6 +88,13 @@ def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalizat
     # (docs/design.md, "Deviations"). At batch 1024 nothing changes.
     c.optimizer = dict(lr=lr, lr_base_batch=BATCH, lr_scale_rule="sqrt", wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0,
                        warmup_steps=0, lr_min_ratio=0.1, weight_decay_on="all")
+    # The locality meter at each validation (lalign/watch.py): a ridge patch probe of the student and the teacher on
+    # a labelled folder you supply (--config.watch.images=DIR --config.watch.labels=DIR --config.watch.num_classes=N;
+    # or source="coco_stuff" / "ade20k" with watch.root), logged beside val_loss, with a warning when the student's
+    # macro recall falls more than `margin` below its teacher's. No images: the student's token agreement only.
+    c.watch = dict(source="folder", images="", labels="", num_classes=0, ignore_index=255, root="",
+                   label_rule="union", min_pixels=1, num_images=256, fit_fraction=0.5, ridge=1e-3, margin=0.03,
+                   batch_size=64)
     c.mesh = dict(data=-1, fsdp=fsdp, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
     c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
     c.log_every = 50

@@ -64,6 +64,10 @@ def get_config(arg: str = "full"):
     # lr 3e-4 is the demo's at its batch 32; another batch scales it (lr_scale_rule sqrt | linear | none).
     c.optimizer = dict(lr=3e-4, lr_base_batch=32, lr_scale_rule="sqrt", wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0,
                        warmup_steps=0, lr_min_ratio=0.1, weight_decay_on="all")
+    # The locality meter at each validation (lalign/watch.py): a ridge patch probe of the student and the teacher
+    # on 256 scenes of probe_val (fitted on half, read on the rest) beside val_loss; a warning when the student's
+    # macro recall falls more than `margin` below its teacher's. source "": the token agreement only.
+    c.watch = dict(source="scenes", num_images=256, fit_fraction=0.5, ridge=1e-3, margin=0.03, batch_size=64)
     c.mesh = dict(data=-1, fsdp=1, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
     c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
     c.log_every = 100
@@ -96,5 +100,6 @@ def get_config(arg: str = "full"):
                  quiet=True)
         c.maskembed.target_std_batches = 1
         c.optimizer.lr_base_batch = 8  # the tests' model trains at lr 3e-4 at its batch 8 (what they were set for)
+        c.watch.update(num_images=16, batch_size=8)
         c.probe.update(num_train=16, num_val=8, num_test=8, epochs=1, batch_size=8, warmup_steps=1)
     return c

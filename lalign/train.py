@@ -27,6 +27,7 @@ from lalign import distributed
 from lalign import files
 from lalign import maskembed
 from lalign import sharding
+from lalign import watch
 from lalign.checkpoints.manager import Checkpoints
 from lalign.log import info
 from lalign.metrics import MetricWriter
@@ -305,17 +306,25 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             state["target_whitening"] = jax.device_put(stats["whitening"], s.state_shardings["target_whitening"])
             info("[maskembed] targets whitened (ZCA on masked images)")
 
-    def validate(state) -> float:
+    # The locality meter (lalign/watch.py): teacher measured once here, the student at each validation.
+    meter = watch.Watch(config, teacher, teacher_params, s.model, mesh, val_batches[0])
+
+    def validate(state) -> dict:
         losses = [s.eval_loss(state["params"], s.teacher_params, im, jax.random.fold_in(s.keys["val"], i),
                               target_norm(state)) for i, im in enumerate(val_batches)]
-        return float(np.mean(jax.device_get(losses)))
+        return {"val_loss": float(np.mean(jax.device_get(losses))), **meter.measure(state["params"])}
+
+    def report(step: int, vals: dict, note: str = "") -> None:
+        writer.write(step, **vals)
+        info(f"[maskembed] step {step} | val_loss {vals['val_loss']:.4f}{meter.describe(vals)}{note}")
+        warning = meter.warning(vals)
+        if warning:
+            info(f"[maskembed] {warning}")
 
     writer = MetricWriter(workdir, "maskembed", total_steps, batch_size, quiet=config.get("quiet", False))
     step = int(state["step"])
     if step == 0 and config.eval_every:
-        val = validate(state)
-        writer.write(0, val_loss=val)
-        info(f"[maskembed] step 0 | val_loss {val:.4f} (before training)")
+        report(0, validate(state), " (before training)")
     sums, count, last_loss = None, 0, None
     with distributed.Preemption() as preemption:
         while step < total_steps:
@@ -342,11 +351,10 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
                 writer.log_train(step, **means)
                 sums, count = None, 0
             if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
-                val = validate(state)
-                _check_finite(val, step, ckpts, "validation loss")
-                writer.write(step, val_loss=val)
-                info(f"[maskembed] step {step} | val_loss {val:.4f}")
-                ckpts.save(step, state, val_loss=val)
+                vals = validate(state)
+                _check_finite(vals["val_loss"], step, ckpts, "validation loss")
+                report(step, vals)
+                ckpts.save(step, state, val_loss=vals["val_loss"])
                 writer.reset_clock()
             elif config.get("checkpoint_every") and step % config.checkpoint_every == 0:
                 ckpts.save(step, state)

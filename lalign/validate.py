@@ -12,7 +12,7 @@ import os
 
 from etils import epath
 
-from lalign import maskembed, sharding
+from lalign import maskembed, sharding, watch
 from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED
 from lalign.train import LR_SCALE_RULES, peak_lr
 
@@ -113,6 +113,7 @@ def config_errors(config, num_devices: int) -> list[str]:
              f"config.data.normalization must be one of {sorted(NORMALIZATION)}, or '' / 'auto' for the teacher "
              f"checkpoint's, got {c.data.normalization!r}")
 
+    errors += watch.config_errors(c)
     if errors:  # the mesh checks need sane sizes
         return errors
     try:  # the checks the step itself makes, on the mesh it will build

@@ -276,3 +276,17 @@ def test_config_check_of_the_lr_fields_and_a_resume_from_before_they_existed(tmp
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (error,) = validate.resume_errors(c, str(tmp_path))  # batch 4: 3e-4 then, 1.06e-4 now
     assert error.startswith("optimizer: ") and '"peak lr": 0.0003}' in error and '"peak lr": 0.000106' in error
+
+
+def test_the_demo_and_the_real_configs_turn_the_locality_meter_on():
+    from lalign import validate, watch
+
+    demo = load_config("configs/demo.py", "full")
+    assert (demo.watch.source, demo.watch.num_images, demo.watch.margin) == ("scenes", 256, 0.03)
+    assert watch.labelled(watch.options(demo)) and not validate.config_errors(demo, 1)
+    for name in REAL:  # a labelled folder the user names; none given: the token agreement only
+        c = load_config(f"configs/{name}.py", "full")
+        assert (c.watch.source, c.watch.images, c.watch.num_images) == ("folder", "", 256)
+        assert not watch.labelled(watch.options(c))
+        c.watch.update(images="/data/watch/images", labels="/data/watch/labels", num_classes=182)
+        assert watch.labelled(watch.options(c)) and not watch.config_errors(c)
