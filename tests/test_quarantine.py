@@ -60,6 +60,31 @@ def _damage_record(tmp_path, step, key_prefix="opt/") -> str:
     return key
 
 
+def test_a_step_without_its_record_falls_back_and_the_note_says_what_a_restart_does(tmp_path, student):
+    ckpts = _saved(tmp_path, student)
+    _record(tmp_path, 2).unlink()  # its bytes may be anything: nothing says what step 2 held
+    note = ckpts.resume_note()
+    assert "step 1 " in note, note
+    with pytest.warns(UserWarning, match=r"Resuming from step 1, the newest checkpoint that verifies; Step 2 .* "
+                                         r"failed verification .*: its checksum record .*checksums/latest/2\.json "
+                                         r"is missing"):
+        _, state = _restart(tmp_path, student)
+    assert int(state["step"]) == 1  # what the note said
+
+
+def test_a_step_an_older_lalign_wrote_is_restored_unverified_and_the_note_says_so(tmp_path, student):
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"), async_save=False)
+    for step in (1, 2):  # as lalign wrote steps before checksums: no record, no marker in the step's metadata
+        ckpts.latest.save(step, args=ocp.args.PyTreeSave(_state(step, student)), force=True)
+    ckpts.wait()
+    note = ckpts.resume_note()
+    assert "step 2 " in note and "unverified" in note, note
+    with pytest.warns(UserWarning, match=r"/2 has no checksum record \(saved by an older lalign\): restored "
+                                         r"unverified"):
+        _, state = _restart(tmp_path, student)
+    assert int(state["step"]) == 2
+
+
 def test_a_truncated_record_is_a_verification_failure_naming_the_file(tmp_path, student):
     _saved(tmp_path, student)
     record = _record(tmp_path, 2)
