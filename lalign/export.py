@@ -114,15 +114,46 @@ def _occupied(path: str) -> Optional[str]:
     return "a file" if os.path.lexists(path) else None
 
 
-def check_outputs(paths, source: str, overwrite: bool) -> None:
-    """Outputs never destroy inputs: an output that would replace the checkpoint being read (or a folder holding
-    it) is refused even with --overwrite; anything else already there is refused unless --overwrite."""
-    src = os.path.realpath(source)
+def _checkpoints_folder(path: str) -> Optional[str]:
+    """The `checkpoints` folder of a workdir (one holding orbax's `latest`/`best` or `checksums`) that `path` is in,
+    or None. Its steps are removed as a run goes on (latest keeps two), and with them anything written inside."""
+    d = path
+    while True:
+        if os.path.basename(d) == "checkpoints" and any(os.path.isdir(os.path.join(d, s))
+                                                        for s in ("latest", "best", "checksums")):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def inputs(args) -> dict:
+    """What the export reads, by flag: no output may go where it would replace them or sit inside them."""
+    return {flag: path for flag, path in (("--input", args.input), ("--head-from", args.head_from)) if path}
+
+
+def check_outputs(paths, sources, overwrite: bool) -> None:
+    """Outputs never destroy inputs: an output that would replace a checkpoint being read (or a folder holding
+    it), that lies inside one, or inside a workdir's checkpoints folder (whose steps rotate out) is refused even
+    with --overwrite; anything else already there is refused unless --overwrite. `sources`: {flag: path} (a
+    path alone: --input)."""
+    sources = {"--input": sources} if isinstance(sources, str) else sources
     for path in paths:
         dst = os.path.realpath(path)
-        if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
-            raise ValueError(f"--output {path} would replace the input {source} it is read from; choose another "
-                             f"--output.")
+        for flag, source in sources.items():
+            src = os.path.realpath(source)
+            if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
+                raise ValueError(f"--output {path} would replace the input {source} it is read from; choose another "
+                                 f"--output.")
+            if dst.startswith(src.rstrip(os.sep) + os.sep):
+                raise ValueError(f"--output {path} is inside the input {source} ({flag}), which it would change; "
+                                 f"choose an --output outside it.")
+        folder = _checkpoints_folder(dst)
+        if folder:
+            raise ValueError(f"--output {path} is inside the checkpoints folder of the workdir "
+                             f"{os.path.dirname(folder)}, whose steps are deleted as the run goes on (and the "
+                             f"export with them); choose an --output outside {folder}.")
         what = _occupied(path)
         if what and not overwrite:
             raise FileExistsError(f"--output: {path} already exists ({what}); choose a new path, or pass "
@@ -218,11 +249,11 @@ def main(argv=None) -> int:
         args.head_from = hub.resolve(args.head_from).path
 
     model_json = args.output.rstrip("/") + ".model.json"
-    check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), args.input, args.overwrite)
+    check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), inputs(args), args.overwrite)
     fields = _fields_from_args(args)
     model, params, decoder = load_with_decoder(args.input, args.src, fields, tower=args.tower)
     if decoder is not None and args.to != "hf":  # a file beside the output
-        check_outputs([decoder_path(args.output, args.to)], args.input, args.overwrite)
+        check_outputs([decoder_path(args.output, args.to)], inputs(args), args.overwrite)
     softcap_stats = None
     if model.attn_softcap is not None and args.to in ("hf", "timm", "open_clip"):
         model, softcap_stats = drop_softcap(model, params, args)

@@ -1,0 +1,82 @@
+"""Inputs that cannot work are refused up front, as one line, before anything is written: an export into a folder
+that rotates or that it reads from, a damaged safetensors file, an image folder with nothing readable in it."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lalign import export
+from lalign.checkpoints import bigvision
+from lalign.checkpoints.manager import save_params
+from lalign.models.vit import ViT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tree(root):
+    return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                  for d, _, files in os.walk(root) for f in files)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    model = ViT(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4), pool_type="map")
+    return model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+
+
+@pytest.fixture(scope="module")
+def teacher_npz(tmp_path_factory, tiny_params):
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.npz")
+    bigvision.save_npz(path, tiny_params)
+    return path
+
+
+# ------------------------------------------------------------------ export into a folder it must not write to
+def _workdir(root, tiny_params):
+    """A workdir's layout: config.json, and params under checkpoints/latest/30 and checkpoints/best/20."""
+    (root / "checkpoints" / "latest").mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    save_params(str(root / "checkpoints" / "latest" / "30"), tiny_params)
+    save_params(str(root / "teacher" / "params"), tiny_params)
+    return root
+
+
+@pytest.mark.parametrize("where,reason", [
+    ("checkpoints/latest/30/hf", "inside the input"),
+    ("checkpoints/hf", "inside the checkpoints folder of the workdir"),
+    ("checkpoints/latest/hf", "inside the checkpoints folder of the workdir"),
+])
+def test_export_refuses_an_output_inside_its_input_or_a_workdirs_checkpoints(tiny_params, tmp_path, capsys, where,
+                                                                            reason):
+    workdir = _workdir(tmp_path / "W", tiny_params)
+    before = _tree(workdir)
+    output = workdir / where
+    code = export.cli(["--input", str(workdir / "checkpoints" / "latest" / "30"), "--output", str(output), "--to",
+                       "hf", "--no-head"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"lalign.export: error: --output {output}"), err
+    assert reason in err[0], err
+    assert _tree(workdir) == before  # nothing written
+
+
+def test_export_refuses_an_output_inside_the_head_from_checkpoint(tiny_params, teacher_npz, tmp_path, capsys):
+    workdir = _workdir(tmp_path / "W", tiny_params)
+    head_from = workdir / "teacher" / "params"
+    before = _tree(workdir)
+    code = export.cli(["--input", teacher_npz, "--output", str(head_from / "hf"), "--to", "hf",
+                       "--head-from", str(head_from)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "inside the input" in err[0] and "--head-from" in err[0], err
+    assert _tree(workdir) == before
+
+
+def test_export_beside_a_workdir_still_works(tiny_params, tmp_path, capsys):
+    workdir = _workdir(tmp_path / "W", tiny_params)
+    code = export.cli(["--input", str(workdir / "checkpoints" / "latest" / "30"), "--output",
+                       str(workdir / "exports" / "hf"), "--to", "hf", "--no-head"])
+    assert code == 0, capsys.readouterr().err
+    assert (workdir / "exports" / "hf" / "model.safetensors").is_file()
