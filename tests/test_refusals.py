@@ -80,3 +80,47 @@ def test_export_beside_a_workdir_still_works(tiny_params, tmp_path, capsys):
                        str(workdir / "exports" / "hf"), "--to", "hf", "--no-head"])
     assert code == 0, capsys.readouterr().err
     assert (workdir / "exports" / "hf" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ damaged safetensors inputs
+def _truncate(path, keep):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:keep(len(data))])
+
+
+@pytest.mark.parametrize("to,frm", [("timm", None), ("timm", "timm"), ("hf", None), ("open_clip", "open_clip")])
+@pytest.mark.parametrize("keep", [lambda n: n // 2, lambda n: 5], ids=["half", "header"])
+def test_a_truncated_safetensors_input_is_one_line_naming_the_file(teacher_npz, tmp_path, capsys, to, frm, keep):
+    if to == "open_clip":  # a state dict with open_clip's names (the export needs a projection)
+        from safetensors.numpy import save_file
+
+        damaged = str(tmp_path / "open_clip.safetensors")
+        save_file({"conv1.weight": np.zeros((16, 3, 4, 4), np.float32),
+                   "transformer.resblocks.0.ln_1.weight": np.ones(16, np.float32)}, damaged)
+    else:
+        out = str(tmp_path / ("hf" if to == "hf" else "m.safetensors"))
+        assert export.cli(["--input", teacher_npz, "--output", out, "--to", to] +
+                          (["--kind", "siglip"] if to == "hf" else [])) == 0
+        damaged = os.path.join(out, "model.safetensors") if to == "hf" else out
+    _truncate(damaged, keep)
+    capsys.readouterr()
+    args = ["--input", os.path.dirname(damaged) if to == "hf" else damaged, "--output", str(tmp_path / "again.npz"),
+            "--to", "bigvision", "--num-heads", "2"] + (["--from", frm] if frm else [])
+    code = export.cli(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert damaged in err[0] and "truncated or damaged" in err[0], err
+    assert not (tmp_path / "again.npz").exists()
+
+
+def test_a_truncated_safetensors_is_one_line_from_the_command_line(teacher_npz, tmp_path):
+    out = str(tmp_path / "m.safetensors")
+    assert export.cli(["--input", teacher_npz, "--output", out, "--to", "timm"]) == 0
+    _truncate(out, lambda n: n - 100)
+    env = dict(os.environ, LALIGN_TCMALLOC="0", JAX_PLATFORMS="cpu")
+    env.pop("LALIGN_TRACEBACK", None)
+    r = subprocess.run([sys.executable, "-m", "lalign.export", "--input", out, "--output", str(tmp_path / "hf"),
+                        "--to", "hf"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith(f"lalign.export: error: {out}") and "truncated or damaged" in lines[0]

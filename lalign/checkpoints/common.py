@@ -23,6 +23,25 @@ MODEL_FIELDS = ("num_classes", "patch_size", "width", "depth", "mlp_dim", "num_h
 LOADED_LAYERSCALE_INIT = 1e-5
 
 
+# ------------------------------------------------------------------------------------------- safetensors
+def open_safetensors(path: str):
+    """`safe_open(path)` (numpy), where a file safetensors cannot read (truncated, damaged, not safetensors) is a
+    ValueError naming it: safetensors' own error names no file, and the CLIs report a ValueError as one line."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or damaged ({e}); download or "
+                         f"write it again.") from None
+
+
+def load_safetensors(path: str) -> dict:
+    """Every tensor of a safetensors file as numpy arrays (`open_safetensors`' errors)."""
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': x}} -> {'a/b': x}."""
     out = {}

@@ -41,6 +41,7 @@ from lalign.checkpoints import mapping as m
 from lalign.files import write_atomically, write_text
 from lalign.checkpoints.common import (check_params, describe, expected_shapes, flatten, grid_of, random_map_head,
                                        scan_to_blocks, square_grid, take_map_head, to_layout, to_numpy, unflatten)
+from lalign.checkpoints.common import load_safetensors
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 KINDS = ("siglip", "siglip2", "clip", "dinov2")
@@ -292,7 +293,6 @@ def read_hf_dir(path: str) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory).")
     with open(cfg_path) as f:
         config = json.load(f)
-    stn = _safetensors_numpy()
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         files = [single]
@@ -304,7 +304,7 @@ def read_hf_dir(path: str) -> tuple[dict, dict]:
                                 f"files are not read (re-save with safe_serialization=True).")
     sd = {}
     for fn in files:
-        sd.update(stn.load_file(fn))
+        sd.update(load_safetensors(fn))
     return config, sd
 
 

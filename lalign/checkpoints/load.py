@@ -36,7 +36,7 @@ import numpy as np
 
 from lalign import log
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
-from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
+from lalign.checkpoints.common import grid_of, infer_model, open_safetensors, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
 from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
@@ -58,9 +58,7 @@ def guess_format(path: str) -> str:
     if path.endswith(".npz"):
         return "bigvision"
     if path.endswith(".safetensors") and os.path.isfile(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
+        with open_safetensors(path) as f:
             return "open_clip" if open_clip.is_open_clip(f.keys()) else "timm"
     if not os.path.exists(path):
         raise FileNotFoundError(f"No checkpoint at {path}.")
@@ -166,9 +164,7 @@ def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
     if fmt == "hf":
         return os.path.join(path, "config.json")
     if fmt in ("timm", "open_clip"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
+        with open_safetensors(path) as f:
             return f"{path} (its lalign metadata)" if "lalign_vit" in (f.metadata() or {}) else None
     if fmt == "orbax":
         rec = workdir_record(path)
@@ -382,9 +378,7 @@ def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str
         meta = timm.read_metadata(path)
         if "lalign_vit" in meta:
             return family_normalization(json.loads(meta["lalign_vit"]))
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
+        with open_safetensors(path) as f:
             return family_normalization(_family_of_names(f.keys()))
     if fmt == "open_clip":
         beside = os.path.join(os.path.dirname(os.path.abspath(path)), open_clip.CONFIG_FILE)

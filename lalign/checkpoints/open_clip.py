@@ -30,6 +30,7 @@ import numpy as np
 from lalign.checkpoints import mapping as m
 from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
                                        model_fields, scan_to_blocks, square_grid, to_layout, to_numpy, unflatten)
+from lalign.checkpoints.common import load_safetensors, open_safetensors
 from lalign.files import write_atomically
 from lalign.models.vit import ViT
 
@@ -144,12 +145,9 @@ def read_open_clip(path: str) -> tuple[dict, dict, Optional[dict]]:
     model_cfg from the metadata, else `open_clip_config.json` beside the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No open_clip safetensors file at {path}.")
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    with safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
         meta = f.metadata() or {}
-    sd = load_file(path)
+    sd = load_safetensors(path)
     if not is_open_clip(sd):
         raise ValueError(f"{path}: not an open_clip VisionTransformer state dict (no conv1.weight and "
                          f"transformer.resblocks.*; first keys {sorted(sd)[:6]}).")

@@ -44,6 +44,7 @@ from lalign.files import write_atomically
 from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
                                        model_fields, patch_rows, scan_to_blocks, square_grid, take_map_head,
                                        to_layout, to_numpy, unflatten)
+from lalign.checkpoints.common import load_safetensors, open_safetensors
 from lalign.models.vit import ViT, posemb_sincos_2d
 
 ACT_TO_TIMM = {"gelu": "gelu_tanh", "gelu_exact": "gelu", "quick_gelu": "quick_gelu"}
@@ -215,16 +216,14 @@ def read_metadata(path: str) -> dict:
     """The safetensors metadata of a timm file (lalign's files: `timm_kwargs`, `lalign_vit`), without its tensors."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No timm safetensors file at {path}.")
-    from safetensors import safe_open
-
-    with safe_open(path, framework="numpy") as f:
+    with open_safetensors(path) as f:
         return f.metadata() or {}
 
 
 def read_timm(path: str) -> tuple[dict, dict]:
     """(state dict of numpy arrays, metadata dict) of a safetensors file."""
     meta = read_metadata(path)
-    return _safetensors_numpy().load_file(path), meta
+    return load_safetensors(path), meta
 
 
 def from_timm_state_dict(sd: Mapping, model: ViT, source: str = "timm state dict", *, image_size=None) -> dict:
