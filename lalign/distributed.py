@@ -12,17 +12,24 @@ would enter a checkpoint of another step than its peers (a hang, or a checkpoint
 sync (`reached_preemption_sync_point`) makes all hosts agree, through the coordination service and without any
 device work, on one step at which every host stops; `Preemption` wraps it, and falls back to a plain SIGTERM flag
 in a single-process run.
+
+A host lost mid-run (SIGKILL, a lost VM) makes JAX's coordination service abort every other host with a native
+crash report once the heartbeat timeout passes. The collective the survivors are in fails first (gloo: the
+connection resets); `stop_if_host_lost` then asks `Liveness` which host went quiet, prints one line naming it
+and the step a restart resumes from, and ends the process before that abort.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -85,6 +92,12 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
         raise JoinError(f"--distributed: could not join the job at {where} as process "
                            f"{kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')} within "
                            f"{initialization_timeout_s}s: {first}") from e
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed
+
+        global _liveness
+        _liveness = Liveness(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
+                             heartbeat_timeout_s)
 
 
 def wait_for_coordinator(address: str, timeout_s: float, kwargs: dict) -> None:
@@ -145,6 +158,22 @@ def sync_manager_ready() -> bool:
     return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
 
+# Tests only: "STEP:SIGNAL" (e.g. "12:SIGTERM") makes this process send itself SIGNAL at the boundary of step STEP,
+# so that a test preempts or kills a run at a known step however loaded the machine is.
+TEST_SIGNAL_ENV = "LALIGN_TEST_SIGNAL_AT_STEP"
+
+
+def _test_signal_at_step() -> Optional[tuple[int, int]]:
+    value = os.environ.get(TEST_SIGNAL_ENV, "")
+    if not value:
+        return None
+    step, _, name = value.partition(":")
+    try:
+        return int(step), int(getattr(signal, name or "SIGTERM"))
+    except (ValueError, AttributeError):
+        raise ValueError(f"{TEST_SIGNAL_ENV}={value!r}: expected STEP:SIGNAL, e.g. 12:SIGTERM") from None
+
+
 class Preemption:
     """`stop(step)`: whether the run should save step `step` and exit, asked at every step boundary.
 
@@ -153,6 +182,7 @@ class Preemption:
 
     def __enter__(self):
         self.requested, self._previous = False, None
+        self._test_signal = _test_signal_at_step()
         self._synced = sync_manager_ready()
         if not self._synced and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -167,8 +197,112 @@ class Preemption:
         self.requested = True
 
     def stop(self, step: int) -> bool:
+        if self._test_signal and self._test_signal[0] == step:
+            os.kill(os.getpid(), self._test_signal[1])
         if self._synced:
             from jax.experimental import multihost_utils
 
             self.requested = self.requested or multihost_utils.reached_preemption_sync_point(int(step))
         return self.requested
+
+
+# ----------------------------------------------------------------------------------------- a host lost mid-run
+LOST_HOST_EXIT = 75  # EX_TEMPFAIL: nothing is wrong with the run itself; restarting every host resumes it
+_liveness: Optional["Liveness"] = None
+
+
+class Liveness:
+    """Every host bumps its own counter in the coordination service's key-value store a few times a second (a
+    daemon thread); `quiet(window_s)` names the other hosts whose counter stands still over `window_s`. JAX's
+    own heartbeats say the same, but only by aborting the process."""
+
+    PREFIX = "lalign/alive/"
+
+    def __init__(self, client, process_id: int, num_processes: int, heartbeat_timeout_s: float,
+                 period_s: float = 0.2):
+        self.client, self.process_id, self.num_processes = client, process_id, num_processes
+        self.heartbeat_timeout_s, self.period_s = float(heartbeat_timeout_s), period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lalign-liveness", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)  # runs before JAX's own exit hook shuts the client down
+
+    def _beat(self) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{self.process_id}", str(count), allow_overwrite=True)
+            except Exception:  # noqa: BLE001 - the coordinator is gone or shutting down: nothing left to tell
+                return
+            self._stop.wait(self.period_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _counts(self) -> dict[int, Optional[str]]:
+        out = {}
+        for i in range(self.num_processes):
+            if i != self.process_id:
+                try:
+                    out[i] = self.client.key_value_try_get(f"{self.PREFIX}{i}")
+                except Exception as e:  # noqa: BLE001
+                    if "NOT_FOUND" not in str(e) and "not found" not in str(e).lower():
+                        raise
+                    out[i] = None
+        return out
+
+    def quiet(self, window_s: float) -> list[int]:
+        """The other hosts whose counter did not move during `window_s` seconds. Raises when the coordinator
+        (process 0) itself cannot be reached."""
+        first = self._counts()
+        time.sleep(window_s)
+        last = self._counts()
+        return [i for i in first if first[i] == last[i]]
+
+
+def stop_if_host_lost(error: BaseException, resume: Callable[[], str]) -> None:
+    """Called with an exception of a multi-host run. When another host has gone quiet (killed, its VM lost),
+    prints one line (which host, that the run stops, `resume()`: where a restart resumes) and ends this process
+    with LOST_HOST_EXIT at once, before JAX's coordination service aborts it with a native crash report.
+    Otherwise returns, and the caller re-raises `error`."""
+    if _liveness is None:
+        return
+    # JAX aborts about half a heartbeat timeout after the last heartbeat it got: decide well within that.
+    window = min(2.0, max(0.5, _liveness.heartbeat_timeout_s / 5))
+    try:
+        quiet = _liveness.quiet(window)
+        who = (f"host {quiet[0]} stopped sending heartbeats" if len(quiet) == 1 else
+               f"hosts {', '.join(map(str, quiet))} stopped sending heartbeats" if quiet else "")
+    except Exception:  # noqa: BLE001 - the coordinator's own key-value store is gone
+        who = "host 0 (the job's coordinator) stopped answering" if _liveness.process_id != 0 else ""
+    if not who:
+        return
+    try:
+        where = resume()
+    except Exception:  # noqa: BLE001
+        where = "the latest checkpoint"
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    line = (f"[distributed] {who}; the run stops; restart all hosts to resume from {where} "
+            f"(this host {_liveness.process_id} saw: {first})")
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(LOST_HOST_EXIT)
+
+
+class StopIfHostLost:
+    """`with StopIfHostLost(resume):` around a multi-host training loop: an exception leaving it goes through
+    `stop_if_host_lost` (one line and exit when a host was lost; otherwise it propagates unchanged)."""
+
+    def __init__(self, resume: Callable[[], str]):
+        self.resume = resume
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        # FloatingPointError: the run's own finite-loss check, never a lost host
+        if isinstance(error, Exception) and not isinstance(error, FloatingPointError):
+            stop_if_host_lost(error, self.resume)
+        return False

@@ -49,6 +49,28 @@ class MetricWriter:
             self._scalars(int(step), record)
         return record
 
+    def resume_at(self, step: int) -> int:
+        """A run resumed from its checkpoint of `step` logs the steps after it again: drops this stage's records
+        past `step` (written before the restart), so that metrics.jsonl holds each step once. Returns how many."""
+        if not self.primary or not self.path.exists():
+            return 0
+        keep, dropped = [], 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                dropped += 1
+                continue
+            if record.get("stage") == self.stage and int(record.get("step", -1)) > step:
+                dropped += 1
+            else:
+                keep.append(line)
+        if dropped:
+            tmp = self.path.parent / (self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        return dropped
+
     def _scalars(self, step: int, record: dict) -> None:
         if self._tb is None:
             try:

@@ -322,11 +322,16 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             info(f"[maskembed] {warning}")
 
     writer = MetricWriter(workdir, "maskembed", total_steps, batch_size, quiet=config.get("quiet", False))
+    if host.resumed_from is not None:
+        dropped = writer.resume_at(host.resumed_from)
+        if dropped:
+            info(f"[maskembed] metrics.jsonl: {dropped} records after step {host.resumed_from}, logged before the "
+                 f"restart, dropped (they are logged again)")
     step = int(state["step"])
     if step == 0 and config.eval_every:
         report(0, validate(state), " (before training)")
     sums, count, last_loss = None, 0, None
-    with distributed.Preemption() as preemption:
+    with distributed.Preemption() as preemption, distributed.StopIfHostLost(lambda: _resume_point(ckpts)):
         while step < total_steps:
             if preemption.stop(step):  # SIGTERM on any host: all hosts save this same step, then stop
                 if ckpts.latest_step() != step:  # the signal may have come during this step's own save
@@ -376,6 +381,11 @@ class HostReport:
     def __init__(self, workdir: str, shard: tuple[int, int], batch_size: int):
         local = batch_size // shard[1]
         self.path = epath.Path(workdir) / "hosts" / f"process_{jax.process_index()}.json"
+        if jax.process_index() == 0 and self.path.parent.exists():
+            # Reports of an earlier start (other hosts, another host count) would read as this run's: cleared
+            # before any host can write (every host passes the first collective after this).
+            for stale in self.path.parent.glob("process_*.json"):
+                stale.unlink()
         self.record = {"process": jax.process_index(), "processes": jax.process_count(),
                        "local_devices": jax.local_device_count(), "devices": jax.device_count(),
                        "batch_rows": [shard[0] * local, (shard[0] + 1) * local], "batch_size": batch_size}
@@ -386,6 +396,14 @@ class HostReport:
                   "seconds": round(time.time() - self._t0, 1),
                   "train_files_read": getattr(train_data, "num_read", None)}
         files.write_text(self.path, json.dumps(record, indent=2))
+
+
+def _resume_point(ckpts: Checkpoints) -> str:
+    """Where a restart resumes, for a run stopping now: the newest finalized step on disk (a save still in flight
+    never finishes once a host is lost)."""
+    root = epath.Path(ckpts.latest.directory)
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.exists() else []
+    return f"step {max(steps)}" if steps else "the start (no checkpoint was saved)"
 
 
 def _check_finite(value: float, step: int, ckpts: Checkpoints, what: str = "training loss") -> None:
