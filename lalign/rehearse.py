@@ -88,10 +88,10 @@ def host_env(devices: int) -> dict:
 
 
 def start_hosts(config: str, workdir: str, processes: int, devices: int, overrides=(), port: int | None = None,
-                heartbeat_timeout: int = 20, log_suffix: str = "", only: int | None = None
-                ) -> list[subprocess.Popen]:
+                heartbeat_timeout: int = 20, log_suffix: str = "", only: int | None = None,
+                distributed_timeout: int = 120, env: dict[int, dict] | None = None) -> list[subprocess.Popen]:
     """Starts every host of the job (or host `only`, with `port` shared by the caller); host i's output goes to
-    `workdir/logs/host_<i><log_suffix>.log`."""
+    `workdir/logs/host_<i><log_suffix>.log`; `env[i]`: more environment variables for host i."""
     port = port or free_port()
     logs = os.path.join(workdir, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -99,10 +99,10 @@ def start_hosts(config: str, workdir: str, processes: int, devices: int, overrid
     for i in range(processes) if only is None else [only]:
         cmd = [sys.executable, "-m", "lalign.main", f"--config={config}", f"--workdir={workdir}", "--distributed",
                f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={i}",
-               f"--heartbeat_timeout={heartbeat_timeout}", "--distributed_timeout=120", *overrides]
+               f"--heartbeat_timeout={heartbeat_timeout}", f"--distributed_timeout={distributed_timeout}", *overrides]
         log = open(os.path.join(logs, f"host_{i}{log_suffix}.log"), "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=host_env(devices), stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env={**host_env(devices), **(env or {}).get(i, {})}, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         log.close()
     return procs
 
