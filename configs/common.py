@@ -4,11 +4,11 @@ normalization, learning rate, memory options and mesh.
 
 Recipe (the reference's, iancovert/locality-alignment): 5 epochs at global batch 1024, AdamW b1 0.9, b2 0.95, weight
 decay 0.01 on every parameter (its train.py gives timm's optimizer factory no module, so no groups), gradient clip
-1.0, cosine decay to 10% of the peak, no warmup (the peak lr belongs to batch 1024: another batch scales it, square-
-root rule); uniform masks with their complements and the all-ones mask; teacher target = the penultimate block +
-final norm; MSE on standardized targets; a 2-block decoder; bf16 compute, fp32 master weights; timm's 'rkrc' crop
-(ResizeKeepRatio + CenterCropOrPad; bilinear or bicubic at random per image, bicubic for validation) + flip; the
-checkpoint with the best validation loss is kept.
+1.0, cosine decay to 10% of the peak, no warmup (the peak lr belongs to batch 1024: another batch scales it,
+square-root rule); uniform masks with their complements and the all-ones mask; teacher target = the penultimate
+block + final norm; MSE on standardized targets; a 2-block decoder; bf16 compute, fp32 master weights; timm's 'rkrc'
+crop (ResizeKeepRatio + CenterCropOrPad; bilinear or bicubic at random per image, bicubic for validation) + flip;
+the checkpoint with the best validation loss is kept.
 """
 import math
 
