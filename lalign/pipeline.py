@@ -171,10 +171,25 @@ def run(config, workdir: str) -> dict:
             config.init_from = teacher_hub.path
     normalization = resolve_normalization(config)  # before the config is checked and saved: it records the name
     validate.check(as_given(config, teacher_hub), workdir, jax.device_count())
+    if "maskembed" in config.stages:  # fail fast on a wrong or unreadable data path, before the workdir is made
+        check_data(config)
     with workdir_lib.hold(workdir) as lock:  # one run per workdir (lalign/workdir.py)
         if lock is not None and lock.note:
             info(f"[workdir] {lock.note}")
         return _run(config, workdir, normalization, teacher_hub)
+
+
+def check_data(config) -> None:
+    """The MaskEmbed splits' sources can be built (the path exists, holds images, num_val fits) and, for an image
+    folder, some of their sampled images decode."""
+    for split in ("maskembed", "maskembed_val"):
+        source = data_lib.image_source(config.data, split, seed=config.seed)
+        try:
+            if hasattr(source, "check_readable"):
+                source.check_readable()
+        finally:
+            if hasattr(source, "close"):
+                source.close()
 
 
 def as_given(config, teacher_hub):
@@ -188,8 +203,6 @@ def as_given(config, teacher_hub):
 
 
 def _run(config, workdir: str, normalization: Optional[dict] = None, teacher_hub=None) -> dict:
-    if "maskembed" in config.stages:  # fail fast on a wrong data path, before writing or loading a large teacher
-        data_lib.image_source(config.data, "maskembed", seed=config.seed)
     _write(os.path.join(workdir, "config.json"), as_given(config, teacher_hub).to_json_best_effort(indent=2))
     hosts = f"{jax.process_count()} processes x {jax.local_device_count()}, " if jax.process_count() > 1 else ""
     info(f"[host] jax {jax.__version__}, {hosts}{jax.device_count()} {jax.default_backend()} device(s), "

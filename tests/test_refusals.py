@@ -1,6 +1,7 @@
 """Inputs that cannot work are refused up front, as one line, before anything is written: an export into a folder
 that rotates or that it reads from, a damaged safetensors file, an image folder with nothing readable in it."""
 import os
+import re
 import subprocess
 import sys
 
@@ -124,3 +125,77 @@ def test_a_truncated_safetensors_is_one_line_from_the_command_line(teacher_npz, 
     lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith(f"lalign.export: error: {out}") and "truncated or damaged" in lines[0]
+
+
+# ------------------------------------------------------------------ image folders with nothing readable
+FOLDER_CONFIG = "configs/siglip_so400m.py:smoke_folder"  # a random teacher on an image folder, 16 held out
+
+
+def _folder(root, corrupt: int, good: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(corrupt):
+        (root / f"class{i % 2}").mkdir(exist_ok=True)
+        (root / f"class{i % 2}" / f"{i:03d}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg " + bytes(i))
+    for i in range(good):
+        (root / "good").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "good" / f"{i}.jpg")
+    return root
+
+
+def _folder_config(path):
+    from conftest import load_config
+
+    name, arg = FOLDER_CONFIG.split(":")
+    c = load_config(name, arg)
+    c.data.path = str(path)
+    return c
+
+
+@pytest.mark.parametrize("corrupt,expected", [(0, "No images"), (40, "none of the 16 images sampled")])
+def test_an_unreadable_image_folder_is_refused_before_the_workdir_is_made(tmp_path, corrupt, expected):
+    from lalign import pipeline
+
+    folder = _folder(tmp_path / "images", corrupt)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as err:
+        pipeline.run(_folder_config(folder), str(workdir))
+    message = str(err.value)
+    assert expected in message and str(folder) in message, message
+    if corrupt:  # an example file and why it could not be decoded
+        assert re.search(re.escape(str(folder / "class0" / "000.jpg")) + r": \w+Error: ", message), message
+    assert not workdir.exists()
+
+
+def test_an_unreadable_image_folder_leaves_an_existing_workdir_as_it_was(tmp_path):
+    from lalign import pipeline
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="none of the 16 images sampled"):
+        pipeline.run(_folder_config(_folder(tmp_path / "images", 40)), str(workdir))
+    assert os.listdir(workdir) == ["notes.txt"]
+
+
+def test_a_folder_with_some_readable_images_is_sampled_not_refused(tmp_path):
+    from lalign.data.image_folder import ImageFolder
+
+    c = _folder_config(_folder(tmp_path / "images", 30, good=3)).data
+    ImageFolder(c, "maskembed").check_readable()  # some decode: the corrupt ones are skipped in training
+
+
+@pytest.mark.parametrize("corrupt,expected", [(0, "No images"), (24, "could be decoded")])
+def test_cli_refuses_an_unreadable_image_folder_in_one_line(tmp_path, corrupt, expected):
+    folder = _folder(tmp_path / "images", corrupt)
+    env = dict(os.environ, LALIGN_TCMALLOC="0", JAX_PLATFORMS="cpu")
+    env.pop("LALIGN_TRACEBACK", None)
+    r = subprocess.run([sys.executable, "-m", "lalign.main", f"--config={FOLDER_CONFIG}",
+                        f"--workdir={tmp_path / 'run'}", f"--config.data.path={folder}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("lalign.main: error: ") and str(folder) in lines[0] and expected in lines[0], lines
+    assert not (tmp_path / "run").exists()

@@ -33,6 +33,7 @@ from lalign.files import write_text
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 OPTIONS = dict(path="", val_path="", num_val=10_000, file_list="")
 HOLDOUT_SEED = 20241015  # fixed: the held-out validation images do not depend on the run's seed
+SAMPLES = 16  # images `ImageFolder.check_readable` tries before a run writes anything
 
 
 def _is_url(path: str) -> bool:
@@ -104,6 +105,7 @@ class ImageFolder(images.ImageSource):
             raise ValueError("config.data.path must name the image folder (e.g. --config.data.path=/data/in21k).")
         use_val_dir = not self.train and opts["val_path"]
         root = opts["val_path"] if use_val_dir else opts["path"]
+        self.key = "config.data.val_path" if use_val_dir else "config.data.path"
         self.root = root.rstrip("/") if _is_url(root) else os.path.abspath(os.path.expanduser(root))
         self._paths, self.labels, self.classes = _index(self.root, "" if use_val_dir else opts["file_list"])
         n = len(self._paths)
@@ -116,6 +118,27 @@ class ImageFolder(images.ImageSource):
                                  f"{n} images (or set config.data.val_path to a separate folder).")
             held_out = np.random.default_rng(HOLDOUT_SEED).permutation(n)
             self.members = np.sort(held_out[num_val:] if self.train else held_out[:num_val])
+
+    def check_readable(self, samples: int = SAMPLES) -> None:
+        """Refuses a split of which none of `samples` images, spread evenly over it, decodes (a folder of corrupt
+        files, or of other files under an image extension): training would skip each one and stop after
+        `images.MAX_ATTEMPTS` in a row, with a traceback and a workdir already begun. One that decodes is enough;
+        the unreadable ones are skipped and counted as training goes."""
+        n = len(self.members)
+        picks = sorted({int(i) for i in np.linspace(0, n - 1, min(samples, n)).round()})
+        errors = []
+        for i in picks:
+            example = int(self.members[i])
+            try:
+                data, _ = self.load(example)
+                images.decode_and_crop(data, self.image_size, False, np.random.default_rng(0), self.opts)
+                return
+            except Exception as e:  # noqa: BLE001 - any unreadable image counts as one that failed
+                errors.append((self.describe(example), e))
+        example, e = errors[0]
+        raise ValueError(f"{self.key}: none of the {len(errors)} images sampled from {self.root!r} (of {n} in split "
+                         f"{self.split!r}) could be decoded, e.g. {example}: {type(e).__name__}: {e}. Is it the "
+                         f"right folder?")
 
     def path(self, example_id: int) -> str:
         return f"{self.root}/{os.fsdecode(self._paths[example_id])}"
