@@ -241,6 +241,9 @@ def main(argv=None) -> int:
                         "has none (its effect is measured and printed first)")
     p.add_argument("--softcap-images", help="image folder on which the soft-cap's effect is measured (default: the "
                                             "embedded scenes)")
+    p.add_argument("--params-only", action="store_true",
+                   help="a training checkpoint step (e.g. checkpoints/quarantine/STEP): read and verify its params "
+                        "alone, whatever the rest of the step holds")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), inputs(args), args.overwrite)
     fields = _fields_from_args(args)
-    model, params, decoder = load_with_decoder(args.input, args.src, fields, tower=args.tower)
+    model, params, decoder = load_with_decoder(args.input, args.src, fields, tower=args.tower,
+                                               params_only=args.params_only)
     if decoder is not None and args.to != "hf":  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], inputs(args), args.overwrite)
     softcap_stats = None

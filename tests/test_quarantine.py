@@ -70,6 +70,7 @@ def test_a_step_without_its_record_falls_back_and_the_note_says_what_a_restart_d
                                          r"is missing"):
         _, state = _restart(tmp_path, student)
     assert int(state["step"]) == 1  # what the note said
+    assert (tmp_path / "checkpoints" / "quarantine" / "2" / "default").is_dir()
 
 
 def test_a_step_an_older_lalign_wrote_is_restored_unverified_and_the_note_says_so(tmp_path, student):
@@ -95,3 +96,49 @@ def test_a_truncated_record_is_a_verification_failure_naming_the_file(tmp_path, 
                                          rf"{re.escape(str(record))} cannot be read \(JSONDecodeError"):
         _, state = _restart(tmp_path, student)
     assert int(state["step"]) == 1
+
+
+def test_damaged_steps_are_quarantined_not_deleted_and_their_params_export(tmp_path, student):
+    _saved(tmp_path, student)
+    damaged = {step: _damage_record(tmp_path, step) for step in (1, 2)}  # params intact in both
+    with pytest.raises(CheckpointError) as err:
+        _restart(tmp_path, student)
+    message = str(err.value)
+    quarantine = tmp_path / "checkpoints" / "quarantine"
+    for step, key in damaged.items():
+        assert re.search(rf"Step {step} .* failed verification and was moved to {re.escape(str(quarantine))}/"
+                         rf"{step} \(its params verify\): {re.escape(key)} ", message), message
+        kept = quarantine / str(step)
+        assert (kept / "default").is_dir() and (kept / "checksums.json").is_file()
+        assert key in (kept / "REASON.txt").read_text()
+    assert "restore one from a copy" not in message and "--params-only" in message
+    assert not [s for s in os.listdir(tmp_path / "checkpoints" / "latest") if s.isdigit()]
+    assert Checkpoints(str(tmp_path / "checkpoints")).resume_note().startswith("No checkpoint")
+
+    # the whole step refuses to load; its params alone verify and export
+    with pytest.raises(ValueError, match=r"failed verification .*" + re.escape(damaged[2])):
+        load.restore_verified(str(quarantine / "2"))
+    out = tmp_path / "student_params"
+    assert export.cli(["--input", str(quarantine / "2"), "--output", str(out), "--to", "orbax", "--params-only",
+                       "--num-heads", "2"]) == 0
+    model, params = load.load_any(str(out), "orbax", {})
+    want = _state(2, student)["params"]["student"]
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_params_only_refuses_params_that_do_not_verify(tmp_path, student, capsys):
+    _saved(tmp_path, student)
+    key = _damage_record(tmp_path, 2, "params/")
+    code = export.cli(["--input", str(tmp_path / "checkpoints" / "latest" / "2"), "--output",
+                       str(tmp_path / "out"), "--to", "orbax", "--params-only", "--num-heads", "2"])
+    assert code == 2 and key in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_for_step_dir_finds_a_quarantined_record(tmp_path):
+    step = tmp_path / "checkpoints" / "quarantine" / "7"
+    (step / "default").mkdir(parents=True)
+    assert verify.for_step_dir(str(step / "default")) is None
+    (step / "checksums.json").write_text("{}")
+    assert verify.for_step_dir(str(step)) == str(step / "checksums.json")

@@ -172,16 +172,24 @@ def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
     return None
 
 
-def restore_verified(path: str):
-    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record."""
+def restore_verified(path: str, params_only: bool = False):
+    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record.
+    `params_only`: `{'params': ...}` of a training checkpoint step alone, verified against the record's entries for
+    it, whatever the rest of the step holds (a quarantined step whose optimizer state is damaged)."""
     path = absolute(path)
     if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
         path = os.path.join(path, "default")
-    tree = restore_arrays(path)
     record = verify.for_step_dir(path)
+    if params_only and record is None:
+        raise ValueError(f"--params-only: {path} has no checksum record to verify its params against (a training "
+                         f"checkpoint step has checksums/<latest|best>/STEP.json, a quarantined one checksums.json).")
+    tree = restore_arrays(path, only="params" if params_only else None)
     if record is not None:
         try:
-            problems = verify.mismatches(verify.read(record), verify.host_record(tree))
+            expected = verify.read(record)
+            if params_only and expected is not None:
+                expected = {k: v for k, v in expected.items() if k.startswith("params/")}
+            problems = verify.mismatches(expected, verify.host_record(tree))
             why = "Its bytes changed after it was saved; use another step."
         except verify.RecordError as e:
             problems, why = [str(e)], "Nothing says what the step held; use another step."
@@ -228,12 +236,16 @@ def _unrecorded_fields(fields: dict, *also_recorded: str) -> dict:
 
 
 def load_with_decoder(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
-                      quiet: bool = False) -> tuple[ViT, dict, Optional[dict]]:
+                      quiet: bool = False, params_only: bool = False) -> tuple[ViT, dict, Optional[dict]]:
     """`load_any`'s (ViT, params), and the MaskEmbed projection + decoder ({'proj', 'decoder'}) when the input is a
-    training checkpoint (else None), from one read of the checkpoint."""
+    training checkpoint (else None), from one read of the checkpoint. `params_only`: a training checkpoint step's
+    params alone are read and verified (`restore_verified`)."""
     if (fmt or guess_format(path)) != "orbax":
+        if params_only:
+            raise ValueError(f"--params-only reads a training checkpoint step (orbax); {path} is "
+                             f"{fmt or guess_format(path)}.")
         return (*load_any(path, fmt, fields, tower=tower, quiet=quiet), None)
-    tree = _restore_orbax(path)
+    tree = _restore_orbax(path, params_only)
     model, params = _orbax_model(tree, path, dict(fields or {}), quiet)
     params_tree = tree["params"] if isinstance(tree.get("params"), dict) else tree
     decoder = ({"proj": params_tree["proj"], "decoder": params_tree["decoder"]}
@@ -241,10 +253,10 @@ def load_with_decoder(path: str, fmt: Optional[str] = None, fields: Optional[dic
     return model, params, decoder
 
 
-def _restore_orbax(path: str):
+def _restore_orbax(path: str, params_only: bool = False):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
-    return restore_verified(path)
+    return restore_verified(path, params_only)
 
 
 def _orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool = False) -> tuple[ViT, dict]:

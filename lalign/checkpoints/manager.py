@@ -4,7 +4,9 @@ Layout under `DIR/checkpoints/`: `latest/<step>/` holds the whole train state (s
 the target normalization; the randomness of a step is a function of the seed and the step, so no PRNG key) of
 the two newest saves; `best/<step>/` holds `{'params', 'step'}`
 of the evaluation with the lowest validation loss: what the probe and export read, without a second copy of the
-optimizer moments; `checksums/<latest|best>/<step>.json` records what each step held (`verify`).
+optimizer moments; `checksums/<latest|best>/<step>.json` records what each step held (`verify`);
+`quarantine/<step>/` holds a latest step that failed verification, moved there whole with its record
+(`checksums.json`) and why (`REASON.txt`).
 """
 from __future__ import annotations
 
@@ -80,8 +82,9 @@ class Checkpoints:
 
     save: refuses a state that is not all finite (nothing is written), then records the checksums of what it saves.
     restore_latest: the newest step whose arrays match their record; a step that does not (or cannot be read) is
-    reported, array by array, and removed, and the one before it is tried (`keep_latest` steps are kept, so there is
-    one to fall back to). `replicated`: a replicated sharding on the run's mesh, for the checksums' result.
+    reported, array by array, and moved to `quarantine/`, and the one before it is tried (`keep_latest` steps are
+    kept, so there is one to fall back to). `replicated`: a replicated sharding on the run's mesh, for the
+    checksums' result.
     """
 
     def __init__(self, directory: str, keep_latest: int = 2, async_save: bool = True, replicated=None):
@@ -195,6 +198,29 @@ class Checkpoints:
             return tree, []
         return tree, verify.mismatches(expected, verify.device_record(tree, self._replicated))
 
+    def _quarantine(self, step: int, reason: str) -> str:
+        """Moves a latest step out of `latest/` (a rerun must be able to save that step again) to
+        `quarantine/<step>` (`<step>-2`, ... when taken), with its record and REASON.txt. Never deleted: a read
+        error may be transient (a flaky bucket), and params that verify can still be exported
+        (`lalign.export --params-only`)."""
+        folder = epath.Path(self.root) / "quarantine"
+        dest, n = folder / str(step), 1
+        while dest.exists():
+            n += 1
+            dest = folder / f"{step}-{n}"
+        # every host has named the same destination before process 0 moves anything
+        ocp.multihost.sync_global_processes(f"lalign_quarantine_named_{step}")
+        if jax.process_index() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            _move(epath.Path(self.latest.directory) / str(step), dest)
+            record = epath.Path(verify.record_path(self.root, "latest", step))
+            if record.exists():
+                _move(record, dest / "checksums.json")
+            (dest / "REASON.txt").write_text(reason + "\n")
+        ocp.multihost.sync_global_processes(f"lalign_quarantine_moved_{step}")
+        self.latest.reload()
+        return str(dest)
+
     def restore_latest(self, like) -> Any:
         """The newest state that verifies, shaped like `like`; a checkpoint of another model is a clear error."""
         skipped = []
@@ -211,11 +237,19 @@ class Checkpoints:
                     warnings.warn(f"Resuming from step {step}, the newest checkpoint that verifies; "
                                   + " ".join(skipped), stacklevel=2)
                 return state
-            skipped.append(f"Step {step} under {self.latest.directory} failed verification and was removed: "
-                           f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}.")
-            self.latest.delete(step)  # a rerun must be able to save this step again
-        raise CheckpointError(" ".join(skipped) + " No checkpoint is left to resume from; restore one from a copy, "
-                              "or start again in a new --workdir.")
+            # read whole and only other arrays differ: the params match their record
+            params_ok = state is not None and not any(p.startswith("params/") for p in problems)
+            what = f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}"
+            dest = self._quarantine(step, f"Step {step} of {self.latest.directory} failed verification: "
+                                          + "; ".join(problems))
+            skipped.append(f"Step {step} under {self.latest.directory} failed verification and was moved to "
+                           f"{dest}{' (its params verify)' if params_ok else ''}: {what}.")
+        quarantine = os.path.join(self.root, "quarantine")
+        raise CheckpointError(
+            " ".join(skipped) + f" No checkpoint is left to resume from: a restart in this workdir begins again from "
+            f"the teacher. The failed steps are kept under {quarantine} (each with REASON.txt); `python -m "
+            f"lalign.export --input {quarantine}/STEP --params-only ...` exports a step's params where they verify "
+            f"against its record. Or start again in a new --workdir.")
 
     def restore_best(self, like) -> Any:
         """{'params', 'step'} of the best evaluation, shaped like `like` (a train state, or that subset of one),
@@ -246,6 +280,22 @@ class Checkpoints:
         self.best.close()
 
 
+def _move(src: epath.Path, dst: epath.Path) -> None:
+    """A rename; where the filesystem has none for a folder (a bucket), a copy and then the removal."""
+    try:
+        src.rename(dst)
+        return
+    except Exception:  # noqa: BLE001 - gfile and fsspec raise their own types for an unsupported rename
+        if not src.is_dir():
+            raise
+    for f in src.rglob("*"):
+        if not f.is_dir():
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            f.copy(target)
+    src.rmtree()
+
+
 def save_params(path: str, params) -> None:
     """Saves a params pytree (e.g. a finished teacher) with orbax, synchronously. Written from host memory: on a
     multi-host run each host holds its own (identical) copy on its local devices, which orbax cannot save as
@@ -254,15 +304,22 @@ def save_params(path: str, params) -> None:
         ckptr.save(absolute(path), args=ocp.args.PyTreeSave(jax.device_get(params)), force=True)
 
 
-def restore_arrays(path: str):
+def restore_arrays(path: str, only: Optional[str] = None):
     """Any orbax pytree checkpoint as numpy arrays in host memory, whatever the devices and hosts that saved it
-    (a pod's checkpoint read on one machine: orbax's default restore would rebuild the saving topology)."""
+    (a pod's checkpoint read on one machine: orbax's default restore would rebuild the saving topology).
+    `only`: that top-level subtree alone (`{only: ...}`), the other arrays not read."""
     with ocp.PyTreeCheckpointer() as ckptr, _quiet_libraries():  # (an item dir has no step metadata: a warning)
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
+        if only is not None:
+            if not isinstance(tree, dict) or only not in tree:
+                raise ValueError(f"{path} holds no {only!r}: its top-level entries are "
+                                 f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}.")
+            tree = {only: tree[only]}
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+            item=tree if only is not None else None, restore_args=args, partial_restore=only is not None))
 
 
 def load_params(path: str, like=None):

@@ -121,11 +121,15 @@ def read(path: str) -> Optional[dict]:
 
 
 def for_step_dir(step_dir: str) -> Optional[str]:
-    """The record of a checkpoint step directory `.../checkpoints/<latest|best>/<step>[/default]`, if any."""
+    """The record of a checkpoint step directory `.../checkpoints/<latest|best>/<step>[/default]`, or of a
+    quarantined step `.../checkpoints/quarantine/<name>` (its `checksums.json`), if any."""
     d = files.absolute(step_dir).rstrip("/")
     if os.path.basename(d) == "default":
         d = os.path.dirname(d)
     step, kind, root = os.path.basename(d), os.path.basename(os.path.dirname(d)), os.path.dirname(os.path.dirname(d))
+    if kind == "quarantine":
+        path = os.path.join(d, "checksums.json")
+        return path if os.path.exists(path) else None
     if not step.isdigit() or kind not in ("latest", "best"):
         return None
     path = record_path(root, kind, int(step))
