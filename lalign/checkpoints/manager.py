@@ -216,7 +216,10 @@ class Checkpoints:
             record = epath.Path(verify.record_path(self.root, "latest", step))
             if record.exists():
                 _move(record, dest / "checksums.json")
-            (dest / "REASON.txt").write_text(reason + "\n")
+            (dest / "REASON.txt").write_text(
+                f"{reason}\nWhere the cause was passing (a failed read), moving this folder back to "
+                f"{self.latest.directory}/{step} and checksums.json to "
+                f"{verify.record_path(self.root, 'latest', step)} makes the step resumable again.\n")
         ocp.multihost.sync_global_processes(f"lalign_quarantine_moved_{step}")
         self.latest.reload()
         return str(dest)
