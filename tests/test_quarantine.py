@@ -63,6 +63,8 @@ def _damage_record(tmp_path, step, key_prefix="opt/") -> str:
 def test_a_step_without_its_record_falls_back_and_the_note_says_what_a_restart_does(tmp_path, student):
     ckpts = _saved(tmp_path, student)
     _record(tmp_path, 2).unlink()  # its bytes may be anything: nothing says what step 2 held
+    with pytest.raises(ValueError, match=r"/2/default was saved with a checksum record, and the record is missing"):
+        load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))  # export refuses it too
     note = ckpts.resume_note()
     assert "step 1 " in note, note
     with pytest.warns(UserWarning, match=r"Resuming from step 1, the newest checkpoint that verifies; Step 2 .* "
@@ -78,6 +80,7 @@ def test_a_step_an_older_lalign_wrote_is_restored_unverified_and_the_note_says_s
     for step in (1, 2):  # as lalign wrote steps before checksums: no record, no marker in the step's metadata
         ckpts.latest.save(step, args=ocp.args.PyTreeSave(_state(step, student)), force=True)
     ckpts.wait()
+    assert int(load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))["step"]) == 2  # export reads it
     note = ckpts.resume_note()
     assert "step 2 " in note and "unverified" in note, note
     with pytest.warns(UserWarning, match=r"/2 has no checksum record \(saved by an older lalign\): restored "
