@@ -36,6 +36,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+# PyTorch and the libraries on it, for parity tests: skipped where not installed; one thread (the suite runs two
+# pytest workers on two cores).
+@pytest.fixture(scope="module")
+def torch():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch
+
+
+@pytest.fixture(scope="module")
+def transformers(torch):
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def timm_mod(torch):
+    return pytest.importorskip("timm")
+
+
 def load_config(name: str = "configs/demo.py", arg: str = "smoke"):
     from lalign.rehearse import load_config as load
 

@@ -13,18 +13,6 @@ from segdata import write_pair
 CAMVID_CLASSES, CAMVID_VOID = 11, 11
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-    return pytest.importorskip("transformers")
-
-
 def write_camvid(root, sizes=(("train", 6), ("val", 3), ("test", 3)), image=(224, 224), seed=0):
     """CamVid's layout: SPLIT/*.png images and SPLITannot/*.png label maps (0..10, 11 = void)."""
     rng = np.random.default_rng(seed)

@@ -20,18 +20,6 @@ from interop import TOL, images, maxdiff, nchw, randomize_torch
 IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # facebook/dinov2-*'s file
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-    return pytest.importorskip("transformers")
-
-
 def _hf_dir(torch, transformers, directory, family: str, registers: int = 0, processor=True, **processor_kw):
     """A random tiny HF vision model of `family` saved with save_pretrained, and beside it the preprocessor config
     its real image processor writes (DINOv2's hub files: BitImageProcessor with ImageNet statistics)."""

@@ -16,18 +16,6 @@ from interop import TOL, assert_same_tree, images, maxdiff, nchw, randomize_torc
 DINO_SMALL = dict(embed_dim=48, depth=2, num_heads=3)  # a tiny ViT-S/14 shape: 2x2 patches at 28 px
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
-@pytest.fixture(scope="module")
-def timm_mod(torch):
-    return pytest.importorskip("timm")
-
-
 def _features(torch, t, x):
     t.eval()
     with torch.no_grad():
@@ -123,11 +111,6 @@ def test_a_dinov2_checkpoint_runs_at_the_training_resolution_like_timm(torch, ti
     assert small["pos_embedding"].shape == (1, 5, 48)
     np.testing.assert_array_equal(small["pos_embedding"][:, 0], params["pos_embedding"][:, 0])  # class row kept
     assert jax.tree.map(np.shape, resample_posemb(params, model, (4, 4))) == jax.tree.map(np.shape, params)
-
-
-@pytest.fixture(scope="module")
-def transformers(torch):
-    return pytest.importorskip("transformers")
 
 
 def _hf_dinov2(transformers, registers: int, image_size=28):

@@ -25,18 +25,6 @@ from interop import SIGLIP, TOL, images, make, maxdiff, nchw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    torch.set_num_threads(1)
-    return torch
-
-
-@pytest.fixture(scope="module")
-def timm_mod(torch):
-    return pytest.importorskip("timm")
-
-
 def _pooled(torch, t, x):
     t.eval()
     with torch.no_grad():
