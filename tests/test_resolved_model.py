@@ -4,6 +4,7 @@ and a flag that contradicts the record is refused. The normalization comes from 
 transformers image processors' preprocessor_config.json, timm's pretrained_cfg), else from its family."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -190,6 +191,9 @@ def test_a_workdir_from_before_the_record_takes_its_model_from_the_teacher_it_na
     (old / "config.json").write_text((root / "run" / "config.json").read_text())
     step = os.path.basename(ckpt)
     os.symlink(ckpt, old / "checkpoints" / "best" / step)
+    os.makedirs(old / "checkpoints" / "checksums" / "best")  # the step's checksum record travels with it
+    shutil.copy(root / "run" / "checkpoints" / "checksums" / "best" / f"{step}.json",
+                old / "checkpoints" / "checksums" / "best" / f"{step}.json")
     model, _ = load.load_any(str(old / "checkpoints" / "best" / step), quiet=True)
     assert (model.act, model.width, model.num_registers, model.pool_type) == ("gelu_exact", 32, 2, "none")
 

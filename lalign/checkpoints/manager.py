@@ -125,16 +125,18 @@ class Checkpoints:
                            force=True, custom_metadata=STEP_METADATA)
             item = {k: v for k, v in record.items() if k == "step" or k.startswith("params/")}
             verify.write(verify.record_path(self.root, "best", step), step, item)
-            self._prune_records("best", [step])
+            self._prune_records("best", self.best.all_steps() + [step])
 
     def _prune_records(self, kind: str, keep) -> None:
-        """Records of steps older than every kept one go (orbax deleted those steps)."""
+        """Records of steps orbax deleted go: for latest, those older than every kept step; for best, those of
+        steps it does not keep (the lowest loss, which an asynchronous save in flight can make an older step than
+        the one just saved)."""
         if jax.process_index() != 0:
             return
         folder = epath.Path(self.root) / "checksums" / kind
         oldest = min(keep)
         for f in folder.glob("*.json") if folder.exists() else []:
-            if f.stem.isdigit() and int(f.stem) < oldest:
+            if f.stem.isdigit() and (int(f.stem) < oldest if kind == "latest" else int(f.stem) not in keep):
                 f.unlink()
 
     def latest_step(self) -> Optional[int]:
