@@ -176,11 +176,13 @@ def _saved_with_checksums(item_dir: str) -> bool:
     """Whether the training checkpoint step holding `item_dir` says in its orbax metadata that it was saved with a
     checksum record (`manager.STEP_METADATA`); a step of an older lalign, or not a training step, does not."""
     meta = os.path.join(os.path.dirname(item_dir), "_CHECKPOINT_METADATA")
+    if not os.path.isfile(meta):
+        return False
     try:
         with open(meta) as f:
             custom = json.load(f).get("custom_metadata") or {}
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError):  # unreadable metadata: not known to be an older format (as Checkpoints reads it)
+        return True
     return all(custom.get(k) == v for k, v in STEP_METADATA.items())
 
 
