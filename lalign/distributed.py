@@ -16,7 +16,9 @@ in a single-process run.
 A host lost mid-run (SIGKILL, a lost VM) makes JAX's coordination service abort every other host with a native
 crash report once the heartbeat timeout passes. The collective the survivors are in fails first (gloo: the
 connection resets); `stop_if_host_lost` then asks `Liveness` which host went quiet, prints one line naming it
-and the step a restart resumes from, and ends the process before that abort.
+and the step a restart resumes from, and ends the process before that abort. A survivor that is not in a
+collective (saving, evaluating, loading data) learns it from `Liveness`'s own watchdog, a third of the heartbeat
+timeout after the host's last sign of life, and prints the same line.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
 
         global _liveness
         _liveness = Liveness(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
-                             heartbeat_timeout_s)
+                             heartbeat_timeout_s, on_lost=_watchdog_found_lost)
 
 
 def wait_for_coordinator(address: str, timeout_s: float, kwargs: dict) -> None:
@@ -209,57 +211,117 @@ class Preemption:
 # ----------------------------------------------------------------------------------------- a host lost mid-run
 LOST_HOST_EXIT = 75  # EX_TEMPFAIL: nothing is wrong with the run itself; restarting every host resumes it
 _liveness: Optional["Liveness"] = None
+_resume_point: Optional[Callable[[], str]] = None  # where a restart resumes; set by StopIfHostLost
+_announce_lock = threading.Lock()
 
 
 class Liveness:
     """Every host bumps its own counter in the coordination service's key-value store a few times a second (a
-    daemon thread); `quiet(window_s)` names the other hosts whose counter stands still over `window_s`. JAX's
-    own heartbeats say the same, but only by aborting the process."""
+    daemon thread) and reads everyone's counters once a second, all in one call. A host whose counter stands
+    still for `quiet_s` (a third of JAX's heartbeat timeout, so well before JAX aborts every process with a
+    native crash report) is lost: `on_lost` gets its index. A host that ends (normally or not) writes `DONE`
+    first, so hosts that finish at different moments are never taken for lost ones."""
 
     PREFIX = "lalign/alive/"
+    DONE = "done"
 
     def __init__(self, client, process_id: int, num_processes: int, heartbeat_timeout_s: float,
-                 period_s: float = 0.2):
+                 on_lost: Optional[Callable[[list[int], float], None]] = None, period_s: float = 0.2,
+                 check_s: float = 1.0):
         self.client, self.process_id, self.num_processes = client, process_id, num_processes
-        self.heartbeat_timeout_s, self.period_s = float(heartbeat_timeout_s), period_s
+        self.heartbeat_timeout_s, self.period_s, self.check_s = float(heartbeat_timeout_s), period_s, check_s
+        self.quiet_s = max(self.heartbeat_timeout_s / 3, 3 * check_s)
+        self.on_lost = on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lalign-liveness", daemon=True)
         self._thread.start()
         atexit.register(self.close)  # runs before JAX's own exit hook shuts the client down
 
     def _beat(self) -> None:
-        count = 0
+        count, seen, unreadable_since, next_check = 0, {}, None, time.monotonic() + self.check_s
         while not self._stop.is_set():
             count += 1
             try:
                 self.client.key_value_set(f"{self.PREFIX}{self.process_id}", str(count), allow_overwrite=True)
             except Exception:  # noqa: BLE001 - the coordinator is gone or shutting down: nothing left to tell
-                return
+                unreadable_since = unreadable_since or time.monotonic()
+            now = time.monotonic()
+            if self.on_lost is not None and now >= next_check:
+                next_check = now + self.check_s
+                try:
+                    counts = self._counts()
+                    unreadable_since = None
+                except Exception:  # noqa: BLE001 - the coordinator (process 0) does not answer
+                    counts, unreadable_since = {}, unreadable_since or now
+                for i, value in counts.items():
+                    if value == self.DONE:
+                        seen[i] = (value, float("inf"))  # ended: never lost
+                    elif i not in seen or seen[i][0] != value:
+                        seen[i] = (value, now)
+                lost = sorted(i for i, (_, since) in seen.items() if now - since > self.quiet_s)
+                if not lost and unreadable_since is not None and now - unreadable_since > self.quiet_s \
+                        and self.process_id != 0:
+                    lost = [0]
+                if lost and not self._stop.is_set():
+                    since = [seen[i][1] for i in lost if i in seen] or [unreadable_since]
+                    self.on_lost(lost, now - min(since))
             self._stop.wait(self.period_s)
 
     def close(self) -> None:
+        """Stops beating and tells the others this host ended (not lost)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.process_id}", self.DONE, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator is already gone
+            pass
 
     def _counts(self) -> dict[int, Optional[str]]:
-        out = {}
-        for i in range(self.num_processes):
-            if i != self.process_id:
-                try:
-                    out[i] = self.client.key_value_try_get(f"{self.PREFIX}{i}")
-                except Exception as e:  # noqa: BLE001
-                    if "NOT_FOUND" not in str(e) and "not found" not in str(e).lower():
-                        raise
-                    out[i] = None
+        """Every other host's counter (None before its first beat), read in one call."""
+        out = {i: None for i in range(self.num_processes) if i != self.process_id}
+        for key, value in self.client.key_value_dir_get(self.PREFIX):
+            i = int(key.rstrip("/").rsplit("/", 1)[-1])
+            if i in out:
+                out[i] = value
         return out
 
     def quiet(self, window_s: float) -> list[int]:
-        """The other hosts whose counter did not move during `window_s` seconds. Raises when the coordinator
-        (process 0) itself cannot be reached."""
+        """The other hosts whose counter did not move during `window_s` seconds (ended hosts excepted). Raises
+        when the coordinator (process 0) itself cannot be reached."""
         first = self._counts()
         time.sleep(window_s)
         last = self._counts()
-        return [i for i in first if first[i] == last[i]]
+        return [i for i in first if first[i] == last[i] and last[i] != self.DONE]
+
+
+def _lost_hosts_text(lost: list[int], process_id: int) -> str:
+    if lost == [0] and process_id != 0:
+        return "host 0 (the job's coordinator) stopped answering"
+    if len(lost) == 1:
+        return f"host {lost[0]} stopped sending heartbeats"
+    return f"hosts {', '.join(map(str, lost))} stopped sending heartbeats"
+
+
+def _announce_lost_and_exit(who: str, saw: str) -> None:
+    """One line (which host, that the run stops, where a restart resumes) and exit LOST_HOST_EXIT at once. The
+    first caller wins: the training loop's failed collective and the watchdog can both get here."""
+    if not _announce_lock.acquire(blocking=False):
+        time.sleep(3600)  # the other caller is printing and exiting; never return into a broken job
+    try:
+        where = _resume_point() if _resume_point is not None else "the latest checkpoint"
+    except Exception:  # noqa: BLE001
+        where = "the latest checkpoint"
+    print(f"[distributed] {who}; the run stops; restart all hosts to resume from {where} "
+          f"(this host {_liveness.process_id if _liveness else '?'} saw: {saw})", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(LOST_HOST_EXIT)
+
+
+def _watchdog_found_lost(lost: list[int], quiet_for: float) -> None:
+    _announce_lost_and_exit(_lost_hosts_text(lost, _liveness.process_id),
+                            f"no sign of life for {quiet_for:.0f} s")
 
 
 def stop_if_host_lost(error: BaseException, resume: Callable[[], str]) -> None:
@@ -269,26 +331,19 @@ def stop_if_host_lost(error: BaseException, resume: Callable[[], str]) -> None:
     Otherwise returns, and the caller re-raises `error`."""
     if _liveness is None:
         return
-    # JAX aborts about half a heartbeat timeout after the last heartbeat it got: decide well within that.
+    # JAX aborts about a heartbeat timeout after the last heartbeat it got: decide well within that.
     window = min(2.0, max(0.5, _liveness.heartbeat_timeout_s / 5))
     try:
         quiet = _liveness.quiet(window)
-        who = (f"host {quiet[0]} stopped sending heartbeats" if len(quiet) == 1 else
-               f"hosts {', '.join(map(str, quiet))} stopped sending heartbeats" if quiet else "")
+        who = _lost_hosts_text(quiet, _liveness.process_id) if quiet else ""
     except Exception:  # noqa: BLE001 - the coordinator's own key-value store is gone
-        who = "host 0 (the job's coordinator) stopped answering" if _liveness.process_id != 0 else ""
+        who = _lost_hosts_text([0], _liveness.process_id) if _liveness.process_id != 0 else ""
     if not who:
         return
-    try:
-        where = resume()
-    except Exception:  # noqa: BLE001
-        where = "the latest checkpoint"
+    global _resume_point
+    _resume_point = resume
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    line = (f"[distributed] {who}; the run stops; restart all hosts to resume from {where} "
-            f"(this host {_liveness.process_id} saw: {first})")
-    print(line, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(LOST_HOST_EXIT)
+    _announce_lost_and_exit(who, first)
 
 
 class StopIfHostLost:
@@ -299,9 +354,13 @@ class StopIfHostLost:
         self.resume = resume
 
     def __enter__(self):
+        global _resume_point
+        self._outer, _resume_point = _resume_point, self.resume  # what the watchdog's line says, too
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        global _resume_point
+        _resume_point = self._outer
         # FloatingPointError: the run's own finite-loss check, never a lost host
         if isinstance(error, Exception) and not isinstance(error, FloatingPointError):
             stop_if_host_lost(error, self.resume)
