@@ -37,7 +37,7 @@ import numpy as np
 from lalign import log
 from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
 from lalign.checkpoints.common import grid_of, infer_model, open_safetensors, resample_posemb
-from lalign.checkpoints.manager import STEP_METADATA, restore_arrays
+from lalign.checkpoints.manager import restore_arrays
 from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
 
@@ -172,20 +172,6 @@ def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
     return None
 
 
-def _saved_with_checksums(item_dir: str) -> bool:
-    """Whether the training checkpoint step holding `item_dir` says in its orbax metadata that it was saved with a
-    checksum record (`manager.STEP_METADATA`); a step of an older lalign, or not a training step, does not."""
-    meta = os.path.join(os.path.dirname(item_dir), "_CHECKPOINT_METADATA")
-    if not os.path.isfile(meta):
-        return False
-    try:
-        with open(meta) as f:
-            custom = json.load(f).get("custom_metadata") or {}
-    except (OSError, ValueError):  # unreadable metadata: not known to be an older format (as Checkpoints reads it)
-        return True
-    return all(custom.get(k) == v for k, v in STEP_METADATA.items())
-
-
 def restore_verified(path: str, params_only: bool = False):
     """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record.
     `params_only`: `{'params': ...}` of a training checkpoint step alone, verified against the record's entries for
@@ -197,7 +183,7 @@ def restore_verified(path: str, params_only: bool = False):
     if params_only and record is None:
         raise ValueError(f"--params-only: {path} has no checksum record to verify its params against (a training "
                          f"checkpoint step has checksums/<latest|best>/STEP.json, a quarantined one checksums.json).")
-    if record is None and _saved_with_checksums(path):
+    if record is None and verify.saved_with_record(os.path.dirname(path)):
         raise ValueError(f"{path} was saved with a checksum record, and the record is missing: it cannot be verified "
                          f"(treated as damaged, as a resuming run treats it). Use another step.")
     tree = restore_arrays(path, only="params" if params_only else None)

@@ -31,11 +31,6 @@ from lalign.files import absolute
 # slice would be smaller than this are written whole by one replica.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
 
-# Written into each step's own metadata (orbax's step metadata, beside the arrays): a step that carries it was saved
-# with a checksum record, so a missing record is damage; a step without it was saved by an lalign from before
-# checksums, and only such a step is restored unverified.
-STEP_METADATA = {"lalign_checksums": 1}
-
 
 def _handler() -> ocp.PyTreeCheckpointHandler:
     th = ocp.type_handlers
@@ -114,7 +109,7 @@ class Checkpoints:
             raise FloatingPointError(
                 f"The train state at step {step} is not finite ({len(bad)} of {len(record)} arrays, e.g. "
                 f"{', '.join(bad[:3])}); it was not saved. {self.resume_note()}")
-        self.latest.save(step, args=ocp.args.PyTreeSave(state), force=True, custom_metadata=STEP_METADATA)
+        self.latest.save(step, args=ocp.args.PyTreeSave(state), force=True, custom_metadata=verify.STEP_METADATA)
         verify.write(verify.record_path(self.root, "latest", step), step, record)
         self._prune_records("latest", self.latest.all_steps() + [step])
         if val_loss is None:
@@ -122,7 +117,7 @@ class Checkpoints:
         best = self.best_val_loss()
         if best is None or val_loss < best:  # a worse one would be deleted at once
             self.best.save(step, args=ocp.args.PyTreeSave(_best_item(state)), metrics={"val_loss": float(val_loss)},
-                           force=True, custom_metadata=STEP_METADATA)
+                           force=True, custom_metadata=verify.STEP_METADATA)
             item = {k: v for k, v in record.items() if k == "step" or k.startswith("params/")}
             verify.write(verify.record_path(self.root, "best", step), step, item)
             self._prune_records("best", self.best.all_steps() + [step])
@@ -151,21 +146,10 @@ class Checkpoints:
                 return (f"A restart resumes from the newest checkpoint that verifies: step {s} under "
                         f"{self.latest.directory} was finite when saved, and its checksums are checked when it is "
                         f"read.")
-            if not self._has_checksums(self.latest, s):
+            if not verify.saved_with_record(epath.Path(self.latest.directory) / str(s)):
                 return (f"A restart resumes from step {s} under {self.latest.directory}, saved by an older lalign "
                         f"without checksums: restored unverified.")
         return "No checkpoint has been saved yet: a restart begins again from the teacher."
-
-    @staticmethod
-    def _has_checksums(manager, step: int) -> bool:
-        """Whether the step's own metadata says it was saved with a checksum record (`STEP_METADATA`); metadata
-        that cannot be read does not say it was not."""
-        try:
-            with _quiet_libraries():
-                custom = manager.metadata(step).custom_metadata or {}
-        except Exception:  # noqa: BLE001 - unreadable metadata: not known to be an older format
-            return True
-        return all(custom.get(k) == v for k, v in STEP_METADATA.items())
 
     def _check_model(self, step: int, saved, like) -> None:
         """A checkpoint of another model is a config error (raised), not damage: checked on its metadata."""
@@ -192,7 +176,8 @@ class Checkpoints:
         except verify.RecordError as e:
             return None, [str(e)]
         if expected is None:
-            if self._has_checksums(manager, step):  # saved with a record: its loss is damage, not an old format
+            # saved with a record: its loss is damage, not an old format
+            if verify.saved_with_record(epath.Path(manager.directory) / str(step)):
                 return None, [f"its checksum record {verify.record_path(self.root, kind, step)} is missing (the "
                               f"step was saved with one), so nothing says what it held"]
             warnings.warn(f"{manager.directory}/{step} has no checksum record (saved by an older lalign): "

@@ -28,6 +28,11 @@ from lalign.sharding import path_str
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
+# Written into each training step's own orbax metadata (`_CHECKPOINT_METADATA`, beside the arrays): a step that
+# carries it was saved with a checksum record, so a missing record is damage; a step without it was saved by an
+# lalign from before checksums, and only such a step is restored unverified.
+STEP_METADATA = {"lalign_checksums": 1}
+
 
 def _device_sums(x):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -134,3 +139,17 @@ def for_step_dir(step_dir: str) -> Optional[str]:
         return None
     path = record_path(root, kind, int(step))
     return path if os.path.exists(path) else None
+
+
+def saved_with_record(step_dir: str) -> bool:
+    """Whether the checkpoint step at `step_dir` (a CheckpointManager step: `latest/17`) says in its orbax metadata
+    that it was saved with a checksum record (`STEP_METADATA`). No metadata file (an older lalign, or not a training
+    step): no. Metadata that cannot be read does not say it was not: yes (the resuming run and export agree)."""
+    meta = epath.Path(step_dir) / "_CHECKPOINT_METADATA"
+    try:
+        if not meta.exists():
+            return False
+        custom = json.loads(meta.read_text()).get("custom_metadata") or {}
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: not known to be older
+        return True
+    return all(custom.get(k) == v for k, v in STEP_METADATA.items())
