@@ -49,7 +49,7 @@ on v4-64 (32 x TPU v4) at an assumed 40% MFU: 1.3 h.
 --- end of estimate ---
 """
 
-from configs import common
+from lalign.configs import common
 
 
 def get_config(arg: str = "full"):

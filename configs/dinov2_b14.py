@@ -53,7 +53,7 @@ on v4-64 (32 x TPU v4) at an assumed 40% MFU: 1.8 h.
 --- end of estimate ---
 """
 
-from configs import common
+from lalign.configs import common
 
 # DINOv2's extras (timm's vit_*_reg4_dinov2): class token, registers without position rows, LayerScale, exact GELU.
 DINOV2 = dict(pool_type="tok", class_token=True, cls_posemb=False, num_registers=4, layerscale_init=1e-5,

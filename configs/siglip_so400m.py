@@ -50,7 +50,7 @@ on v4-512 (256 x TPU v4) at an assumed 40% MFU: 2.9 h.
 --- end of estimate ---
 """
 
-from configs import common
+from lalign.configs import common
 
 
 def get_config(arg: str = "full"):

@@ -231,7 +231,9 @@ def main(argv):
     print(json.dumps(run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)))
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """`lalign-bench` / `python -m lalign.bench`. Flags are defined here, not at import: importing the module
+    (the tests, lalign.memory) defines none."""
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
     flags.DEFINE_integer("steps", 10, "Timed steps.")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -240,3 +242,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
     allocator.use_tcmalloc()  # CPU step times depend on it: lalign/allocator.py
     cli.run_absl("bench", main)
+
+
+if __name__ == "__main__":
+    console()

@@ -5,6 +5,8 @@
     python -m lalign.export --input siglip_b16_224.npz --output teacher_params --to orbax --variant B/16
     python -m lalign.export --input hf_dir --output model.npz --to bigvision --scan
     python -m lalign.export --input model.safetensors --from timm --output hf_dir --to hf
+    python -m lalign.export --input WORKDIR/checkpoints/best/2000 --vlm google/paligemma-3b-pt-224 \\
+        --output paligemma_aligned --to paligemma
 
 Input formats (--from; guessed from the path when omitted):
   orbax      a params dir written by lalign.checkpoints.manager.save_params (e.g. WORKDIR/teacher/params), or a
@@ -17,6 +19,22 @@ Input formats (--from; guessed from the path when omitted):
              is read when present).
 Output formats (--to): hf, timm, open_clip (.safetensors), bigvision (.npz), orbax (params dir, plus
 OUTPUT.model.json).
+Hub-ready outputs (lalign/checkpoints/hub_files.py): --to hf writes config.json, model.safetensors, the family's
+preprocessor_config.json (SigLIP / SigLIP 2 / CLIP / Bit image processor with the run's size, interpolation and
+normalization) and a README.md model card (teacher, method, the run's config, validation loss and probe results
+for a workdir's step). --to timm and --to open_clip: an OUTPUT ending in .safetensors is that one file (lalign
+metadata inside, nothing beside it); any other OUTPUT is a hub folder: timm's model.safetensors + config.json
+(architecture: timm's named model of that family, model_args: what differs; pretrained_cfg: the preprocessing) +
+README.md, or open_clip's open_clip_model.safetensors + open_clip_config.json (model_cfg, preprocess_cfg) +
+README.md. Where the checkpoint states no normalization the family's is used, and the export says so.
+VLM outputs (--to paligemma, --to llava): the ViT as the vision tower of the VLM checkpoint --vlm (a folder or a hub
+id), every other tensor and file copied as it is (lalign/checkpoints/vlm.py). --to paligemma: a HF
+PaliGemmaForConditionalGeneration folder, or big_vision's PaliGemma .npz (its img/ tower replaced, img/head, the
+projection, kept); --to llava: a HF LlavaForConditionalGeneration or LlavaOnevisionForConditionalGeneration folder
+(SigLIP or CLIP tower). The ViT must fit the tower exactly (width, depth, heads, patch, image size, MLP dim,
+activation, LayerNorm eps, pooling head), else the field is named; a tower with a MAP head needs --head-from.
+The VLM keeps its dtypes (no --dtype) and its configs: Llava reads the tower's hidden_states[vision_feature_layer],
+before the final LayerNorm the aligned features include.
 An output that exists is refused unless --overwrite, and one that would replace the input is always refused. Every
 output is written at a staging path beside OUTPUT and renamed into place once complete, so an error or a kill
 never leaves half of one (or has already removed the old one).
@@ -56,7 +74,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lalign.checkpoints import bigvision, hf, hub, open_clip, timm
+from lalign.checkpoints import bigvision, hf, hub, hub_files
 from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
@@ -64,8 +82,9 @@ from lalign.checkpoints.common import check_params, flatten, grid_of, model_fiel
 from lalign.checkpoints.load import FORMATS, checkpoint_normalization, load_any, load_with_decoder
 from lalign.checkpoints.manager import save_params
 from lalign.files import write_atomically, write_text
+from lalign.checkpoints import vlm
 
-OUTPUTS = ("hf", "timm", "open_clip", "bigvision", "orbax")
+OUTPUTS = ("hf", "timm", "open_clip", "bigvision", "orbax", *vlm.TARGETS)
 
 
 def _fields_from_args(args) -> dict:
@@ -86,8 +105,8 @@ def _fields_from_args(args) -> dict:
 
 def decoder_path(output: str, to: str) -> str:
     """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
-    `OUTPUT_STEM.decoder.{safetensors,npz}`."""
-    if to == "hf":
+    `OUTPUT_STEM.decoder.{safetensors,npz}`; a timm / open_clip hub folder holds it like hf."""
+    if to == "hf" or (to in ("timm", "open_clip") and hub_files.is_folder_output(output)):
         return os.path.join(output, "maskembed_decoder.safetensors")
     stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
     return stem.rstrip("/") + (".decoder.safetensors" if to in ("timm", "open_clip") else ".decoder.npz")
@@ -130,7 +149,8 @@ def _checkpoints_folder(path: str) -> Optional[str]:
 
 def inputs(args) -> dict:
     """What the export reads, by flag: no output may go where it would replace them or sit inside them."""
-    return {flag: path for flag, path in (("--input", args.input), ("--head-from", args.head_from)) if path}
+    return {flag: path for flag, path in (("--input", args.input), ("--head-from", args.head_from),
+                                          ("--vlm", getattr(args, "vlm", None))) if path}
 
 
 def check_outputs(paths, sources, overwrite: bool) -> None:
@@ -244,12 +264,21 @@ def main(argv=None) -> int:
     p.add_argument("--params-only", action="store_true",
                    help="a training checkpoint step (e.g. checkpoints/quarantine/STEP): read and verify its params "
                         "alone, whatever the rest of the step holds")
+    p.add_argument("--vlm", help="--to paligemma/llava: the VLM checkpoint (HF folder, hub id, or big_vision "
+                                 "PaliGemma .npz) whose vision tower the ViT replaces")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (it is removed only once the new one is complete)")
     args = p.parse_args(argv)
     args.input = hub.resolve(args.input).path  # a hub id or bucket URL: fetched once into a local cache
     if args.head_from:
         args.head_from = hub.resolve(args.head_from).path
+    if (args.to in vlm.TARGETS) != bool(args.vlm):
+        raise ValueError(f"--to {args.to} needs --vlm (the VLM checkpoint to start from)" if args.vlm is None else
+                         f"--vlm is for --to {' or '.join(vlm.TARGETS)}, not --to {args.to}.")
+    if args.vlm:
+        if args.dtype:
+            raise ValueError(f"--dtype: --to {args.to} keeps the dtypes the VLM checkpoint --vlm stores.")
+        args.vlm = hub.resolve(args.vlm, files=vlm.HUB_FILES).path
 
     model_json = args.output.rstrip("/") + ".model.json"
     check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), inputs(args), args.overwrite)
@@ -259,7 +288,7 @@ def main(argv=None) -> int:
     if decoder is not None and args.to != "hf":  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], inputs(args), args.overwrite)
     softcap_stats = None
-    if model.attn_softcap is not None and args.to in ("hf", "timm", "open_clip"):
+    if model.attn_softcap is not None and args.to in ("hf", "timm", "open_clip", *vlm.TARGETS):
         model, softcap_stats = drop_softcap(model, params, args)
     head = None
     if args.head_from:  # the teacher's pooling head: a MAP head (hf/timm), or open_clip's projection
@@ -275,6 +304,8 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
+    source = hub_files.describe_source(args.input, args.src, model, tower=args.tower) \
+        if args.to in ("hf", "timm", "open_clip") else None
     if softcap_stats:
         written["softcap_dropped"] = softcap_stats
     if args.to == "hf":
@@ -283,6 +314,7 @@ def main(argv=None) -> int:
                 warnings.simplefilter("always")
                 written["hf"] = hf.to_hf(params, model, stage, kind=args.kind, head_params=head,
                                          drop_head=args.no_head, image_size=args.image_size, dtype=dtype)
+            hub_files.write_hf_files(stage, written["hf"], source)
             if decoder is not None:  # inside the output directory: part of the same swap
                 save_decoder(decoder, stage, "hf")
 
@@ -290,14 +322,25 @@ def main(argv=None) -> int:
         config = written.pop("hf")
         log.note(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
                  f"{config['lalign']['features']}")
+    elif args.to in vlm.TARGETS:
+        if vlm.is_npz(args.vlm):
+            if args.to != "paligemma":
+                raise ValueError(f"--vlm {args.vlm}: a big_vision npz is a PaliGemma checkpoint (--to paligemma).")
+            write_in_place(args.output, lambda stage: written.update(vlm=vlm.write_npz_vlm(
+                params, model, args.vlm, stage, head_params=head)))
+        else:
+            write_in_place(args.output, lambda stage: written.update(vlm=vlm.write_hf_vlm(
+                params, model, args.vlm, stage, target=args.to, head_params=head)))
+        log.note(f"[export] wrote {args.vlm} with the ViT as its vision tower to {args.output} "
+                 f"({written['vlm']['replaced']} tensors under {written['vlm']['prefix']}, the rest as it was)")
     elif args.to == "open_clip":
-        write_in_place(args.output, lambda stage: open_clip.to_open_clip(params, model, stage, head_params=head,
-                                                                         dtype=dtype))
+        write_in_place(args.output, lambda stage: hub_files.export_open_clip(params, model, stage, source,
+                                                                             head_params=head, dtype=dtype))
         log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata; "
                  f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)")
     elif args.to == "timm":
-        write_in_place(args.output, lambda stage: timm.to_timm(params, model, stage, head_params=head,
-                                                               image_size=args.image_size, dtype=dtype))
+        write_in_place(args.output, lambda stage: hub_files.export_timm(params, model, stage, source, head_params=head,
+                                                                        image_size=args.image_size, dtype=dtype))
         log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
                  f"lalign.checkpoints.timm.timm_model(path) builds the model)")
     else:

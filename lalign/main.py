@@ -37,6 +37,11 @@ def main(argv):
     pipeline.run(f.config, f.workdir)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """`lalign-train` / `python -m lalign.main`."""
     allocator.use_tcmalloc()  # re-runs this command with tcmalloc when installed: see lalign/allocator.py
     cli.run_absl("main", main)
+
+
+if __name__ == "__main__":
+    console()

@@ -91,7 +91,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES)
     """The PartitionSpec of one array (see the module docstring)."""
     if not shape:
         return P()
-    for pattern, spec in rules:
+    for pattern, spec in rules:  # noqa: B007 - the matching rule's spec is read after the loop
         if re.search(pattern, path):
             break
     else:

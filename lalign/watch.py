@@ -30,6 +30,7 @@ logs them. Nothing runs in the training step: only at validation.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Callable, Optional
@@ -212,7 +213,7 @@ class Watch:
         self.batches, self.teacher, self.source = [], None, "no labels"
         if labelled(opts):
             self.batches, self.source = watch_batches(config, teacher.patch_size[0], mesh)
-            self.teacher = self._probe(lambda x: self._teacher_tokens(params, x))
+            self.teacher = self._probe(functools.partial(self._teacher_tokens, params))
         del params
         what = (f"patch probe on {self.source}: teacher macro recall {self.teacher['macro_recall']:.4f}, mIoU "
                 f"{self.teacher['miou']:.4f}" if self.teacher else

@@ -54,7 +54,7 @@ case "${1:-core}" in
   test)
     python -m pip install -q torch==2.13.0
     python -m pip install -q -e '.[test]'
-    python -m pip install -q --no-deps 'timm>=1.0.8'  # the range setup.py's timm extra states
+    python -m pip install -q --no-deps 'timm>=1.0.8'  # the range pyproject.toml's timm extra states
     # open_clip (LAION / DFN / MetaCLIP checkpoints) also asks for torchvision; its tokenizer needs ftfy and regex
     python -m pip install -q --no-deps open_clip_torch
     python -m pip install -q ftfy regex

@@ -39,8 +39,9 @@ What it does:
 Where the two differ by construction, lalign is set to the reference's behaviour for the comparison, and what
 each difference changes on this batch is printed: the decoder's LayerNorm eps (the reference's decoder norms are
 torch's default 1e-5, as lalign's `maskembed.decoder_ln_eps`; the row shows what the teacher's eps would
-change), the student's final LayerNorm eps (the reference re-creates it as `type(model.norm)(embed_dim)`, so 1e-5; lalign keeps the teacher's eps and has no setting for
-it, so the reference's is set to lalign's instead), and the attention soft-cap (lalign's default is none).
+change), the student's final LayerNorm eps (the reference re-creates it as `type(model.norm)(embed_dim)`, so
+1e-5; lalign keeps the teacher's eps and has no setting for it, so the reference's is set to lalign's instead),
+and the attention soft-cap (lalign's default is none).
 
 Output: a header (timm, torch and jax versions, the model, the reference's optimizer and eps values, the masks),
 then four tables, abridged here (timm 1.0.8, torch 2.13, jax 0.10.2; the numbers vary in the last digits
@@ -317,7 +318,7 @@ def to_lalign(named: dict, model, like: dict) -> dict:
 
 def lalign_config(lr: float, rule: str):
     """configs/common.py's recipe at the tiny model's size, compared in float32 with the reference's soft-cap."""
-    from configs import common
+    from lalign.configs import common
 
     c = common.maskembed_imagenet21k(image_size=TINY["img_size"], normalization="siglip", lr=lr, model={})
     c.maskembed.attn_softcap = 30.0  # the reference's svit students

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import ml_collections  # noqa: E402
 
-from configs.demo_ablations import SETTINGS, get_config  # noqa: E402
+from lalign.configs.demo_ablations import SETTINGS, get_config  # noqa: E402
 from lalign.pipeline import backbone_identities  # noqa: E402
 
 

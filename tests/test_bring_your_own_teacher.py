@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from test_hub import COMMIT, fill_hub_cache
-from test_probe_real import CAMVID_CLASSES, CAMVID_VOID, write_camvid
+from test_probe_real import write_camvid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HUB_ID = "facebook/dinov2-small"
@@ -80,7 +80,8 @@ def walkthrough(tmp_path_factory):
 
 def test_the_run_records_the_hub_teacher_its_model_and_normalization(walkthrough):
     w, logs, _, _ = walkthrough
-    assert json.loads((w / "runs" / "dinov2" / "config.json").read_text())["init_from"] == HUB_ID  # as the run was given it
+    # init_from as the run was given it
+    assert json.loads((w / "runs" / "dinov2" / "config.json").read_text())["init_from"] == HUB_ID
     rec = json.loads((w / "runs" / "dinov2" / "resolved.json").read_text())
     assert rec["init_from"]["source"] == HUB_ID and rec["init_from"]["revision"] == COMMIT
     assert rec["teacher"]["act"] == rec["student"]["act"] == "gelu_exact" and rec["student"]["width"] == 32

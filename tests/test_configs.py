@@ -134,7 +134,7 @@ def test_devices_in_tests():
 
 
 def test_ablation_configs_change_only_their_setting_from_the_demo():
-    from configs.demo_ablations import SETTINGS
+    from lalign.configs.demo_ablations import SETTINGS
 
     def flat(tree, prefix=""):
         return {k2: v2 for k, v in dict(tree).items()

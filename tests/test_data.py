@@ -520,9 +520,10 @@ def test_rkrc_sizes_equal_timms_resize_keep_ratio_for_the_same_draws(monkeypatch
     for w, h in ((20, 40), (31, 32), (40, 29), (32, 32)):  # centre crop, or reflect padding for a short side
         pad, left, top = images_lib.center_crop_or_pad_plan(w, h, 32)
         calls = {}
-        monkeypatch.setattr(tt.F, "pad", lambda im, ltrb, **kw: calls.setdefault("pad", ltrb) and im.resize(
+        # (the lambdas run inside this iteration: B023's late binding cannot bite)
+        monkeypatch.setattr(tt.F, "pad", lambda im, ltrb, **kw: calls.setdefault("pad", ltrb) and im.resize(  # noqa: B023
             (im.width + ltrb[0] + ltrb[2], im.height + ltrb[1] + ltrb[3])), raising=False)
-        monkeypatch.setattr(tt.F, "crop", lambda im, t, l, hh, ww: calls.setdefault("crop", (l, t)) and im,
+        monkeypatch.setattr(tt.F, "crop", lambda im, t, l, hh, ww: calls.setdefault("crop", (l, t)) and im,  # noqa: B023
                             raising=False)
         tt.center_crop_or_pad(Image.new("RGB", (w, h)), 32, padding_mode="reflect")
         assert tuple(calls.get("pad", (0, 0, 0, 0))) == pad and calls.get("crop", (0, 0)) == (left, top)

@@ -85,6 +85,7 @@ def test_a_failed_write_keeps_the_old_output(tmp_path):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     from conftest import load_config
+
     from lalign.pretrain import pretrain_teacher
 
     return pretrain_teacher(load_config(arg="tiny"), str(tmp_path_factory.mktemp("teacher")))
@@ -133,8 +134,8 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_step(t
     assert sorted(os.listdir(latest)) == ["4", "6"]
     changed = _flip_bytes(latest / "6")
     with pytest.warns(UserWarning, match=r"Resuming from step 4, the newest checkpoint that verifies; Step 6 .* "
-                                         rf"failed verification and was moved to .*quarantine.6.*: {re.escape(changed[0])} "
-                                         r"\(.*\): its bytes differ from what was saved"):
+                                         r"failed verification and was moved to .*quarantine.6.*: "
+                                         rf"{re.escape(changed[0])} \(.*\): its bytes differ from what was saved"):
         resumed = train_maskembed(tiny_config, str(tmp_path), *teacher)  # the same run, started again
     assert resumed["step"] == 6
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed["last_params"])):
@@ -289,6 +290,7 @@ def test_cli_bad_values_are_one_line(tmp_path, override, expected):
 def finished_run(tmp_path_factory):
     """configs/demo.py:tiny run to its end (teacher, MaskEmbed, probes)."""
     from conftest import load_config
+
     from lalign import pipeline
 
     workdir = tmp_path_factory.mktemp("finished")
@@ -389,6 +391,7 @@ def test_a_workdir_whose_checkpoints_are_all_damaged_is_one_clear_line(tmp_path)
 def test_an_image_border_outside_the_patch_grid_is_stated(capsys, tmp_path):
     """So400m/14 at 384 px leaves 6 pixel rows and columns outside the patch grid by design; never silently."""
     from conftest import load_config
+
     from lalign import pipeline
 
     c = load_config("configs/siglip_so400m.py", "smoke")  # 30 px, patch 7: the grid covers 28

@@ -9,8 +9,6 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 from lalign import distributed, rehearse
 
 # JAX and the watchdog both count from the heartbeat timeout; on a busy machine both grow together.

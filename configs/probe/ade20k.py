@@ -11,7 +11,7 @@ Everything else (backbone, images, patch labels, probe recipe) is configs/probe/
 
 Cost: 20,210 + 2,000 images; B/16 at 224 stores ~6.6 GB of float16 features.
 """
-from configs.probe import coco_stuff
+from lalign.configs.probe import coco_stuff
 
 
 def get_config(arg: str = "full"):

@@ -50,14 +50,15 @@ def is_remote(spec: str) -> bool:
     return "://" in spec or spec.startswith("hf-hub:") or bool(_HUB_ID.match(spec))
 
 
-def resolve(spec: str, *, cache_dir: Optional[str] = None) -> Resolved:
-    """A local path for `spec` (module docstring); local paths come back unchanged."""
+def resolve(spec: str, *, cache_dir: Optional[str] = None, files=HUB_FILES) -> Resolved:
+    """A local path for `spec` (module docstring); local paths come back unchanged. `files`: the hub files fetched
+    (patterns; a VLM needs its tokenizer too)."""
     if not is_remote(spec):
         return Resolved(spec, spec)
     if "://" in spec:
         return Resolved(spec, _copy_url(spec, cache_dir))
     repo_id, revision = _HUB_ID.match(spec).groups()
-    folder, commit = _hub_snapshot(repo_id, revision, spec)
+    folder, commit = _hub_snapshot(repo_id, revision, spec, files)
     path = folder
     if spec.startswith("hf-hub:"):  # timm's hub repos: the state dict is the checkpoint, config.json is timm's
         path = os.path.join(folder, "model.safetensors")
@@ -68,7 +69,7 @@ def resolve(spec: str, *, cache_dir: Optional[str] = None) -> Resolved:
     return Resolved(spec, path, commit)
 
 
-def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str) -> tuple[str, str]:
+def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str, files=HUB_FILES) -> tuple[str, str]:
     """(snapshot folder, commit) of a hub repo, process 0 first on a multi-host job."""
     try:
         import huggingface_hub
@@ -79,7 +80,7 @@ def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str) -> tuple[str
 
     def download(rev):
         try:
-            return huggingface_hub.snapshot_download(repo_id, revision=rev, allow_patterns=list(HUB_FILES))
+            return huggingface_hub.snapshot_download(repo_id, revision=rev, allow_patterns=list(files))
         except Exception as e:  # offline without the files, unknown repo, no network: one clear line
             offline = huggingface_hub.constants.HF_HUB_OFFLINE  # HF_HUB_OFFLINE, as huggingface_hub reads it
             hint = ("; HF_HUB_OFFLINE is set and the cache does not hold it" if offline else

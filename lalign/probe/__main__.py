@@ -20,6 +20,11 @@ def main(argv) -> None:
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """`lalign-probe` / `python -m lalign.probe`."""
     allocator.use_tcmalloc()  # feature extraction and probe training run on the CPU too: lalign/allocator.py
     cli.run_absl("probe", main)
+
+
+if __name__ == "__main__":
+    console()

@@ -28,5 +28,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """`lalign-report` / `python -m lalign.report`."""
     sys.exit(cli.returning("report", main))
+
+
+if __name__ == "__main__":
+    console()
