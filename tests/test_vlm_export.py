@@ -39,7 +39,7 @@ def siglip_student(tmp_path_factory):
     return model, params, x, np.asarray(aux["encoded"]), path
 
 
-def _vlm(transformers, torch, arch, vision_type, **extra):
+def _vlm(transformers, torch, arch, vision_type, top=None, **extra):
     torch.manual_seed(0)
     if arch == "paligemma":
         config = transformers.PaliGemmaConfig(
@@ -51,7 +51,7 @@ def _vlm(transformers, torch, arch, vision_type, **extra):
                            "llava_onevision": (transformers.LlavaOnevisionConfig,
                                                transformers.LlavaOnevisionForConditionalGeneration)}[arch]
         config = config_cls(vision_config=dict(VISION, model_type=vision_type, **extra),
-                            text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE_TOKEN)
+                            text_config=dict(TEXT, model_type="llama"), image_token_index=IMAGE_TOKEN, **(top or {}))
     model = cls(config).eval()
     with torch.no_grad():  # every tensor random (the norm scales too), so a tensor left as it was shows
         gen = torch.Generator().manual_seed(1)
@@ -159,7 +159,8 @@ def test_llava_gets_the_students_tower(torch, transformers, siglip_student, tmp_
 
 def test_llava_onevision_sharded(torch, transformers, siglip_student, tmp_path):
     model, params, x, tokens, student = siglip_student
-    ov = _vlm(transformers, torch, "llava_onevision", "siglip_vision_model", vision_use_head=False)
+    ov = _vlm(transformers, torch, "llava_onevision", "siglip_vision_model",
+              top=dict(image_grid_pinpoints=[[IMG, IMG]]), vision_use_head=False)
     source = _save(ov, tmp_path / "ov", "released")
     output = str(tmp_path / "out")
     assert export.cli(["--input", student, "--vlm", source, "--to", "llava", "--output", output]) == 0
@@ -168,7 +169,12 @@ def test_llava_onevision_sharded(torch, transformers, siglip_student, tmp_path):
     with torch.no_grad():
         got = ov.model.vision_tower(pixel_values=nchw(torch, x)).last_hidden_state.numpy()
         assert maxdiff(got, tokens) < TOL
-        _generate(torch, ov, torch.tensor([[1, 5, 7]]))
+        # anyres at one grid point: the base image and one crop
+        pixel_values, sizes = nchw(torch, x[:2])[None], torch.tensor([[IMG, IMG]])
+        features = ov.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes)
+        n = sum(f.shape[0] for f in (features if isinstance(features, (list, tuple)) else features.pooler_output))
+        _generate(torch, ov, torch.tensor([[1] + [IMAGE_TOKEN] * n + [5]]), pixel_values=pixel_values,
+                  image_sizes=sizes)
 
 
 def test_a_tower_the_student_does_not_fit_is_one_line(torch, transformers, siglip_student, tmp_path, capsys):

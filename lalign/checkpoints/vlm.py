@@ -233,6 +233,9 @@ def write_hf_vlm(params: Mapping, model: ViT, folder: str, output: str, *, targe
                 assert len(data) == end - begin, k  # shapes and dtypes checked above
                 f.seek(start + begin)
                 f.write(data)
+    features = describe_features(vlm["config"], vlm["kind"])
+    if features:
+        log.note(f"[export] {features}")
     return dict(prefix=vlm["prefix"], kind=vlm["kind"], replaced=len(sd), files=vlm["files"])
 
 
