@@ -41,6 +41,9 @@ from lalign.models.vit import ViT
 
 TARGETS = {"paligemma": ("paligemma",), "llava": ("llava", "llava_onevision")}
 VISION_KINDS = {"siglip_vision_model": "siglip", "clip_vision_model": "clip"}
+# the tower a VLM config builds where its vision_config names no model_type
+VISION_DEFAULT = {"paligemma": "siglip_vision_model", "llava": "clip_vision_model",
+                  "llava_onevision": "siglip_vision_model"}
 # the HF vision config classes' defaults, for keys a VLM's config.json leaves out
 DEFAULTS = {
     "siglip": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -159,11 +162,14 @@ def read_hf_vlm(folder: str, target: str) -> dict:
     if mt not in TARGETS[target]:
         raise ValueError(f"--vlm {folder}/config.json: model_type {mt!r}, expected {' or '.join(TARGETS[target])} "
                          f"for --to {target}.")
-    vision = config.get("vision_config") or {}
-    kind = VISION_KINDS.get(vision.get("model_type"))
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        raise ValueError(f"--vlm {folder}/config.json: no vision_config, which the tower's fit is checked against.")
+    vision_type = vision.get("model_type", VISION_DEFAULT[mt])
+    kind = VISION_KINDS.get(vision_type)
     if kind is None:
-        raise ValueError(f"--vlm {folder}/config.json: vision_config.model_type {vision.get('model_type')!r}, "
-                         f"expected one of {sorted(VISION_KINDS)}.")
+        raise ValueError(f"--vlm {folder}/config.json: vision_config.model_type {vision_type!r}, expected one of "
+                         f"{sorted(VISION_KINDS)}.")
     files = weight_files(folder)
     headers = {fn: read_header(os.path.join(folder, fn)) for fn in files}
     keys = {k: fn for fn, (h, _) in headers.items() for k in h if k != "__metadata__"}
