@@ -81,7 +81,7 @@ def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalizat
     c.batch_size = BATCH
     c.grad_accum_steps = 1  # >1: micro-batches with the same gradient, for slices with less memory per chip
     # weight_decay_on "all": the reference decays every parameter; "timm_groups" and "kernels" are options
-    # (lalign/train.py: DECAYED). lr is the recipe's at global batch lr_base_batch; a run at another batch scales
+    # (lalign/optim.py: DECAYED). lr is the recipe's at global batch lr_base_batch; a run at another batch scales
     # it by lr_scale_rule (sqrt: timm's rule for Adam; linear; none). Deviation: the reference takes its lr as
     # given at any batch; the recipe's lr at batch 4 moved a DINOv2-S away from its teacher's locality
     # (docs/design.md, "Deviations"). At batch 1024 nothing changes.

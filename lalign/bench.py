@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from lalign import allocator, cli, sharding
 from lalign.maskembed import num_masks, patch_grid, target_num_blocks
-from lalign.pretrain import vit_from_config
+from lalign.models.vit import vit_from_config
 from lalign.train import build_step
 
 # Peak dense bf16 TFLOP/s per chip, from the vendors' data sheets.

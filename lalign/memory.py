@@ -55,8 +55,9 @@ import numpy as np
 
 from lalign import cli, maskembed, sharding
 from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
-from lalign.pretrain import vit_from_config
-from lalign.train import _dtype, make_init_state, make_optimizer
+from lalign.models.vit import vit_from_config
+from lalign.optim import make_optimizer
+from lalign.train import _dtype, make_init_state
 
 HBM_GIB = {"TPU v4": 32, "TPU v5e": 16, "TPU v5 lite": 16, "TPU v5p": 95, "TPU v6 lite": 32, "NVIDIA H100": 80,
            "NVIDIA H200": 141, "NVIDIA A100": 80}

@@ -33,7 +33,8 @@ from lalign.checkpoints.load import (AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_
 from lalign.log import info
 from lalign.models.vit import decode_variant
 from lalign.stats import t_interval
-from lalign.pretrain import pretrain_teacher, vit_from_config
+from lalign.models.vit import vit_from_config
+from lalign.pretrain import pretrain_teacher
 from lalign.train import train_maskembed
 
 STAGES = ("pretrain", "maskembed", "probe")
@@ -249,17 +250,12 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
     common = {"probe": pcfg.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
     keys = {name: json.loads(json.dumps({**common, "backbone": identity}))  # tuples -> lists, as read back
             for name, identity in backbone_identities(config, aligned["best_step"]).items()}
-    sizes = {"train": ("probe_train", pcfg.num_train), "val": ("probe_val", pcfg.num_val),
-             "test": ("probe_test", pcfg.num_test)}
     splits = None
-    backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token)
-    model = aligned["model"]
     # Each host probes on its own devices (the same computation everywhere; process 0 writes the results).
     teacher_params, aligned_params = sharding.local_copy((teacher_params, aligned["params"]))
-    prefix = teacher.num_prefix_tokens
-    backbones = {  # images -> patch tokens after the final norm, prefix tokens dropped
-        "teacher": jax.jit(lambda x: backbone.apply({"params": teacher_params}, x)[1]["encoded"][:, prefix:]),
-        "aligned": jax.jit(lambda x: model.features(aligned_params, x)[:, prefix:]),
+    backbones = {  # the probe package's own feature functions: what `python -m lalign.probe` measures
+        "teacher": probe_lib.make_features_fn(teacher, teacher_params),
+        "aligned": probe_lib.make_features_fn(aligned["model"].student, aligned_params["student"]),
     }
     out = {"probe": {}, "image": {}}
     for name, fn in backbones.items():
@@ -268,11 +264,9 @@ def run_probes(config, workdir: str, teacher, teacher_params, aligned) -> dict:
         if res is not None and res.get("key") == keys[name]:
             info(f"[probe] {name}: reusing {saved}")
         else:
-            if splits is None:
-                splits = {key: probe_lib.array_split(key, f"scenes/{split} seed {config.seed} ({n})",
-                                                     data_lib.image_source(config.data, split,
-                                                                           seed=config.seed).examples(0, n))
-                          for key, (split, n) in sizes.items()}
+            if splits is None:  # the probe CLI's splits of the run's data (the embedded scenes, the run's seed)
+                splits, _ = probe_lib.probe_splits(config, config.data.image_size, teacher.patch_size[0],
+                                                   config.data.get("normalization", ""), seed=config.seed)
             t0 = time.time()
             grid = config.data.image_size // teacher.patch_size[0]
             res = probe_lib.evaluate_backbone(fn, splits, grid * grid, teacher.width, teacher.num_heads, pcfg,

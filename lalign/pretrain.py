@@ -19,16 +19,8 @@ from lalign.checkpoints.manager import load_params, save_params
 from lalign.data import scenes
 from lalign.log import info
 from lalign.metrics import MetricWriter
-from lalign.models.vit import ViT, make_vit
-from lalign.train import make_optimizer  # one optimizer recipe for every stage
-
-
-def vit_from_config(config, num_classes: int | None = None) -> ViT:
-    """The ViT `config.model` describes (a big_vision variant string and/or explicit fields): every teacher, pre-trained
-    here or not, and through it the student, which is a clone."""
-    kw = dict(config.model)
-    variant = kw.pop("variant", None)
-    return make_vit(variant, num_classes=num_classes, **kw)
+from lalign.models.vit import vit_from_config
+from lalign.optim import make_optimizer  # one optimizer recipe for every stage
 
 
 def pretrain_teacher(config, workdir: str):

@@ -14,7 +14,7 @@ from etils import epath
 
 from lalign import maskembed, sharding, watch
 from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED
-from lalign.train import LR_SCALE_RULES, peak_lr
+from lalign.optim import LR_SCALE_RULES, peak_lr
 
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
 # resume: total_steps (extend a run), the logging/evaluation/checkpoint intervals, the mesh (resume on another

@@ -334,7 +334,7 @@ class Lalign:
         import jax.numpy as jnp
 
         from lalign import maskembed
-        from lalign import train as lalign_train
+        from lalign import optim as lalign_optim
 
         cfg = config.maskembed
         self.config = config
@@ -347,7 +347,7 @@ class Lalign:
             model = model.clone(student=model.student.clone(attn_softcap=softcap))
         self.model = model
         self.loss = maskembed.make_masked_loss_fn(model, self.teacher, cfg)
-        self.tx, _ = lalign_train.make_optimizer(config.optimizer, config.total_steps)
+        self.tx, _ = lalign_optim.make_optimizer(config.optimizer, config.total_steps)
 
     def init(self, teacher_params, key, images):
         from lalign import maskembed
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
     from lalign import maskembed
     from lalign.checkpoints import timm as timm_ckpt
-    from lalign.train import DECAYED, weight_decay_mask
+    from lalign.optim import DECAYED, weight_decay_mask
 
     rules = RULES if opts.weight_decay_on == "every" else (opts.weight_decay_on,)
     failures = []
@@ -585,7 +585,7 @@ def main(argv=None) -> int:
           update_rows)
     print("  expected: 0 where lalign decays what the reference decays, -1 where it decays none of the group; "
           "between: the share of the group's |p|^2 that lalign leaves undecayed")
-    print(f"  lalign.train.DECAYED (leaf names decayed; None: all): {DECAYED}")
+    print(f"  lalign.optim.DECAYED (leaf names decayed; None: all): {DECAYED}")
 
     # --- What each difference in defaults changes.
     teacher_eps = Lalign(configs[rules[0]], teacher_vit, teacher_params, decoder_eps=teacher_vit.ln_eps,

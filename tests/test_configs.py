@@ -12,7 +12,7 @@ from PIL import Image
 
 from lalign import memory, pipeline
 from lalign.checkpoints.load import family_normalization
-from lalign.pretrain import vit_from_config
+from lalign.models.vit import vit_from_config
 
 REAL = ("siglip_so400m", "siglip_b16", "clip_l14_336", "clip_b16", "dinov2_b14")
 EXPECTED = {  # name: (variant, image size, lr, pool, family)
@@ -216,7 +216,7 @@ def test_memory_estimate_counts_the_target_statistics_pass():
 
 # ------------------------------------------------------------------------- the learning rate follows the batch
 def test_lr_is_scaled_from_the_batch_it_belongs_to():
-    from lalign.train import make_optimizer, peak_lr
+    from lalign.optim import make_optimizer, peak_lr
 
     recipe = load_config("configs/siglip_b16.py", "full").optimizer  # lr 3e-4 at batch 1024, sqrt rule
     assert peak_lr(recipe, 1024) == (3e-4, "")  # the recipe's batch: nothing changes, nothing said

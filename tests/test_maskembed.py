@@ -191,8 +191,8 @@ def test_default_weight_decay_falls_on_every_parameter_as_the_reference_does():
     """The reference hands timm's optimizer factory an iterator of parameters, so AdamW decays every one: the
     default mask selects every leaf of the MaskEmbed state's params (student, projection, decoder)."""
     from conftest import load_config
-    from lalign.pretrain import vit_from_config
-    from lalign.train import make_optimizer, weight_decay_mask
+    from lalign.models.vit import vit_from_config
+    from lalign.optim import make_optimizer, weight_decay_mask
 
     for c in (load_config(arg="tiny"), load_config("configs/siglip_b16.py", "smoke")):
         assert c.optimizer.weight_decay_on == "all"
@@ -223,9 +223,9 @@ def test_timm_groups_weight_decay_skips_biases_norms_and_layerscale():
     pos_embedding or cls; every bias (q/k/v biases are 2-D in Flax), LayerNorm scale and LayerScale is left
     alone."""
     from conftest import load_config
-    from lalign.pretrain import vit_from_config
+    from lalign.models.vit import vit_from_config
     from lalign.sharding import path_str
-    from lalign.train import make_optimizer, weight_decay_mask
+    from lalign.optim import make_optimizer, weight_decay_mask
 
     c = load_config(arg="tiny")
     c.model.update(class_token=True)  # a CLIP-style student: a cls to decay too
@@ -309,7 +309,7 @@ def test_decoder_layernorm_eps_is_the_references_unless_set():
     """The reference builds its decoder norms from type(encoder.norm): torch's default eps 1e-5 whatever the
     teacher's; maskembed.decoder_ln_eps=None gives the teacher's."""
     from conftest import load_config
-    from lalign.pretrain import vit_from_config
+    from lalign.models.vit import vit_from_config
 
     c = load_config("configs/siglip_b16.py", "smoke")
     teacher = vit_from_config(c, num_classes=None)

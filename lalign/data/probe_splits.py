@@ -36,14 +36,16 @@ def folder_split(name: str, dataset, indices, num_threads: int, note: str = "") 
                       lambda bs: dataset.batches(bs, indices, num_threads), dataset.num_classes, dataset)
 
 
-def probe_splits(config, image_size: int, patch_size: int, normalization: str) -> tuple[dict, list]:
-    """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`."""
+def probe_splits(config, image_size: int, patch_size: int, normalization: str,
+                 seed: int | None = None) -> tuple[dict, list]:
+    """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`. `seed`: the embedded scenes' seed
+    (a training run's `config.seed`; default `config.data.seed`, else 0)."""
     d = config.data
     if d.name == "scenes":
         p = config.probe
         sizes = {"train": ("probe_train", p.num_train), "val": ("probe_val", p.num_val),
                  "test": ("probe_test", p.num_test)}
-        seed = d.get("seed", 0)
+        seed = d.get("seed", 0) if seed is None else seed
         splits = {}
         for name, (split, n) in sizes.items():
             source = image_source(d, split, seed=seed)

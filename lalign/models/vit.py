@@ -427,3 +427,11 @@ def truncate_params(params: dict, num_blocks: int) -> dict:
               if not k.startswith("encoderblock_") or int(k.rsplit("_", 1)[1]) < num_blocks}
     out["Transformer"] = tr
     return out
+
+
+def vit_from_config(config, num_classes: int | None = None) -> ViT:
+    """The ViT `config.model` describes (a big_vision variant string and/or explicit fields): every teacher, pre-trained
+    here or not, and through it the student, which is a clone."""
+    kw = dict(config.model)
+    variant = kw.pop("variant", None)
+    return make_vit(variant, num_classes=num_classes, **kw)

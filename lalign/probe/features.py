@@ -75,9 +75,10 @@ def fit_to_image_size(model, params, image_size: int, how: str) -> tuple[dict, O
 
 def make_features_fn(model, params, dtype: str = "") -> Callable[[np.ndarray], jax.Array]:
     """images (B, S, S, 3) -> patch tokens (B, N, D) float32 after the final norm, prefix tokens dropped. One
-    jitted function; the params are an argument (not constants baked into the program)."""
+    jitted function; the params are an argument (not constants baked into the program). `dtype`: the compute
+    dtype ("": the model's own)."""
     backbone = model.clone(pool_type="none", num_classes=None, class_token=model.has_class_token,
-                           dtype=jnp.dtype(dtype) if dtype else None)
+                           **({"dtype": jnp.dtype(dtype)} if dtype else {}))
     params = jax.device_put({k: v for k, v in params.items() if k not in ("MAPHead_0", "head")})
     n_prefix = model.num_prefix_tokens
 
