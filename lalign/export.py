@@ -19,6 +19,14 @@ Input formats (--from; guessed from the path when omitted):
              is read when present).
 Output formats (--to): hf, timm, open_clip (.safetensors), bigvision (.npz), orbax (params dir, plus
 OUTPUT.model.json).
+Hub-ready outputs (lalign/checkpoints/hub_files.py): --to hf writes config.json, model.safetensors, the family's
+preprocessor_config.json (SigLIP / SigLIP 2 / CLIP / Bit image processor with the run's size, interpolation and
+normalization) and a README.md model card (teacher, method, the run's config, validation loss and probe results
+for a workdir's step). --to timm and --to open_clip: an OUTPUT ending in .safetensors is that one file (lalign
+metadata inside, nothing beside it); any other OUTPUT is a hub folder: timm's model.safetensors + config.json
+(architecture: timm's named model of that family, model_args: what differs; pretrained_cfg: the preprocessing) +
+README.md, or open_clip's open_clip_model.safetensors + open_clip_config.json (model_cfg, preprocess_cfg) +
+README.md. Where the checkpoint states no normalization the family's is used, and the export says so.
 VLM outputs (--to paligemma, --to llava): the ViT as the vision tower of the VLM checkpoint --vlm (a folder or a hub
 id), every other tensor and file copied as it is (lalign/checkpoints/vlm.py). --to paligemma: a HF
 PaliGemmaForConditionalGeneration folder, or big_vision's PaliGemma .npz (its img/ tower replaced, img/head, the
@@ -66,7 +74,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from lalign.checkpoints import bigvision, hf, hub, open_clip, timm
+from lalign.checkpoints import bigvision, hf, hub, hub_files
 from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
@@ -97,8 +105,8 @@ def _fields_from_args(args) -> dict:
 
 def decoder_path(output: str, to: str) -> str:
     """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
-    `OUTPUT_STEM.decoder.{safetensors,npz}`."""
-    if to == "hf":
+    `OUTPUT_STEM.decoder.{safetensors,npz}`; a timm / open_clip hub folder holds it like hf."""
+    if to == "hf" or (to in ("timm", "open_clip") and hub_files.is_folder_output(output)):
         return os.path.join(output, "maskembed_decoder.safetensors")
     stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
     return stem.rstrip("/") + (".decoder.safetensors" if to in ("timm", "open_clip") else ".decoder.npz")
@@ -296,6 +304,8 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
+    source = hub_files.describe_source(args.input, args.src, model, tower=args.tower) \
+        if args.to in ("hf", "timm", "open_clip") else None
     if softcap_stats:
         written["softcap_dropped"] = softcap_stats
     if args.to == "hf":
@@ -304,6 +314,7 @@ def main(argv=None) -> int:
                 warnings.simplefilter("always")
                 written["hf"] = hf.to_hf(params, model, stage, kind=args.kind, head_params=head,
                                          drop_head=args.no_head, image_size=args.image_size, dtype=dtype)
+            hub_files.write_hf_files(stage, written["hf"], source)
             if decoder is not None:  # inside the output directory: part of the same swap
                 save_decoder(decoder, stage, "hf")
 
@@ -323,14 +334,16 @@ def main(argv=None) -> int:
         log.note(f"[export] wrote {args.vlm} with the ViT as its vision tower to {args.output} "
                  f"({written['vlm']['replaced']} tensors under {written['vlm']['prefix']}, the rest as it was)")
     elif args.to == "open_clip":
-        write_in_place(args.output, lambda stage: open_clip.to_open_clip(params, model, stage, head_params=head,
-                                                                         dtype=dtype))
-        log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata; "
+        write_in_place(args.output, lambda stage: hub_files.export_open_clip(params, model, stage, source,
+                                                                             head_params=head, dtype=dtype))
+        log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata"
+                 f"{' and open_clip_config.json' if hub_files.is_folder_output(args.output) else ''}; "
                  f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)")
     elif args.to == "timm":
-        write_in_place(args.output, lambda stage: timm.to_timm(params, model, stage, head_params=head,
-                                                               image_size=args.image_size, dtype=dtype))
-        log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata; "
+        write_in_place(args.output, lambda stage: hub_files.export_timm(params, model, stage, source, head_params=head,
+                                                                        image_size=args.image_size, dtype=dtype))
+        log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata"
+                 f"{'; a timm hub config.json beside it' if hub_files.is_folder_output(args.output) else ''}; "
                  f"lalign.checkpoints.timm.timm_model(path) builds the model)")
     else:
         # as strict as the hf/timm writers: exactly the tensors the model has, with its shapes
