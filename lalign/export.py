@@ -304,7 +304,7 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
-    source = hub_files.describe_source(args.input, args.src, model, tower=args.tower) \
+    source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output) \
         if args.to in ("hf", "timm", "open_clip") else None
     if softcap_stats:
         written["softcap_dropped"] = softcap_stats

@@ -64,6 +64,8 @@ class Source:
     step: Optional[int] = None
     config: dict = dataclasses.field(default_factory=dict)
     teacher: Optional[str] = None  # what the run initialized its teacher from (a hub id or a path)
+    teacher_note: Optional[str] = None  # a teacher that is no checkpoint (pretrained by the run, random)
+    output: str = "EXPORT_DIR"  # the folder the card's upload line names
 
     @property
     def mean(self):
@@ -74,7 +76,7 @@ class Source:
         return list(NORMALIZATION[self.normalization][1])
 
 
-def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img") -> Source:
+def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img", output: str = "EXPORT_DIR") -> Source:
     """The preprocessing and run of the checkpoint at `path` (read from its records, no weights)."""
     try:
         name, why = checkpoint_normalization(path, fmt, tower=tower)
@@ -85,7 +87,7 @@ def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img")
     if not stated:
         log.note(f"[export] {path} states no pixel normalization: the hub files use the family default "
                  f"{name!r} ({why})")
-    src = Source(input=path, normalization=name, normalization_source=why, stated=stated)
+    src = Source(input=path, normalization=name, normalization_source=why, stated=stated, output=output)
     if (fmt or guess_format(path)) == "orbax":
         rec = workdir_record(path)
         if rec["kind"] in ("resolved", "config"):
@@ -94,8 +96,14 @@ def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img")
             data = src.config.get("data") or {}
             src.interpolation = data.get("interpolation") or COMMON_OPTIONS["interpolation"]
             src.crop_fraction = float(data.get("val_crop_fraction") or COMMON_OPTIONS["val_crop_fraction"])
-            init = src.config.get("init_from") or ""
-            src.teacher = init if init not in ("", "random", "pretrain") else None
+            # the teacher as the run was given it (a hub id, not its local copy)
+            init = ((rec.get("record") or {}).get("init_from") or {}).get("source") or src.config.get("init_from")
+            if "pretrain" in (src.config.get("stages") or ()) or init in (None, "", "pretrain"):
+                src.teacher_note = "pretrained from scratch by the same run (lalign's pretrain stage)"
+            elif init == "random":
+                src.teacher_note = "randomly initialized"
+            else:
+                src.teacher = init
             base = os.path.basename(os.path.normpath(path))
             src.step = int(base) if base.isdigit() else None
     return src
@@ -280,7 +288,8 @@ def write_timm_files(outdir: str, model, kwargs: dict, src: Source) -> dict:
     write_text(os.path.join(outdir, "config.json"), json.dumps(cfg, indent=2) + "\n")
     margs = "".join(f", {k}={v!r}" for k, v in cfg["model_args"].items())
     load = (f"import timm\n"
-            f"model = timm.create_model(\"hf-hub:REPO_ID\", pretrained=True)  # {cfg['architecture']}\n"
+            f"model = timm.create_model(\"hf-hub:REPO_ID\", pretrained=True)  # {cfg['architecture']}; "
+            f"a local copy: \"local-dir:PATH\"\n"
             f"# or from the folder: timm.create_model(\"{cfg['architecture']}\", pretrained=True, "
             f"pretrained_cfg_overlay=dict(file=\"{TIMM_WEIGHTS}\"){margs})\n"
             f"transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))\n"
@@ -394,18 +403,21 @@ def model_card(src: Source, library: str, arch: str, size: int, load: str, featu
         front.append("license_name: teacher-license")
     if base:
         front.append(f"base_model: {base}")
-    front += [f"library_name: {library}", "tags:", "- locality-alignment", "- maskembed", "- vision",
-              "- image-feature-extraction", "---", ""]
-    teacher = f"[{base}](https://huggingface.co/{base})" if base else (f"`{src.teacher}`" if src.teacher else None)
+    front += [f"library_name: {library}", "pipeline_tag: image-feature-extraction", "tags:", "- locality-alignment",
+              "- maskembed", "- vision", "- image-feature-extraction", "---", ""]
+    teacher = (f"[{base}](https://huggingface.co/{base})" if base else f"`{src.teacher}`" if src.teacher else
+               src.teacher_note or "not recorded by the exported checkpoint")
     what = (f"# Locality-aligned ViT ({arch}, {size}px)", "",
             f"A vision transformer after locality alignment with MaskEmbed ({PAPER}): the teacher's weights, "
             f"further trained so that each patch token encodes what is at that patch. "
-            f"Base model (teacher): {teacher or 'not recorded by the exported checkpoint'}. "
+            f"Base model (teacher): {teacher}. "
             f"Exported by lalign from `{src.input}`.", "")
     stated = (f"from {src.normalization_source}" if src.stated else
               f"not stated by the checkpoint: the family default, {src.normalization_source}")
-    pre = (f"Preprocessing: centre crop ({src.crop_fraction:g} of the short side), resize to {size}px "
-           f"({src.interpolation}), scale by 1/255, normalize with mean {src.mean} and std {src.std} "
+    crop = ("the centre square" if src.crop_fraction == 1 else
+            f"a centre square of {src.crop_fraction:g} of the short side")
+    pre = (f"Preprocessing: {crop}, resized to {size}px "
+           f"({src.interpolation}), scaled by 1/255, normalized with mean {src.mean} and std {src.std} "
            f"({src.normalization}; {stated}).")
     out = [*front, *what]
     if src.workdir:
@@ -419,6 +431,6 @@ def model_card(src: Source, library: str, arch: str, size: int, load: str, featu
             f"before use.", "",
             "## Use", "", "```python", load, "```", "",
             "Upload this folder:", "", "```python",
-            "huggingface_hub.upload_folder(repo_id=\"REPO_ID\", folder_path=\".\")", "```", "",
+            f"huggingface_hub.upload_folder(repo_id=\"REPO_ID\", folder_path=\"{src.output}\")", "```", "",
             "## Citation", "", "```bibtex", BIBTEX, "```", ""]
     return "\n".join(out)
