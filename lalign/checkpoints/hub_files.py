@@ -90,8 +90,12 @@ def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img",
     src = Source(input=path, normalization=name, normalization_source=why, stated=stated, output=output)
     if (fmt or guess_format(path)) == "orbax":
         rec = workdir_record(path)
+        # a training checkpoint step (WORKDIR/checkpoints/KIND/STEP) is the run's aligned student; other params in
+        # a workdir (its teacher/params) take the run's preprocessing but not its training record
+        step_dir = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(rec.get("source") or path)))
         if rec["kind"] in ("resolved", "config"):
-            src.workdir = os.path.dirname(rec["source"])
+            if step_dir.split(os.sep)[0] == "checkpoints":
+                src.workdir = os.path.dirname(rec["source"])
             src.config = rec["config"]
             data = src.config.get("data") or {}
             src.interpolation = data.get("interpolation") or COMMON_OPTIONS["interpolation"]
@@ -105,7 +109,7 @@ def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img",
             else:
                 src.teacher = init
             base = os.path.basename(os.path.normpath(path))
-            src.step = int(base) if base.isdigit() else None
+            src.step = int(base) if base.isdigit() and src.workdir else None
     return src
 
 
@@ -328,13 +332,17 @@ def write_open_clip_files(outdir: str, model_cfg: dict, src: Source) -> dict:
     size = size[0] if isinstance(size, (list, tuple)) else size
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_cfg(int(size), src)}
     write_text(os.path.join(outdir, "open_clip_config.json"), json.dumps(cfg, indent=2) + "\n")
-    load = ("from lalign.checkpoints.open_clip import open_clip_visual\n"
-            f"visual = open_clip_visual(\"{OPEN_CLIP_WEIGHTS}\")  # open_clip VisionTransformer (image tower only)\n"
+    load = ("import json\n"
+            "from safetensors.torch import load_file\n"
+            "from open_clip.transform import PreprocessCfg, image_transform_v2\n"
+            "from lalign.checkpoints.open_clip import open_clip_visual  # builds the tower from model_cfg\n"
+            f"visual = open_clip_visual(\"{OPEN_CLIP_WEIGHTS}\")  # open_clip VisionTransformer (image tower)\n"
             "visual.load_state_dict({k[len('visual.'):]: v for k, v in "
-            f"safetensors.torch.load_file(\"{OPEN_CLIP_WEIGHTS}\").items()}})\n"
+            f"load_file(\"{OPEN_CLIP_WEIGHTS}\").items()}})\n"
             "visual.output_tokens = True\n"
-            "pooled, tokens = visual(open_clip.image_transform_v2(open_clip.PreprocessCfg(**cfg['preprocess_cfg']), "
-            "is_train=False)(image)[None])")
+            "cfg = json.load(open(\"open_clip_config.json\"))\n"
+            "transform = image_transform_v2(PreprocessCfg(**cfg[\"preprocess_cfg\"]), is_train=False)\n"
+            "pooled, tokens = visual(transform(image)[None])")
     write_text(os.path.join(outdir, "README.md"), model_card(src, "open_clip", "VisionTransformer", int(size), load,
                                                              features="tokens (output_tokens=True)"))
     return cfg
@@ -407,11 +415,16 @@ def model_card(src: Source, library: str, arch: str, size: int, load: str, featu
               "- maskembed", "- vision", "- image-feature-extraction", "---", ""]
     teacher = (f"[{base}](https://huggingface.co/{base})" if base else f"`{src.teacher}`" if src.teacher else
                src.teacher_note or "not recorded by the exported checkpoint")
-    what = (f"# Locality-aligned ViT ({arch}, {size}px)", "",
-            f"A vision transformer after locality alignment with MaskEmbed ({PAPER}): the teacher's weights, "
-            f"further trained so that each patch token encodes what is at that patch. "
-            f"Base model (teacher): {teacher}. "
-            f"Exported by lalign from `{src.input}`.", "")
+    if src.workdir:  # a MaskEmbed run's step: the aligned student
+        what = (f"# Locality-aligned ViT ({arch}, {size}px)", "",
+                f"A vision transformer after locality alignment with MaskEmbed ({PAPER}): the teacher's weights, "
+                f"further trained so that each patch token encodes what is at that patch. "
+                f"Base model (teacher): {teacher}. Exported by lalign from `{src.input}`.", "")
+    else:  # a checkpoint lalign converted (it records no run)
+        what = (f"# ViT ({arch}, {size}px)", "",
+                f"A vision transformer converted by lalign from `{src.input}`"
+                + (f" (base model: {teacher})" if src.teacher else "") + ". lalign trains locality-aligned ViTs "
+                f"with MaskEmbed ({PAPER}); the export records no run.", "")
     stated = (f"from {src.normalization_source}" if src.stated else
               f"not stated by the checkpoint: the family default, {src.normalization_source}")
     crop = ("the centre square" if src.crop_fraction == 1 else
@@ -424,8 +437,8 @@ def model_card(src: Source, library: str, arch: str, size: int, load: str, featu
         out += _training(src)
     out += ["## Intended use", "",
             "A drop-in vision tower for vision-language models (its patch tokens feed the language model's adapter) "
-            "and for dense tasks (segmentation, detection, patch-level probing); the aligned per-token features "
-            f"are {features}.", "", pre, "",
+            "and for dense tasks (segmentation, detection, patch-level probing); the "
+            f"{'aligned ' if src.workdir else ''}per-token features are {features}.", "", pre, "",
             "## License", "",
             f"The teacher's own license governs these weights{f' ({lic})' if lic != 'other' else ''}; check it "
             f"before use.", "",
