@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from lalign import cli
+from lalign import cli, config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/siglip_so400m.py:smoke_folder"
@@ -58,17 +58,6 @@ def write_jpeg_folder(root: str, num_images: int = 256, num_classes: int = 8, se
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.jpg"),
                                                                     quality=90)
     return root
-
-
-def load_config(spec: str):
-    """`configs/x.py[:arg]` -> its ConfigDict, as `lalign.main --config=` reads it."""
-    import importlib.util
-
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("rehearsal_config", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def free_port() -> int:
@@ -195,7 +184,7 @@ def main(argv=None) -> int:
     fsdp = args.fsdp or (2 * k if n > 1 and n % 2 == 0 else k)
     overrides = [f"--config.total_steps={args.steps}", "--config.mesh.data=-1", f"--config.mesh.fsdp={fsdp}"]
     data = "the config's own"
-    if load_config(args.config).data.get("name") == "image_folder":  # real files: given, or written here
+    if config_lib.load(args.config).data.get("name") == "image_folder":  # real files: given, or written here
         data = os.path.abspath(args.data) if args.data else write_jpeg_folder(os.path.join(workdir, "images"))
         overrides.append(f"--config.data.path={data}")
     elif args.data:

@@ -56,9 +56,9 @@ def timm_mod(torch):
 
 
 def load_config(name: str = "configs/demo.py", arg: str = "smoke"):
-    from lalign.rehearse import load_config as load
+    from lalign import config
 
-    return load(f"{name}:{arg}")
+    return config.load(f"{name}:{arg}")
 
 
 @pytest.fixture

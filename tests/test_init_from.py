@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from lalign import pipeline
+from lalign import teacher as teacher_lib
 from lalign.checkpoints import bigvision, hf
 from lalign.pretrain import pretrain_teacher
 from lalign.train import train_maskembed
@@ -23,7 +23,7 @@ def test_maskembed_from_a_converted_teacher_equals_in_memory_teacher(tiny_config
         hf.to_hf(params, model, path, kind="siglip")
     tiny_config.stages = ("maskembed",)
     tiny_config.init_from = path
-    teacher, loaded = pipeline.get_teacher(tiny_config, str(tmp_path / "from_file"))
+    teacher, loaded = teacher_lib.get_teacher(tiny_config, str(tmp_path / "from_file"))
     assert (teacher.width, teacher.depth, teacher.pool_type) == (model.width, model.depth, "map")
     got = train_maskembed(tiny_config, str(tmp_path / "from_file"), teacher, loaded)["last_params"]
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
@@ -33,10 +33,10 @@ def test_maskembed_from_a_converted_teacher_equals_in_memory_teacher(tiny_config
 def test_missing_init_from_is_a_clear_error(tiny_config, tmp_path):
     tiny_config.stages = ("maskembed",)
     with pytest.raises(ValueError, match="config.init_from must name the teacher"):
-        pipeline.get_teacher(tiny_config, str(tmp_path))
+        teacher_lib.get_teacher(tiny_config, str(tmp_path))
     tiny_config.init_from = str(tmp_path / "nope.npz")
     with pytest.raises(FileNotFoundError, match="nope.npz"):
-        pipeline.get_teacher(tiny_config, str(tmp_path))
+        teacher_lib.get_teacher(tiny_config, str(tmp_path))
 
 
 @pytest.mark.parametrize("how", ["bicubic_antialias", "bicubic", "none"])
@@ -55,7 +55,7 @@ def test_a_teacher_of_another_grid_is_resized_to_the_run(tiny_config, tmp_path, 
     tiny_config.stages = ("maskembed",)
     tiny_config.init_from = str(tmp_path / "t.safetensors")
     tiny_config.init_posemb_resize = how
-    teacher, loaded = pipeline.get_teacher(tiny_config, str(tmp_path / "wd"))
+    teacher, loaded = teacher_lib.get_teacher(tiny_config, str(tmp_path / "wd"))
     assert teacher.num_registers == 2
     if how == "none":
         assert loaded["pos_embedding"].shape == (1, 65, 16)

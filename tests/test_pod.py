@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from lalign import distributed, rehearse
+from lalign import config as config_lib, distributed, rehearse
 from lalign.checkpoints.load import restore_verified
 
 CONFIG = "configs/siglip_so400m.py:smoke_folder"
@@ -285,7 +285,7 @@ def test_distributed_settings_from_flags_then_environment():
 def test_a_host_builds_and_reads_only_its_rows_of_an_image_folder(data):
     from lalign import data as data_lib
 
-    cfg = rehearse.load_config(CONFIG).data
+    cfg = config_lib.load(CONFIG).data
     cfg.update(path=data, prefetch=False)
     whole = data_lib.image_source(cfg, "maskembed").batch(3, 8)
     for i in range(2):

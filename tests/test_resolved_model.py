@@ -12,7 +12,7 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
-from lalign import export, pipeline, validate
+from lalign import export, pipeline, teacher as teacher_lib, validate
 from lalign.checkpoints import bigvision, load
 from lalign.models.vit import ViT
 
@@ -218,7 +218,7 @@ def test_the_teacher_block_says_what_the_checkpoint_and_the_config_decide(torch,
     _hf_dir(torch, transformers, tmp_path / "dinov2", "dinov2")
     c = load_config("configs/siglip_b16.py", "full")
     c.init_from, c.data.image_size = str(tmp_path / "dinov2"), 56
-    pipeline.get_teacher(c, str(tmp_path / "wd"))
+    teacher_lib.get_teacher(c, str(tmp_path / "wd"))
     out = capsys.readouterr().out
     assert f"the checkpoint decides ({tmp_path / 'dinov2' / 'config.json'}):" in out and "act='gelu_exact'" in out
     ignored = next(line for line in out.splitlines() if "config.model ignored (the checkpoint decides): " in line)
@@ -232,7 +232,7 @@ def test_the_teacher_block_says_what_the_checkpoint_and_the_config_decide(torch,
     c = load_config("configs/siglip_b16.py", "smoke")
     c.init_from, c.data.image_size = str(tmp_path / "m.npz"), 8
     c.model = dict(pool_type="map", ln_eps=1e-6, scan=False)
-    pipeline.get_teacher(c, str(tmp_path / "wd2"))
+    teacher_lib.get_teacher(c, str(tmp_path / "wd2"))
     out = capsys.readouterr().out
     assert "the parameter shapes decide: " in out and "width=16" in out
     assert "config.model decides: ln_eps=1e-06" in out and "neither records (defaults): " in out and \

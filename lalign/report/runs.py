@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import ml_collections
 
 from lalign.checkpoints.load import load_any
-from lalign.pipeline import get_teacher
+from lalign.teacher import get_teacher
 from lalign.pretrain import pretrain_teacher
 from lalign.probe.metrics import probes_best_at_last_epoch
 
