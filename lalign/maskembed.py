@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lalign.data.images import device_normalize
 from lalign.models.decoder import MaskEmbedDecoder, TokenHead
 from lalign.models.vit import ViT, truncate_params
 
@@ -151,11 +152,12 @@ class Teacher:
 
 
 def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, whiten: bool = False,
-                          eps: float = 1e-2, out_sharding=None) -> dict:
+                          eps: float = 1e-2, out_sharding=None, normalization: str = "siglip") -> dict:
     """Statistics of the teacher's outputs on masked images (masks drawn from `key` as in training), from one
     pass over equal-sized `batches`, accumulated in float64. The batches may be global arrays sharded over a
     mesh (`out_sharding`: replicated on it): the teacher then runs sharded like the train step, so no device
-    holds more than its share of the pass.
+    holds more than its share of the pass. uint8 batches are normalized on the device with `normalization`
+    (`lalign.data.images.device_normalize`), as in the train step.
 
     - 'std': their global std. Dividing by it makes the loss of the best constant prediction 1, so losses are
       comparable across backbones.
@@ -170,6 +172,7 @@ def estimate_target_stats(teacher: Teacher, params, batches, key, mask_cfg, *, w
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def moments(params, images, key):  # params as an argument: a jit may not close over a multi-host array
+        images = device_normalize(images, normalization)
         t = teacher(params, images, sample_masks(key, images.shape[0], grid, mask_cfg))
         if not whiten:  # global mean and mean square suffice
             return jnp.mean(t), jnp.mean(jnp.square(t))

@@ -29,6 +29,7 @@ from lalign import maskembed
 from lalign import sharding
 from lalign import watch
 from lalign.checkpoints.manager import Checkpoints
+from lalign.data.images import device_normalize, run_normalization
 from lalign.log import info
 from lalign.metrics import MetricWriter
 from lalign.optim import make_optimizer, peak_lr
@@ -102,6 +103,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     loss_fn = maskembed.make_loss_fn(model, target_teacher, cfg)
     masked_loss_fn = maskembed.make_masked_loss_fn(model, target_teacher, cfg)
     accum = int(config.get("grad_accum_steps", 1) or 1)
+    pixels = run_normalization(config.data)  # what the batches' uint8 pixels are normalized with, on the device
 
     # --- Sharding: one mesh; every array of the state, the teacher and the batch gets an explicit sharding.
     mesh = sharding.make_mesh(config.get("mesh", {}))
@@ -149,6 +151,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_sh, teacher_sh, batch_sh),
                        out_shardings=(state_sh, repl))
     def train_step(state, teacher_params, images):
+        images = device_normalize(images, pixels)  # uint8 from the host: fused into the patch embedding
         key = jax.random.fold_in(train_key, state["step"])
         if accum == 1:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -165,7 +168,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     @functools.partial(jax.jit, in_shardings=(state_sh["params"], teacher_sh, batch_sh, None, norm_sh),
                        out_shardings=repl)
     def eval_loss(params, teacher_params, images, key, norm):
-        return loss_fn(params, teacher_params, images, key, norm, False)[0]
+        return loss_fn(params, teacher_params, device_normalize(images, pixels), key, norm, False)[0]
 
     return MaskEmbedStep(model=model, teacher=target_teacher, teacher_params=target_params, mesh=mesh,
                          state_shardings=state_sh, init=init,
@@ -217,7 +220,8 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         std_batches = [sharding.put_batch(train_data.batch(i, batch_size, shard)["image"], mesh)
                        for i in range(cfg.target_std_batches)]
         stats = maskembed.estimate_target_stats(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg,
-                                                whiten=bool(cfg.get("whiten_targets")), out_sharding=repl)
+                                                whiten=bool(cfg.get("whiten_targets")), out_sharding=repl,
+                                                normalization=run_normalization(config.data))
         del std_batches
         if cfg.get("normalize_targets", True):
             state["target_std"] = jax.device_put(np.float32(stats["std"]), repl)

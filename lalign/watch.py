@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign import sharding
+from lalign.data.images import device_normalize, run_normalization
 from lalign.log import info
 from lalign.probe.metrics import metrics_from_counts
 
@@ -192,12 +193,14 @@ class Watch:
         backbone = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token,
                                  dtype=jnp.dtype(dtype) if dtype else None)
         prefix = teacher.num_prefix_tokens
+        pixels = run_normalization(config.data)  # the validation batch's uint8 pixels; the watch set's are float
 
         def teacher_tokens(p, x):
+            x = device_normalize(x, pixels)
             return backbone.apply({"params": p}, x)[1]["encoded"][:, prefix:].astype(jnp.float32)
 
         def student_tokens(p, x):
-            return model.features(p, x)[:, prefix:].astype(jnp.float32)
+            return model.features(p, device_normalize(x, pixels))[:, prefix:].astype(jnp.float32)
 
         self._teacher_tokens = jax.jit(teacher_tokens, out_shardings=batch_sh)
         self._student_tokens = jax.jit(student_tokens, out_shardings=batch_sh)

@@ -58,23 +58,74 @@ def _quiet(source, *args):
 
 
 def test_shapes_labels_and_value_range_per_normalization(folders):
+    """Batches are uint8 pixels, the same whatever the normalization; the device normalizes them per run."""
+    import jax
+
     train, val = folders
     batches = {}
     for norm in ("siglip", "clip", "imagenet"):
         src = data_lib.image_source(_cfg(train, val_path=val, normalization=norm), "maskembed", seed=0)
         b = batches[norm] = _quiet(src, 0, 6)
-        assert b["image"].shape == (6, SIZE, SIZE, 3) and b["image"].dtype == np.float32
-        mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[norm])
-        pixels = b["image"] * std + mean  # back to [0, 1]
-        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
-        assert pixels.max() - pixels.min() > 0.5  # random images: not a constant
+        assert b["image"].shape == (6, SIZE, SIZE, 3) and b["image"].dtype == np.uint8
+        assert b["image"].max() - b["image"].min() > 128  # random images: not a constant
         assert b["label"].dtype == np.int32 and set(b["label"]) <= {-1, 0, 1}
-    assert -1.0 - 1e-6 <= batches["siglip"]["image"].min() and batches["siglip"]["image"].max() <= 1.0 + 1e-6
-    # Same crops whatever the normalization: the three batches are the same pixels.
-    for norm in ("clip", "imagenet"):
+        x = np.asarray(jax.jit(images_lib.device_normalize, static_argnums=1)(b["image"], norm))
         mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[norm])
-        np.testing.assert_allclose(batches[norm]["image"] * std + mean, (batches["siglip"]["image"] + 1) / 2,
-                                   atol=1e-5)
+        assert x.dtype == np.float32
+        np.testing.assert_allclose(x * std + mean, b["image"] / 255, atol=1e-6)  # back to [0, 1]
+    for norm in ("clip", "imagenet"):
+        np.testing.assert_array_equal(batches[norm]["image"], batches["siglip"]["image"])
+    floats = np.linspace(-1, 1, 2 * 3 * 4 * 3, dtype=np.float32).reshape(2, 3, 4, 3)  # the scenes: passed through
+    np.testing.assert_array_equal(jax.jit(images_lib.device_normalize, static_argnums=1)(floats, "clip"), floats)
+
+
+def _old_rows(src, start, count):
+    """The uint8 rows the sources built before normalizing, by the recipe of `lalign.data.images`: example, per-row
+    generator, a replacement drawn from it for an unreadable one."""
+    rows = []
+    for g in range(start, start + count):
+        example = src.example_id(g)
+        for attempt in range(images_lib.MAX_ATTEMPTS):
+            rng = np.random.default_rng([src.seed, images_lib.split_code(src.split), g, attempt])
+            if attempt:
+                example = int(src.members[rng.integers(len(src.members))])
+            try:
+                rows.append(images_lib.decode_and_crop(src.load(example)[0], SIZE, src.train, rng, src.opts))
+                break
+            except Exception:  # noqa: BLE001 - skipped, as the source skips it
+                continue
+    return np.stack(rows)
+
+
+def _old_normalize(pixels, norm):
+    """The host normalization the sources applied before it moved to the device."""
+    mean, std = NORMALIZATION[norm]
+    x = pixels.astype(np.float32) * np.float32(1 / 255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _check_uint8_against_old(src, steps, batch, norm):
+    import jax
+
+    on_device = jax.jit(images_lib.device_normalize, static_argnums=1)
+    for step in steps:
+        b = _quiet(src, step, batch)
+        old = _old_rows(src, step * batch, batch)
+        assert b["image"].dtype == np.uint8
+        np.testing.assert_array_equal(b["image"], old)  # bit-identical pixels
+        new, before = np.asarray(on_device(b["image"], norm)), _old_normalize(old, norm)
+        assert new.dtype == np.float32
+        np.testing.assert_allclose(new, before, rtol=1e-6, atol=1e-6 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("norm", ["siglip", "clip"])
+def test_image_folder_uint8_batches_are_the_old_pixels_and_the_device_normalizes_them_as_the_host_did(folders,
+                                                                                                      norm):
+    train, val = folders
+    _check_uint8_against_old(data_lib.image_source(_cfg(train, val_path=val, normalization=norm), "maskembed",
+                                                   seed=3), (0, 1, 5), 4, norm)
+    _check_uint8_against_old(data_lib.image_source(_cfg(train, val_path=val, normalization=norm), "maskembed_val",
+                                                   seed=3), (0, 1), 3, norm)
 
 
 def test_class_folders_give_labels_and_every_extension_is_found(folders):
@@ -142,7 +193,7 @@ def test_training_augments_and_validation_does_not(folders):
     g = next(g for g in range(m) if v.path(v.example_id(g)).endswith("v2.jpg"))  # 50 x 20
     with Image.open(v.path(v.example_id(g))) as img:
         expected = np.asarray(img.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC, box=(15, 0, 35, 20)))
-    np.testing.assert_allclose((v.batch(g, 1)["image"][0] + 1) / 2 * 255, expected, atol=1e-3)
+    np.testing.assert_array_equal(v.batch(g, 1)["image"][0], expected)
 
 
 def test_random_train_interpolation_is_drawn_per_row_and_validation_keeps_its_own(folders):
@@ -387,6 +438,11 @@ def test_tfds_array_record_source_reads_splits_labels_and_skips_corrupt_records(
     # Host shards concatenate to the global batch, as for image folders.
     parts = [_quiet(train, 1, 6, (i, 2)) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), _quiet(train, 1, 6)["image"])
+
+
+def test_tfds_uint8_batches_are_the_old_pixels_and_the_device_normalizes_them_as_the_host_did(tfds_dir):
+    _check_uint8_against_old(data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed", seed=1), (0, 1, 2), 4, "clip")
+    _check_uint8_against_old(data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed_val", seed=1), (0,), 3, "clip")
 
 
 def test_tfds_split_slices_and_explicit_path(tfds_dir):

@@ -4,7 +4,9 @@
 - `image_folder`: a directory of images, e.g. ImageNet-21k, `lalign.data.image_folder`;
 - `tfds`: a tensorflow_datasets data set in ArrayRecord files, read without TensorFlow, `lalign.data.tfds`.
 
-The real-image sources share `lalign.data.images` (order, augmentation, normalization, corrupt images).
+The real-image sources share `lalign.data.images` (order, augmentation, corrupt images). Their batches hold
+uint8 pixels, the scenes' float32 pixels already in [-1, 1]; every consumer passes a batch's images through
+`lalign.data.images.device_normalize` inside its jitted function, which normalizes uint8 and passes floats.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ SOURCES = ("scenes", "image_folder", "tfds")
 
 def image_source(data_cfg, split: str, seed: int = 0):
     """An object with `.batch(step, batch_size, shard=(process_index, process_count)) -> {'image': (B_local, H,
-    W, 3) float32, ...}` for the split, a pure function of (seed, split, step)."""
+    W, 3) uint8 (real images) or float32 (scenes), ...}` for the split, a pure function of (seed, split, step)."""
     name = data_cfg.get("name") if hasattr(data_cfg, "get") else None
     if name == "scenes":
         return scenes.scenes_from_config(data_cfg, split, seed=seed)

@@ -1,5 +1,7 @@
 """Shared machinery of the real-image sources (`image_folder`, `tfds`): ordering, decoding, augmentation,
-normalization, corrupt-image handling, host sharding and a one-batch look-ahead.
+corrupt-image handling, host sharding and a one-batch look-ahead. Batches are uint8 pixels; the run's
+normalization (`normalization`: siglip's [-1, 1], CLIP's or ImageNet's mean/std) is applied on the device, inside
+each jitted function that takes the images (`device_normalize`).
 
 The contract is the one every lalign source keeps: `batch(step, batch_size, shard=(i, n))` is a pure function of
 (seed, split, step), and builds only host i's contiguous slice of the global batch. Resuming therefore needs the
@@ -128,9 +130,36 @@ def check_options(data_cfg, extra: dict, source: str) -> dict:
 
 
 def normalize(images_uint8: np.ndarray, normalization: str) -> np.ndarray:
+    """On the host (numpy): uint8 pixels -> normalized float32. The training sources leave this to the device
+    (`device_normalize`); this is for the few images an export or a tool feeds a model directly."""
     mean, std = NORMALIZATION[normalization]
     x = images_uint8.astype(np.float32) * np.float32(1 / 255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def device_normalize(images, normalization: str):
+    """On the device, inside the jitted function that consumes the batch (XLA fuses it into the patch
+    embedding): uint8 pixels (B, H, W, 3) -> float32 normalized with `normalization` (a NORMALIZATION name), the
+    formula of `normalize`. Float images (the embedded scenes, already in [-1, 1]; the segmentation sets,
+    normalized where they are read) pass through unchanged, so every consumer calls this on every batch.
+    Why on the device: the host's float32 normalize was more than half of its work per image, and uint8 moves a
+    quarter of the bytes to the device."""
+    import jax.numpy as jnp
+
+    if images.dtype != jnp.uint8:
+        return images
+    if normalization not in NORMALIZATION:
+        raise ValueError(f"uint8 images need a normalization, one of {sorted(NORMALIZATION)}; got {normalization!r}.")
+    mean, std = NORMALIZATION[normalization]
+    x = images.astype(jnp.float32) * np.float32(1 / 255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def run_normalization(data_cfg) -> str:
+    """The NORMALIZATION name the device applies to a run's uint8 batches: `config.data.normalization`, or the
+    real-image sources' default where it is not set (the scenes' float batches ignore it)."""
+    name = data_cfg.get("normalization") if hasattr(data_cfg, "get") else None
+    return name or COMMON_OPTIONS["normalization"]
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale: Sequence[float],
@@ -277,7 +306,7 @@ class ImageSource:
         self._perms: dict[int, np.ndarray] = {}
         self._skipped: dict[int, str] = {}  # example id -> reason
         self.num_read = 0  # files/records read (prefetched ones included): each host reads only its own rows
-        workers = int(opts.get("num_workers") or 0) or min(32, os.cpu_count() or 1)
+        self.num_workers = workers = int(opts.get("num_workers") or 0) or min(32, os.cpu_count() or 1)
         self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix=f"lalign-decode-{split}")
         self._ahead = cf.ThreadPoolExecutor(1, thread_name_prefix=f"lalign-prefetch-{split}")
         self._pending: dict[tuple[int, int], cf.Future] = {}
@@ -311,7 +340,7 @@ class ImageSource:
         return int(self.members[self._permutation(g // n)[g % n]])
 
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
-        """Host `shard[0]`'s contiguous slice of global batch `step`: {'image': (B_local, S, S, 3) float32,
+        """Host `shard[0]`'s contiguous slice of global batch `step`: {'image': (B_local, S, S, 3) uint8,
         'label': (B_local,) int32 (-1 where unknown), 'index': (B_local,) global positions}."""
         index, count = shard
         if batch_size % count:
@@ -359,7 +388,7 @@ class ImageSource:
         images = np.stack([r[0] for r in rows]) if rows else np.zeros((0, self.image_size, self.image_size, 3),
                                                                      np.uint8)
         labels = np.asarray([r[1] for r in rows], np.int32)
-        return {"image": normalize(images, self.opts["normalization"]), "label": labels,
+        return {"image": images, "label": labels,  # uint8: normalized on the device (`device_normalize`)
                 "index": np.arange(start, start + count, dtype=np.int64)}
 
     def _row(self, g: int) -> tuple[np.ndarray, int]:
