@@ -14,9 +14,10 @@ Input formats (--from; guessed from the path when omitted):
   bigvision  a big_vision .npz (per-block or scanned layout; two-tower SigLIP files: the image tower).
   hf         a Hugging Face SigLIP / CLIP / DINOv2 directory (config.json + model.safetensors; the vision tower
              of a two-tower model).
-  timm       a timm VisionTransformer state dict (.safetensors).
+  timm       a timm VisionTransformer state dict (.safetensors), or a timm hub folder (config.json with its
+             "architecture" + model.safetensors).
   open_clip  an open_clip CLIP model's or image tower's state dict (.safetensors; open_clip_config.json beside it
-             is read when present).
+             is read when present), or a folder of open_clip_config.json + open_clip_model.safetensors.
 Output formats (--to): hf, timm, open_clip (.safetensors), bigvision (.npz), orbax (params dir, plus
 OUTPUT.model.json).
 Hub-ready outputs (lalign/checkpoints/hub_files.py): --to hf writes config.json, model.safetensors, the family's

@@ -102,6 +102,13 @@ def test_hf_export_of_a_training_step_loads_with_its_processor(run, transformers
         assert text in card, text
 
 
+def test_a_workdirs_teacher_params_are_carded_as_a_conversion(run, tmp_path):
+    workdir, _ = run
+    _export("--input", workdir / "teacher" / "params", "--output", tmp_path / "hf", "--to", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "converted by lalign" in card and "## Training" not in card and "Locality-aligned" not in card
+
+
 def test_model_card_names_a_hub_teacher_and_its_license():
     src = hub_files.Source(input="wd/checkpoints/best/9", normalization="siglip", normalization_source="x",
                            stated=True, workdir=None, teacher="google/siglip-base-patch16-224@abc123")
@@ -181,6 +188,23 @@ def test_timm_hub_folder_loads_into_the_named_model(family, arch, timm_mod, torc
     assert tuple(data["input_size"]) == (3, 32, 32) and data["interpolation"] == "bicubic" and data["crop_pct"] == 1.0
     assert checkpoint_normalization(weights, "timm")[0] == normalization
     assert "library_name: timm" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("to", ["timm", "open_clip"])
+def test_hub_folders_read_back_exactly(to, tmp_path):
+    """A timm / open_clip hub folder is an --input like its weights file: the export chain is exact."""
+    fields = SIGLIP if to == "timm" else dict(CLIP, num_classes=16)
+    model, params = make(fields, seed=6)
+    if to == "open_clip":
+        params = dict(params, head=dict(params["head"], bias=np.zeros_like(params["head"]["bias"])))
+    bigvision.save_npz(tmp_path / "in.npz", params)
+    extra = ("--model", json.dumps({"act": "quick_gelu", "ln_eps": 1e-5})) if to == "open_clip" else ()
+    _export("--input", tmp_path / "in.npz", "--output", tmp_path / "folder", "--to", to, *extra)
+    _export("--input", tmp_path / "folder", "--output", tmp_path / "out.npz", "--to", "bigvision")
+    back = flatten(bigvision.load_npz(tmp_path / "out.npz"))
+    assert sorted(back) == sorted(flatten(params))
+    for k, v in flatten(params).items():
+        np.testing.assert_array_equal(back[k], np.asarray(v), err_msg=k)
 
 
 def test_timm_safetensors_output_is_one_file_as_before(tmp_path):

@@ -8,7 +8,9 @@ export.
 Formats (guessed from the path when not given): `orbax` (a params dir written by `manager.save_params`, or a
 training checkpoint step dir, verified against its checksum record), `bigvision` (.npz), `hf` (a directory with
 config.json + model.safetensors), `timm` (.safetensors), `open_clip` (.safetensors with open_clip's
-`visual.*` / `conv1`, `transformer.resblocks` names: a whole CLIP model's or its image tower's).
+`visual.*` / `conv1`, `transformer.resblocks` names: a whole CLIP model's or its image tower's); a timm or
+open_clip hub folder (`HUB_FOLDERS`: timm's config.json + model.safetensors, open_clip_config.json +
+open_clip_model.safetensors) reads as its weights file.
 
 Model fields: HF configs, files lalign writes and lalign workdirs record the architecture; for the others the
 parameter shapes give width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and
@@ -49,8 +51,33 @@ FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
 POSEMB_RESIZE = ("bicubic_antialias", "bicubic", "bilinear_antialias", "none")
 
 
+# hub folders `lalign.export --to timm|open_clip` writes (and timm / open_clip hub repos): (config, weights) names
+HUB_FOLDERS = {"timm": ("config.json", "model.safetensors"),
+               "open_clip": ("open_clip_config.json", "open_clip_model.safetensors")}
+
+
+def folder_weights(path: str, fmt: str) -> str:
+    """The weights file of a timm / open_clip hub folder (timm's config.json names an "architecture"), else
+    `path` as it is."""
+    if fmt in HUB_FOLDERS and os.path.isdir(path):
+        config, weights = (os.path.join(path, f) for f in HUB_FOLDERS[fmt])
+        if os.path.isfile(config) and os.path.isfile(weights):
+            return weights
+    return path
+
+
+def _hub_folder_format(path: str) -> Optional[str]:
+    for fmt, (config, weights) in HUB_FOLDERS.items():
+        if os.path.isfile(os.path.join(path, config)) and os.path.isfile(os.path.join(path, weights)):
+            if fmt == "open_clip" or "architecture" in _read_json(os.path.join(path, config)):
+                return fmt
+    return None
+
+
 def guess_format(path: str) -> str:
     if os.path.isdir(path):
+        if _hub_folder_format(path):
+            return _hub_folder_format(path)
         if os.path.isfile(os.path.join(path, "config.json")) and any(
                 os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
             return "hf"
@@ -164,6 +191,7 @@ def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
     if fmt == "hf":
         return os.path.join(path, "config.json")
     if fmt in ("timm", "open_clip"):
+        path = folder_weights(path, fmt)
         with open_safetensors(path) as f:
             return f"{path} (its lalign metadata)" if "lalign_vit" in (f.metadata() or {}) else None
     if fmt == "orbax":
@@ -207,6 +235,7 @@ def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None
     `recorded_wins`."""
     fields = dict(fields or {})
     fmt = fmt or guess_format(path)
+    path = folder_weights(path, fmt)
     if fmt == "hf":
         model, params = hf.from_hf(path)
         _agree(fields, vit_record(model), os.path.join(path, "config.json"), recorded_wins, quiet)
@@ -370,6 +399,7 @@ def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str
     with). Where none is stated: its family's (`family_normalization`; HF: the model_type's, open_clip: CLIP's).
     Reads no weights except for an orbax directory without any record."""
     fmt = fmt or guess_format(path)
+    path = folder_weights(path, fmt)
     if fmt == "hf":
         pre = os.path.join(path, "preprocessor_config.json")
         if os.path.isfile(pre):
