@@ -305,8 +305,9 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
+    hub_ready = args.to == "hf" or args.to in ("timm", "open_clip") and hub_files.is_folder_output(args.output)
     source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output) \
-        if args.to in ("hf", "timm", "open_clip") else None
+        if hub_ready else None  # what the hub files state: preprocessing, the run
     if softcap_stats:
         written["softcap_dropped"] = softcap_stats
     if args.to == "hf":
