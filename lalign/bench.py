@@ -6,7 +6,9 @@ below, with XLA's `cost_analysis()` beside it), achieved TFLOP/s, the device's p
 memory where the backend reports it. On CPU the peak is *measured* in the same run (a large jitted matmul).
 `--profile=DIR` traces one more step into DIR and adds `time_breakdown`: the shares of op time by part of the
 step (teacher, student forward/backward, decoder forward/backward, optimizer) and by kind of work (attention
-matmuls, other matmuls, elementwise), and the slowest ops.
+matmuls, other matmuls, elementwise), and the slowest ops. `--data` also times the configured training source
+alone (`data_throughput`: this process's rows of each global batch, decoded with its `data.num_workers` threads)
+and adds `bound_by`: "data" where the host builds batches more slowly than the step consumes them, else "step".
 
 FLOP model (multiply-add = 2 FLOPs; norms, softmax, activations and the optimizer are not counted), per image,
 for T tokens of width D, MLP width F, N patches of P pixels, M masks:
@@ -186,6 +188,8 @@ def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict
     teacher_params = jax.jit(teacher.init)(jax.random.key(0), images[:1])["params"]
     s = build_step(config, teacher, teacher_params, images[:2])
     state = s.init(teacher_params, s.keys["init"])
+    if config.data.get("name") != "scenes":  # real images reach the step as uint8, normalized inside it
+        images = jax.random.randint(jax.random.key(1), images.shape, 0, 256, jnp.int32).astype(jnp.uint8)
 
     images = jax.device_put(images, sharding.batch_sharding(s.mesh))
     t0 = time.perf_counter()
@@ -223,12 +227,52 @@ def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict
     }
 
 
+def data_throughput(config, steps: int = 10, warmup: int = 1) -> dict:
+    """Times the training source of `config.data` alone, as the training loop asks it: this process's rows of
+    global batches `warmup`.. of `config.batch_size`. Returns data_images_per_s (this process), data_threads (the
+    decoding threads, `data.num_workers`), data_cores (those threads, at most the CPUs this process may use),
+    data_images_per_s_per_core, and data_cpu_ms_per_image (this process's CPU time per image, all threads)."""
+    from lalign import data as data_lib
+
+    shard = (jax.process_index(), jax.process_count())
+    local = config.batch_size // shard[1]
+    source = data_lib.image_source(config.data, "maskembed", seed=config.seed)
+    try:
+        for step in range(warmup):  # file system caches, thread start-up
+            source.batch(step, config.batch_size, shard)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for step in range(warmup, warmup + steps):
+            source.batch(step, config.batch_size, shard)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        if hasattr(source, "close"):
+            source.close()
+    threads = int(getattr(source, "num_workers", 1))  # the scenes render in the calling thread
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(threads, cpus)
+    per_process = local * steps / wall
+    return {"data_source": config.data.get("name"), "data_images_per_s": per_process, "data_threads": threads,
+            "data_cores": cores, "data_images_per_s_per_core": per_process / cores,
+            "data_cpu_ms_per_image": 1e3 * cpu / (local * steps)}
+
+
+def run_with_data(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict:
+    """`run` and `data_throughput` on the same config, and which of the two bounds training (per process: the
+    step consumes this process's rows of `step_images_per_s`)."""
+    data = data_throughput(config, steps, min(warmup, 1))
+    out = run(config, steps, warmup, profile_dir)
+    step_rate = out["images_per_s"] / jax.process_count()
+    return {**out, **data, "step_images_per_s_per_process": step_rate,
+            "bound_by": "data" if data["data_images_per_s"] < step_rate else "step"}
+
+
 def main(argv):
     del argv
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)
-    print(json.dumps(run(flags.FLAGS.config, flags.FLAGS.steps, flags.FLAGS.warmup, flags.FLAGS.profile)))
+    f = flags.FLAGS
+    print(json.dumps((run_with_data if f.data else run)(f.config, f.steps, f.warmup, f.profile)))
 
 
 def console() -> None:
@@ -239,6 +283,8 @@ def console() -> None:
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
     flags.DEFINE_string("profile", "", "Trace one more step into this directory and add `time_breakdown` (share "
                         "of op time by teacher/student/decoder/optimizer and by attention matmul/matmul/other).")
+    flags.DEFINE_bool("data", False, "Also time the configured training source alone (images/s per process and per "
+                      "core) and say which of data and step bounds training (`bound_by`).")
     flags.mark_flags_as_required(["config"])
     allocator.use_tcmalloc()  # CPU step times depend on it: lalign/allocator.py
     cli.run_absl("bench", main)

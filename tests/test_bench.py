@@ -91,3 +91,45 @@ ENTRY %main (a: f32[2,4,4]) -> f32[2,4,4] {
     assert kinds["logits"] == ("teacher", "attention matmul")
     assert kinds["mlp"] == ("student backward", "matmul")
     assert kinds["upd"] == ("optimizer and rest", "elementwise and other")
+
+
+def test_bench_data_times_the_image_folder_beside_the_step_and_names_the_bound(tmp_path):
+    """`--data` on a tiny image folder: the source's images/s (per process, per core) beside the step's, and which
+    one bounds training."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        os.makedirs(tmp_path / "images" / f"c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"c{i % 2}" / f"{i}.jpg", quality=90)
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+    (tmp_path / "folder_config.py").write_text(f'''import importlib.util
+
+import ml_collections
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("demo_config", {demo!r})
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    c = demo.get_config("tiny")
+    c.data = ml_collections.ConfigDict(dict(name="image_folder", path={str(tmp_path / "images")!r}, image_size=16,
+                                            num_val=2, num_workers=2, normalization="clip"))
+    c.mesh = dict(num_devices=1)
+    return c
+''')
+    r = subprocess.run([sys.executable, "-m", "lalign.bench", f"--config={tmp_path / 'folder_config.py'}", "--data",
+                        "--steps=2", "--warmup=1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["data_source"] == "image_folder" and out["data_threads"] == 2
+    for key in ("data_images_per_s", "data_images_per_s_per_core", "data_cpu_ms_per_image", "data_cores",
+                "images_per_s", "step_images_per_s_per_process"):
+        assert out[key] > 0, key
+    assert out["data_images_per_s_per_core"] <= out["data_images_per_s"]
+    assert out["bound_by"] in ("data", "step")
+    assert out["bound_by"] == ("data" if out["data_images_per_s"] < out["step_images_per_s_per_process"] else "step")
