@@ -67,6 +67,15 @@ def tiny_config():
     return load_config(arg="tiny")
 
 
+def pytest_sessionstart(session):
+    """The sharding tests compare 8 devices with 1: on fewer they would pass without testing anything."""
+    import jax
+
+    if len(jax.devices()) != 8:
+        pytest.exit(f"the tests need 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8); JAX has "
+                    f"{len(jax.devices())}: XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}", returncode=2)
+
+
 def pytest_sessionfinish(exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

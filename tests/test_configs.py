@@ -5,13 +5,15 @@ import math
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from conftest import ROOT, load_config
 from PIL import Image
 
-from lalign import memory, pipeline
+from lalign import maskembed, memory, pipeline
 from lalign.checkpoints.load import family_normalization
+from lalign.configs.demo_ablations import SETTINGS
 from lalign.models.vit import vit_from_config
 
 REAL = ("siglip_so400m", "siglip_b16", "clip_l14_336", "clip_b16", "dinov2_b14")
@@ -129,13 +131,7 @@ def test_bad_config_arg_is_a_clear_error(name):
         load_config(f"configs/{name}.py", "tiny")
 
 
-def test_devices_in_tests():
-    assert len(jax.devices()) == 8
-
-
 def test_ablation_configs_change_only_their_setting_from_the_demo():
-    from lalign.configs.demo_ablations import SETTINGS
-
     def flat(tree, prefix=""):
         return {k2: v2 for k, v in dict(tree).items()
                 for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(prefix + k, v)])}
@@ -192,12 +188,37 @@ def test_ablation_runner_gives_each_setting_the_probes_already_computed(tmp_path
     assert not os.path.exists(os.path.join(white, "checkpoints"))
 
 
+def _what_the_setting_does(name: str, me) -> None:
+    """Checks, on masks and losses drawn from the run's recorded `maskembed` config, the property the setting is
+    named for."""
+    grid = (4, 4)
+    masks = np.asarray(maskembed.sample_masks(jax.random.key(0), 512, grid, me))  # (B, M, N)
+    if name == "bernoulli_p25":  # a quarter of the patches kept, then the complement and the all-ones mask
+        assert abs(masks[:, 0].mean() - 0.25) < 0.02 and (masks[:, 1] == ~masks[:, 0]).all() and masks[:, 2].all()
+    if name == "block":  # the kept patches of each sampled mask are one rectangle (their bounding box, filled)
+        for m in masks[:64, 0].reshape(-1, *grid):
+            rows, cols = np.nonzero(m)
+            assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    if name == "no_ones":  # a mask and its complement, and no third, all-ones mask
+        assert masks.shape[1] == 2 and (masks[:, 1] == ~masks[:, 0]).all()
+    if name == "loss_masked":  # errors on kept patches cost nothing, errors on dropped ones do
+        keep = masks[:2, :1].astype(np.float32)  # (2, 1, N): two images' first masks
+        target = np.zeros((2, 1, grid[0] * grid[1], 3), np.float32)
+        on_kept, on_dropped = target + keep[..., None], target + (1 - keep[..., None])
+        assert float(maskembed.maskembed_loss(on_kept, target, keep, me.loss)) == 0.0
+        assert float(maskembed.maskembed_loss(on_dropped, target, keep, me.loss)) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("name", ("bernoulli_p25", "block", "loss_masked", "no_ones"))
-def test_ablation_settings_train(name, tmp_path):
+def test_ablation_settings_train_with_what_they_name(name, tmp_path):
     c = load_config("configs/demo_ablations.py", f"{name},tiny")
     c.stages = ("pretrain", "maskembed")
     summary = pipeline.run(c, str(tmp_path))
     assert summary["maskembed"]["step"] == c.total_steps and np.isfinite(summary["maskembed"]["best_val_loss"])
+    recorded = ml_collections.ConfigDict(json.loads((tmp_path / "config.json").read_text()))
+    changed = SETTINGS[name]["maskembed"]
+    assert {k: recorded.maskembed[k] for k in changed} == changed  # the run was given the setting
+    _what_the_setting_does(name, recorded.maskembed)
 
 
 def test_memory_estimate_counts_the_target_statistics_pass():
@@ -290,3 +311,4 @@ def test_the_demo_and_the_real_configs_turn_the_locality_meter_on():
         assert not watch.labelled(watch.options(c))
         c.watch.update(images="/data/watch/images", labels="/data/watch/labels", num_classes=182)
         assert watch.labelled(watch.options(c)) and not watch.config_errors(c)
+
