@@ -271,3 +271,53 @@ def test_resuming_a_checkpoint_of_another_model_is_a_clear_error(tiny_config, te
     assert re.search(r"shape mismatch at 'student/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel': "
                      r"expected \(16, 48\), got \(16, 32\)", str(e.value)), str(e.value)
     assert os.path.isdir(tmp_path / "checkpoints" / "latest" / "6")  # left intact
+
+
+def test_image_folder_run_normalizes_uint8_on_the_device_as_the_host_did(tiny_config, teacher, tmp_path, monkeypatch):
+    """A short run on an image folder: its uint8 batches, normalized inside the step, the validation loss, the
+    target statistics and the watch, give what the same run gets from batches normalized on the host (float32, the
+    old formula)."""
+    from PIL import Image
+
+    from lalign.data.images import NORMALIZATION
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        os.makedirs(tmp_path / "images" / f"c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"c{i % 2}" / f"{i}.png")
+    tiny_config.data = dict(name="image_folder", path=str(tmp_path / "images"), image_size=16, num_val=8,
+                            num_workers=2, normalization="clip")
+    tiny_config.total_steps, tiny_config.eval_every, tiny_config.val_batches = 2, 2, 1
+    tiny_config.watch.source = ""  # agreement on the (uint8) validation batch only: the scenes' watch set is float
+    device = train_maskembed(tiny_config, str(tmp_path / "device"), *teacher)
+
+    real_source = data_lib.image_source
+    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION["clip"])
+
+    class HostNormalized:  # the old pipeline: float32 pixels normalized on the host
+        def __init__(self, source):
+            self.source = source
+
+        def __getattr__(self, name):
+            return getattr(self.source, name)
+
+        def _float(self, b):
+            assert b["image"].dtype == np.uint8
+            return dict(b, image=(b["image"].astype(np.float32) * np.float32(1 / 255) - mean) / std)
+
+        def batch(self, *args, **kw):
+            return self._float(self.source.batch(*args, **kw))
+
+        def examples(self, *args):
+            return self._float(self.source.examples(*args))
+
+    monkeypatch.setattr(data_lib, "image_source", lambda *a, **k: HostNormalized(real_source(*a, **k)))
+    host = train_maskembed(tiny_config, str(tmp_path / "host"), *teacher)
+    assert device["target_std"] == pytest.approx(host["target_std"], rel=1e-5)
+    assert device["best_val_loss"] == pytest.approx(host["best_val_loss"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(device["last_params"]), jax.tree.leaves(host["last_params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    records = {name: [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")] for name in ("device", "host")}
+    agreement = {name: [r["watch_agreement"] for r in rs if "watch_agreement" in r] for name, rs in records.items()}
+    np.testing.assert_allclose(agreement["device"], agreement["host"], rtol=1e-5)
