@@ -66,7 +66,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import warnings
 from typing import Optional
@@ -181,36 +180,6 @@ def check_outputs(paths, sources, overwrite: bool) -> None:
                                   f"--overwrite to replace it.")
 
 
-def write_in_place(path: str, write) -> None:
-    """`write(stage)` writes the output (file or directory) at a staging path beside `path`; only once it is
-    complete does it take `path`'s place, and an output it replaces (--overwrite) is removed only then. An error
-    or a kill leaves the old output, or nothing, never half of one."""
-    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
-    os.makedirs(parent, exist_ok=True)
-    ext = os.path.splitext(name)[1] if os.path.splitext(name)[1] in (".npz", ".safetensors") else ""
-    stage = os.path.join(parent, f".{name}.partial-{os.getpid()}{ext}")
-    old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
-
-    def remove(p):
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
-        elif os.path.lexists(p):
-            os.remove(p)
-
-    remove(stage)
-    try:
-        write(stage)
-        if os.path.lexists(path):
-            os.replace(path, old)
-        os.replace(stage, path)
-    except BaseException:
-        remove(stage)
-        if os.path.lexists(old) and not os.path.lexists(path):
-            os.replace(old, path)  # put the previous output back
-        raise
-    remove(old)
-
-
 def drop_softcap(model, params, args):
     """(the model without its attention soft-cap, the measurement) for a format that cannot hold the cap: measured
     first (lalign.softcap); refused unless --allow-softcap-drop, with the numbers either way."""
@@ -320,7 +289,7 @@ def main(argv=None) -> int:
             if decoder is not None:  # inside the output directory: part of the same swap
                 save_decoder(decoder, stage, "hf")
 
-        write_in_place(args.output, write)
+        write_atomically(args.output, write)
         config = written.pop("hf")
         log.note(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
                  f"{config['lalign']['features']}")
@@ -328,22 +297,22 @@ def main(argv=None) -> int:
         if vlm.is_npz(args.vlm):
             if args.to != "paligemma":
                 raise ValueError(f"--vlm {args.vlm}: a big_vision npz is a PaliGemma checkpoint (--to paligemma).")
-            write_in_place(args.output, lambda stage: written.update(vlm=vlm.write_npz_vlm(
+            write_atomically(args.output, lambda stage: written.update(vlm=vlm.write_npz_vlm(
                 params, model, args.vlm, stage, head_params=head)))
         else:
-            write_in_place(args.output, lambda stage: written.update(vlm=vlm.write_hf_vlm(
+            write_atomically(args.output, lambda stage: written.update(vlm=vlm.write_hf_vlm(
                 params, model, args.vlm, stage, target=args.to, head_params=head)))
         log.note(f"[export] wrote {args.vlm} with the ViT as its vision tower to {args.output} "
                  f"({written['vlm']['replaced']} tensors under {written['vlm']['prefix']}, the rest as it was)")
     elif args.to == "open_clip":
-        write_in_place(args.output, lambda stage: hub_files.export_open_clip(params, model, stage, source,
+        write_atomically(args.output, lambda stage: hub_files.export_open_clip(params, model, stage, source,
                                                                              head_params=head, dtype=dtype))
         log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata"
                  f"{' and open_clip_config.json' if hub_files.is_folder_output(args.output) else ''}; "
                  f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)")
     elif args.to == "timm":
-        write_in_place(args.output, lambda stage: hub_files.export_timm(params, model, stage, source, head_params=head,
-                                                                        image_size=args.image_size, dtype=dtype))
+        write_atomically(args.output, lambda stage: hub_files.export_timm(
+            params, model, stage, source, head_params=head, image_size=args.image_size, dtype=dtype))
         log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata"
                  f"{'; a timm hub config.json beside it' if hub_files.is_folder_output(args.output) else ''}; "
                  f"lalign.checkpoints.timm.timm_model(path) builds the model)")
@@ -355,9 +324,9 @@ def main(argv=None) -> int:
         if dtype is not None:
             params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
         if args.to == "bigvision":
-            write_in_place(args.output, lambda stage: bigvision.save_npz(stage, params))
+            write_atomically(args.output, lambda stage: bigvision.save_npz(stage, params))
         else:
-            write_in_place(args.output, lambda stage: save_params(stage, params))
+            write_atomically(args.output, lambda stage: save_params(stage, params))
             record = dict(model_fields(model), scan=scan)
             normalization = _normalization(args)
             if normalization:  # read back by checkpoint_normalization (the probe, a run's init_from)

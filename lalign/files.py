@@ -3,12 +3,12 @@
 Each file is written under a temporary name beside its destination and renamed over it once complete: a crash or
 an error leaves the previous file, or none. `write_text` takes local paths and bucket URLs alike (etils.epath;
 a bucket object appears whole when its upload completes); `write_atomically` is for local writers that take a path
-(np.savez, safetensors).
+(np.savez, safetensors, a whole export folder).
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from typing import Callable
 
 from etils import epath
@@ -23,19 +23,34 @@ def write_text(path, text: str) -> None:
 
 
 def write_atomically(path: str, write: Callable[[str], None], suffix: str = "") -> None:
-    """`write(tmp)` into a temporary file beside `path`, renamed over `path` once complete. `suffix`: what the
-    writer insists on (np.savez adds .npz)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
+    """`write(stage)` writes the output (a file, or a directory) at a staging path beside `path`; only once it is
+    complete does it take `path`'s place, and an output it replaces is removed only then. An error or a kill
+    leaves the old output, or nothing, never half of one. `suffix`: what the writer insists on (np.savez adds .npz;
+    default: `path`'s own .npz / .safetensors extension)."""
+    parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    ext = suffix or (os.path.splitext(name)[1] if os.path.splitext(name)[1] in (".npz", ".safetensors") else "")
+    stage = os.path.join(parent, f".{name}.partial-{os.getpid()}{ext}")
+    old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+    _remove(stage)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        write(stage)
+        if os.path.lexists(path):
+            os.replace(path, old)
+        os.replace(stage, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(stage)
+        if os.path.lexists(old) and not os.path.lexists(path):
+            os.replace(old, path)  # put the previous output back
         raise
+    _remove(old)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def absolute(path: str) -> str:

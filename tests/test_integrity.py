@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lalign import export
+from lalign import export, files
 from lalign.checkpoints import bigvision, load
 from lalign.models.vit import ViT
 
@@ -75,9 +75,9 @@ def test_a_failed_write_keeps_the_old_output(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        export.write_in_place(str(out), half_then_fail)
+        files.write_atomically(str(out), half_then_fail)
     assert out.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.npz"]
-    export.write_in_place(str(out), lambda stage: np.savez(stage, a=np.ones(2)))
+    files.write_atomically(str(out), lambda stage: np.savez(stage, a=np.ones(2)))
     assert np.load(out)["a"].tolist() == [1, 1] and os.listdir(tmp_path) == ["model.npz"]
 
 
