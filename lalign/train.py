@@ -151,7 +151,7 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     @functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_sh, teacher_sh, batch_sh),
                        out_shardings=(state_sh, repl))
     def train_step(state, teacher_params, images):
-        images = device_normalize(images, pixels)  # uint8 from the host: fused into the patch embedding
+        images = device_normalize(images, pixels)  # uint8 from the host, normalized here on the device
         key = jax.random.fold_in(train_key, state["step"])
         if accum == 1:
             grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -138,9 +138,9 @@ def normalize(images_uint8: np.ndarray, normalization: str) -> np.ndarray:
 
 
 def device_normalize(images, normalization: str):
-    """On the device, inside the jitted function that consumes the batch (XLA fuses it into the patch
-    embedding): uint8 pixels (B, H, W, 3) -> float32 normalized with `normalization` (a NORMALIZATION name), the
-    formula of `normalize`. Float images (the embedded scenes, already in [-1, 1]; the segmentation sets,
+    """On the device, inside the jitted function that consumes the batch (one elementwise pass XLA fuses with
+    whatever it can): uint8 pixels (B, H, W, 3) -> float32 normalized with `normalization` (a NORMALIZATION
+    name), the formula of `normalize`. Float images (the embedded scenes, already in [-1, 1]; the segmentation sets,
     normalized where they are read) pass through unchanged, so every consumer calls this on every batch.
     Why on the device: the host's float32 normalize was more than half of its work per image, and uint8 moves a
     quarter of the bytes to the device."""
