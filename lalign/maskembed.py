@@ -1,4 +1,5 @@
-"""MaskEmbed as pure functions: mask samplers, teacher targets, the student/decoder model, losses.
+"""MaskEmbed: mask samplers, teacher targets and losses as pure functions, and the two Flax modules they run
+(`Teacher`: the frozen teacher up to its target layer; `MaskEmbedModel`: the student and its decoder).
 
 Shapes: images (B, H, W, 3); patch masks (B, M, N) with 1 = patch kept; token masks (B, M, T) where T = prefix
 tokens + N and prefix tokens are always 0 (the student's class token carries no patch content of its own).
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign.data.images import device_normalize
-from lalign.models.decoder import MaskEmbedDecoder, TokenHead
+from lalign.models.token_heads import MaskEmbedDecoder, TokenHead
 from lalign.models.vit import ViT, truncate_params
 
 SAMPLERS = ("uniform", "bernoulli", "block")

@@ -18,7 +18,7 @@ from lalign import data as data_lib
 from lalign.checkpoints.manager import load_params, save_params
 from lalign.data import scenes
 from lalign.log import info
-from lalign.metrics import MetricWriter
+from lalign.metric_writer import MetricWriter
 from lalign.models.vit import vit_from_config
 from lalign.optim import make_optimizer  # one optimizer recipe for every stage
 

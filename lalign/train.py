@@ -31,7 +31,7 @@ from lalign import watch
 from lalign.checkpoints.manager import Checkpoints
 from lalign.data.images import device_normalize, run_normalization
 from lalign.log import info
-from lalign.metrics import MetricWriter
+from lalign.metric_writer import MetricWriter
 from lalign.optim import make_optimizer, peak_lr
 from lalign.models.vit import ViT
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lalign.models.decoder import MaskEmbedDecoder, PatchProbe
+from lalign.models.token_heads import MaskEmbedDecoder, PatchProbe
 from lalign.models.vit import VARIANTS, ViT, decode_variant, make_vit, posemb_sincos_2d, truncate_params
 
 

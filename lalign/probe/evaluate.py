@@ -11,7 +11,7 @@ import numpy as np
 
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
-from lalign.metrics import format_duration
+from lalign.metric_writer import format_duration
 from lalign.probe.features import extract_split
 from lalign.probe.heads import background_token_probe, image_linear_probe, probe_memory, train_patch_probe_seeds
 from lalign.probe.metrics import degenerate_warning, summarize_runs

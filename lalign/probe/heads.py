@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from lalign.log import info
-from lalign.models.decoder import PatchProbe
+from lalign.models.token_heads import PatchProbe
 from lalign.probe.metrics import (DEFAULT_SELECT_BY, add_counts, improves, metrics_from_counts, patch_counts,
                                   selection_metric)
 
