@@ -665,3 +665,26 @@ def test_rkrc_size_distribution_matches_timms():
     # a quarter draw neither zoom nor aspect change, and a few more round back to the output size
     unchanged = lambda s: np.mean((s[:, 0] == 32) & (s[:, 1] == 32))  # noqa: E731
     assert abs(unchanged(ours) - unchanged(theirs)) < 0.03 and 0.25 <= unchanged(ours) < 0.32
+
+
+def test_probe_features_normalize_uint8_on_the_device_as_the_host_did():
+    """The probe's feature extractor takes uint8 images with their normalization (as the training step does) and
+    gives the tokens of the same images normalized on the host; float images pass unchanged."""
+    import jax
+
+    from lalign.data.probe_splits import array_split
+    from lalign.models.vit import make_vit
+    from lalign.probe.features import extract_split, make_features_fn
+
+    vit = make_vit(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, pool_type="map")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    params = vit.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
+    on_device = make_features_fn(vit, params, normalization="imagenet")
+    host = _old_normalize(pixels, "imagenet")
+    np.testing.assert_allclose(np.asarray(on_device(pixels)), np.asarray(on_device(host)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8 images need a normalization"):
+        make_features_fn(vit, params)(pixels)
+    split = array_split("test", "toy", {"image": pixels, "patch_labels": np.zeros((3, 16, 2), np.uint8),
+                                        "labels": np.zeros((3, 2), np.uint8)})
+    got = extract_split(on_device, split, 16, 16, batch_size=2)["features"]  # a padded last batch
+    np.testing.assert_allclose(got, np.asarray(on_device(host)), rtol=1e-5, atol=1e-5)

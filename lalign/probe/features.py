@@ -13,6 +13,7 @@ import numpy as np
 from lalign.checkpoints import hub
 from lalign.checkpoints.common import grid_of, patch_rows, square_grid
 from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, guess_format, load_any
+from lalign.data.images import device_normalize
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
 
@@ -73,10 +74,12 @@ def fit_to_image_size(model, params, image_size: int, how: str) -> tuple[dict, O
     return params, (old if old != new else None)
 
 
-def make_features_fn(model, params, dtype: str = "") -> Callable[[np.ndarray], jax.Array]:
+def make_features_fn(model, params, dtype: str = "", normalization: Optional[str] = None
+                     ) -> Callable[[np.ndarray], jax.Array]:
     """images (B, S, S, 3) -> patch tokens (B, N, D) float32 after the final norm, prefix tokens dropped. One
     jitted function; the params are an argument (not constants baked into the program). `dtype`: the compute
-    dtype ("": the model's own)."""
+    dtype ("": the model's own). uint8 images are normalized on the device with `normalization`
+    (`lalign.data.images.device_normalize`); float images, normalized where they were read, pass through."""
     backbone = model.clone(pool_type="none", num_classes=None, class_token=model.has_class_token,
                            **({"dtype": jnp.dtype(dtype)} if dtype else {}))
     params = jax.device_put({k: v for k, v in params.items() if k not in ("MAPHead_0", "head")})
@@ -84,6 +87,7 @@ def make_features_fn(model, params, dtype: str = "") -> Callable[[np.ndarray], j
 
     @jax.jit
     def fn(p, images):
+        images = device_normalize(images, normalization)
         return backbone.apply({"params": p}, images)[1]["encoded"][:, n_prefix:].astype(jnp.float32)
 
     return lambda images: fn(params, images)
@@ -125,10 +129,12 @@ def extract_split(features_fn: Callable, split: ProbeSplit, num_patches: int, wi
     count, t0, last = 0, time.time(), time.time()
     already_skipped = len(getattr(split.dataset, "skipped", None) or [])  # train and val may share a dataset
     for batch in split.batches(batch_size):
-        images = np.asarray(batch["image"], np.float32)
+        images = np.asarray(batch["image"])
+        if images.dtype != np.uint8:  # uint8: normalized by `features_fn` on the device
+            images = images.astype(np.float32, copy=False)
         b = len(images)
         if b < batch_size:  # pad: one compiled shape for every batch
-            images = np.concatenate([images, np.zeros((batch_size - b, *images.shape[1:]), np.float32)])
+            images = np.concatenate([images, np.zeros((batch_size - b, *images.shape[1:]), images.dtype)])
         tokens = np.asarray(jax.device_get(features_fn(images)))[:b]
         if tokens.shape[1:] != (num_patches, width):
             raise ValueError(f"The backbone gave tokens of shape {tokens.shape[1:]}, expected {(num_patches, width)}.")
