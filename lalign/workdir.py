@@ -9,6 +9,7 @@ the same host and a pid that no longer runs (or a reboot since), or no heartbeat
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,7 +18,10 @@ import threading
 import time
 from typing import Optional
 
+import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 
 from lalign import files
 
@@ -148,14 +152,8 @@ class WorkdirLock:
 def hold(workdir: str):
     """The workdir lock for this run: taken by process 0 of a multi-host run, whose outcome every host learns
     (all raise together if the workdir is busy). Returns a context manager."""
-    import contextlib
-
-    import jax
-
     if jax.process_count() == 1:
         return WorkdirLock(workdir)
-    from jax.experimental import multihost_utils
-    import numpy as np
 
     @contextlib.contextmanager
     def shared():

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lalign.models.vit import MAPHead, ViT, decode_variant
@@ -196,9 +198,6 @@ def grid_of(params: Mapping, model: ViT, image_size=None) -> tuple[int, int]:
 
 def expected_shapes(model: ViT, grid: tuple[int, int]) -> dict:
     """The parameter shapes `model.init` creates for images of `grid` patches (abstract: no computation)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jax.ShapeDtypeStruct((1, grid[0] * model.patch_size[0], grid[1] * model.patch_size[1], 3), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
 
@@ -361,9 +360,6 @@ def resample_posemb(params: Mapping, model: ViT, new_grid: tuple[int, int], old_
 
 def random_map_head(model: ViT, seed: int = 0) -> dict:
     """A freshly initialized MAPHead_0 for `model` (numpy)."""
-    import jax
-    import jax.numpy as jnp
-
     head = MAPHead(num_heads=model.num_heads, mlp_dim=model.mlp_dim, act=model.act, ln_eps=model.ln_eps)
     p = head.init(jax.random.key(seed), jnp.zeros((1, 1, model.width)))["params"]
     return to_numpy(p)
