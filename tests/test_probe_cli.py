@@ -342,9 +342,13 @@ def test_probe_cli_end_to_end_on_coco_stuff_layout(coco_and_backbone):
 
 def test_probe_module_defines_no_flags_when_imported():
     # lalign.pipeline imports lalign.probe next to lalign.main's --config/--workdir: no duplicate flags.
-    code = "import lalign.probe, lalign.main; from absl import flags; print(sorted(flags.FLAGS)[:0])"
+    mine = "sorted(m for m in flags.FLAGS.flags_by_module_dict() if 'lalign' in m)"
+    code = (f"from absl import flags; import lalign.probe; print({mine}); import lalign.main; "
+            f"print(flags.FLAGS['config'].help)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]  # no DuplicateFlagError
+    defined_by_probe, config_help = proc.stdout.splitlines()[:2]
+    assert defined_by_probe == "[]" and config_help.startswith("Experiment config file")  # lalign.main's --config
 
 
 def test_clear_errors(coco_and_backbone):
