@@ -47,8 +47,13 @@ def test_the_version_is_written_once(project):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools leaves build/ in the source tree, and files there from an earlier build (a module
+    # since removed) would end up in this wheel.
+    source = out / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "runs", "*.egg-info",
+                                                                "__pycache__", ".*_cache"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                        str(out), ROOT], capture_output=True, text=True, timeout=600)
+                        str(out), str(source)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     (path,) = out.glob("lalign-*.whl")
     return path
@@ -59,6 +64,10 @@ def test_the_wheel_installs_the_configs_inside_lalign_and_no_top_level_configs(w
     assert "lalign/configs/siglip_so400m.py" in names and "lalign/configs/probe/coco_stuff.py" in names
     assert {n.split("/")[0] for n in names} == {"lalign", f"lalign-{lalign.__version__}.dist-info"}
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    sources = {os.path.relpath(os.path.join(d, f), ROOT).replace("configs/", "lalign/configs/", 1)
+               for top in ("lalign", "configs") for d, _, fs in os.walk(os.path.join(ROOT, top))
+               for f in fs if f.endswith(".py")}
+    assert {n for n in names if n.endswith(".py")} == sources  # every module, and nothing else
     entry_points = zipfile.ZipFile(wheel).read(f"lalign-{lalign.__version__}.dist-info/entry_points.txt").decode()
     for script, target in project["project"]["scripts"].items():
         assert f"{script} = {target}" in entry_points
