@@ -304,13 +304,13 @@ def _lost_hosts_text(lost: list[int], process_id: int) -> str:
     return f"hosts {', '.join(map(str, lost))} stopped sending heartbeats"
 
 
-def _announce_lost_and_exit(who: str, saw: str) -> None:
-    """One line (which host, that the run stops, where a restart resumes) and exit LOST_HOST_EXIT at once. The
-    first caller wins: the training loop's failed collective and the watchdog can both get here."""
+def _announce_lost_and_exit(who: str, saw: str, resume: Optional[Callable[[], str]]) -> None:
+    """One line (which host, that the run stops, `resume()`: where a restart resumes) and exit LOST_HOST_EXIT at
+    once. The first caller wins: the training loop's failed collective and the watchdog can both get here."""
     if not _announce_lock.acquire(blocking=False):
         time.sleep(3600)  # the other caller is printing and exiting; never return into a broken job
     try:
-        where = _resume_point() if _resume_point is not None else "the latest checkpoint"
+        where = resume() if resume is not None else "the latest checkpoint"
     except Exception:  # noqa: BLE001
         where = "the latest checkpoint"
     print(f"[distributed] {who}; the run stops; restart all hosts to resume from {where} "
@@ -321,7 +321,7 @@ def _announce_lost_and_exit(who: str, saw: str) -> None:
 
 def _watchdog_found_lost(lost: list[int], quiet_for: float) -> None:
     _announce_lost_and_exit(_lost_hosts_text(lost, _liveness.process_id),
-                            f"no sign of life for {quiet_for:.0f} s")
+                            f"no sign of life for {quiet_for:.0f} s", _resume_point)
 
 
 def stop_if_host_lost(error: BaseException, resume: Callable[[], str]) -> None:
@@ -340,10 +340,8 @@ def stop_if_host_lost(error: BaseException, resume: Callable[[], str]) -> None:
         who = _lost_hosts_text([0], _liveness.process_id) if _liveness.process_id != 0 else ""
     if not who:
         return
-    global _resume_point
-    _resume_point = resume
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    _announce_lost_and_exit(who, first)
+    _announce_lost_and_exit(who, first, resume)
 
 
 class StopIfHostLost:
@@ -360,8 +358,10 @@ class StopIfHostLost:
 
     def __exit__(self, kind, error, tb) -> bool:
         global _resume_point
-        _resume_point = self._outer
-        # FloatingPointError: the run's own finite-loss check, never a lost host
-        if isinstance(error, Exception) and not isinstance(error, FloatingPointError):
-            stop_if_host_lost(error, self.resume)
+        try:
+            # FloatingPointError: the run's own finite-loss check, never a lost host
+            if isinstance(error, Exception) and not isinstance(error, FloatingPointError):
+                stop_if_host_lost(error, self.resume)
+        finally:
+            _resume_point = self._outer  # only now: the watchdog may fire while stop_if_host_lost looks
         return False
