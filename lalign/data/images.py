@@ -132,8 +132,13 @@ def check_options(data_cfg, extra: dict, source: str) -> dict:
 def normalize(images_uint8: np.ndarray, normalization: str) -> np.ndarray:
     """On the host (numpy): uint8 pixels -> normalized float32. The training sources leave this to the device
     (`device_normalize`); this is for the few images an export or a tool feeds a model directly."""
+    return _normalized(images_uint8, normalization)
+
+
+def _normalized(images, normalization: str):
+    """The one formula, for numpy arrays on the host and jax arrays inside a jitted function alike."""
     mean, std = NORMALIZATION[normalization]
-    x = images_uint8.astype(np.float32) * np.float32(1 / 255)
+    x = images.astype(np.float32) * np.float32(1 / 255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
@@ -144,15 +149,11 @@ def device_normalize(images, normalization: str):
     normalized where they are read) pass through unchanged, so every consumer calls this on every batch.
     Why on the device: the host's float32 normalize was more than half of its work per image, and uint8 moves a
     quarter of the bytes to the device."""
-    import jax.numpy as jnp
-
-    if images.dtype != jnp.uint8:
+    if images.dtype != np.uint8:
         return images
     if normalization not in NORMALIZATION:
         raise ValueError(f"uint8 images need a normalization, one of {sorted(NORMALIZATION)}; got {normalization!r}.")
-    mean, std = NORMALIZATION[normalization]
-    x = images.astype(jnp.float32) * np.float32(1 / 255)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return _normalized(images, normalization)
 
 
 def run_normalization(data_cfg) -> str:
