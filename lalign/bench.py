@@ -35,6 +35,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from lalign import allocator, cli, sharding
+from lalign import data as data_lib
 from lalign.maskembed import num_masks, patch_grid, target_num_blocks
 from lalign.models.vit import vit_from_config
 from lalign.train import build_step
@@ -232,8 +233,6 @@ def data_throughput(config, steps: int = 10, warmup: int = 1) -> dict:
     global batches `warmup`.. of `config.batch_size`. Returns data_images_per_s (this process), data_threads (the
     decoding threads, `data.num_workers`), data_cores (those threads, at most the CPUs this process may use),
     data_images_per_s_per_core, and data_cpu_ms_per_image (this process's CPU time per image, all threads)."""
-    from lalign import data as data_lib
-
     shard = (jax.process_index(), jax.process_count())
     local = config.batch_size // shard[1]
     source = data_lib.image_source(config.data, "maskembed", seed=config.seed)

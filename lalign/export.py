@@ -106,7 +106,7 @@ def _fields_from_args(args) -> dict:
 def decoder_path(output: str, to: str) -> str:
     """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
     `OUTPUT_STEM.decoder.{safetensors,npz}`; a timm / open_clip hub folder holds it like hf."""
-    if to == "hf" or (to in ("timm", "open_clip") and hub_files.is_folder_output(output)):
+    if hub_files.is_hub_output(to, output):
         return os.path.join(output, "maskembed_decoder.safetensors")
     stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
     return stem.rstrip("/") + (".decoder.safetensors" if to in ("timm", "open_clip") else ".decoder.npz")
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
 
         dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     written = {"output": args.output, "to": args.to, "model": model_fields(model)}
-    hub_ready = args.to == "hf" or args.to in ("timm", "open_clip") and hub_files.is_folder_output(args.output)
+    hub_ready = hub_files.is_hub_output(args.to, args.output)
     source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output) \
         if hub_ready else None  # what the hub files state: preprocessing, the run
     if softcap_stats:

@@ -22,6 +22,21 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def read_records(workdir: str) -> list[dict]:
+    """Every record of `workdir/metrics.jsonl` in order (none without the file); a line cut short by a kill is
+    skipped."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class MetricWriter:
     """Appends to `workdir/metrics.jsonl`, writes each numeric value as a TensorBoard scalar `stage/name`
     (tensorboardX's writer; a workdir it cannot write to gets one note and the JSON lines only), and prints

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from lalign import cli, config as config_lib
+from lalign.metric_writer import read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/siglip_so400m.py:smoke_folder"
@@ -97,12 +98,7 @@ def start_hosts(config: str, workdir: str, processes: int, devices: int, overrid
 
 
 def logged_steps(workdir: str, stage: str = "maskembed") -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip().endswith("}")]
-    return [r for r in rows if r.get("stage") == stage and "loss" in r]
+    return [r for r in read_records(workdir) if r.get("stage") == stage and "loss" in r]
 
 
 def wait_hosts(procs, timeout: float, grace: float = 60.0) -> list[int]:

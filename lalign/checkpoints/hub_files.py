@@ -30,6 +30,7 @@ from lalign.checkpoints import open_clip, timm
 from lalign.checkpoints.load import checkpoint_normalization, family_normalization, guess_format, workdir_record
 from lalign.data.images import COMMON_OPTIONS, INTERPOLATIONS, NORMALIZATION
 from lalign.files import write_text
+from lalign.metric_writer import read_records
 
 PAPER = ('Covert et al., "Locality Alignment Improves Vision-Language Models", ICLR 2025, '
          '[arXiv:2410.11087](https://arxiv.org/abs/2410.11087)')
@@ -275,6 +276,12 @@ def is_folder_output(path: str) -> bool:
     return not path.endswith(".safetensors")
 
 
+def is_hub_output(to: str, output: str) -> bool:
+    """Whether `lalign.export --to TO --output OUTPUT` writes a hub folder (hf always; timm and open_clip when
+    OUTPUT is a folder), with the hub files and the decoder inside it."""
+    return to == "hf" or (to in ("timm", "open_clip") and is_folder_output(output))
+
+
 def export_timm(params, model, path: str, src: Source, **kw) -> dict:
     """`timm.to_timm` to a .safetensors file, or a hub folder (model.safetensors, config.json, README.md) at
     `path`; returns the timm kwargs."""
@@ -349,18 +356,6 @@ def write_open_clip_files(outdir: str, model_cfg: dict, src: Source) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- card
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-    return rows
-
-
 def _training(src: Source) -> list[str]:
     """The card's training section of a workdir's step."""
     cfg, me, opt, data = src.config, src.config.get("maskembed") or {}, src.config.get("optimizer") or {}, \
@@ -376,7 +371,7 @@ def _training(src: Source) -> list[str]:
             ("normalization", src.normalization), ("seed", cfg.get("seed"))]
     out = ["## Training", "", f"Trained with lalign's MaskEmbed (`{src.workdir}`, `config.json`):", "",
            "| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
-    vals = [r for r in _read_jsonl(os.path.join(src.workdir, "metrics.jsonl"))
+    vals = [r for r in read_records(src.workdir)
             if r.get("stage", "maskembed") == "maskembed" and "val_loss" in r]
     if vals:
         best = min(vals, key=lambda r: r["val_loss"])

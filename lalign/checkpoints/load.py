@@ -76,8 +76,9 @@ def _hub_folder_format(path: str) -> Optional[str]:
 
 def guess_format(path: str) -> str:
     if os.path.isdir(path):
-        if _hub_folder_format(path):
-            return _hub_folder_format(path)
+        hub_folder = _hub_folder_format(path)
+        if hub_folder:
+            return hub_folder
         if os.path.isfile(os.path.join(path, "config.json")) and any(
                 os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
             return "hf"
