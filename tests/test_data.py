@@ -688,3 +688,56 @@ def test_probe_features_normalize_uint8_on_the_device_as_the_host_did():
                                         "labels": np.zeros((3, 2), np.uint8)})
     got = extract_split(on_device, split, 16, 16, batch_size=2)["features"]  # a padded last batch
     np.testing.assert_allclose(got, np.asarray(on_device(host)), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ golden batches
+def _digest(batch) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in ("image", "label", "index"):
+        h.update(np.ascontiguousarray(batch[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# sha256 (first 16 hex digits) of image, label and index of batches as the sources built them before the grain
+# pipeline: the order, the crops and the corrupt-image replacements of a step must stay bit-identical.
+GOLDEN = {  # Pillow 13.0's PNG/JPEG codecs write the test images
+    "folder-rkrc-0": "5ad68abcfbe9219f",
+    "folder-rkrc-1": "8a7f665540e1fc85",
+    "folder-rkrc-5": "b2094cbc8daae5ab",
+    "folder-rkrc-3-host2of4": "531c845799b9fd06",
+    "folder-rrc-0": "2af1e9f1154deca7",
+    "folder-rrc-1": "550aee0903e81031",
+    "folder-rrc-5": "87657d40035cc813",
+    "folder-rrc-3-host2of4": "abc3c441473f2e1d",
+    "folder-val-0": "0115381a300d797d",
+    "folder-val-1": "315f4330c58a1381",
+    "tfds-0": "a43eafc8ce92ce74",
+    "tfds-1": "8702c5a00f3aa07e",
+    "tfds-2": "2d3e15c7bb2829b8",
+    "tfds-val-0": "486c98f6d625cbff",
+}
+
+
+def _golden_batches(folders, tfds_dir):
+    train, val = folders
+    out = {}
+    for mode in ("rkrc", "rrc"):
+        src = data_lib.image_source(_cfg(train, val_path=val, train_crop_mode=mode), "maskembed", seed=3)
+        for step in (0, 1, 5):
+            out[f"folder-{mode}-{step}"] = _digest(_quiet(src, step, 4))
+        out[f"folder-{mode}-3-host2of4"] = _digest(_quiet(src, 3, 8, (2, 4)))
+    src = data_lib.image_source(_cfg(train, val_path=val), "maskembed_val", seed=3)
+    for step in (0, 1):
+        out[f"folder-val-{step}"] = _digest(src.batch(step, 3))
+    src = data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed", seed=1)
+    for step in (0, 1, 2):
+        out[f"tfds-{step}"] = _digest(_quiet(src, step, 4))
+    out["tfds-val-0"] = _digest(data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed_val", seed=1).batch(0, 3))
+    return out
+
+
+def test_batches_are_bit_identical_to_the_golden_ones(folders, tfds_dir):
+    got = _golden_batches(folders, tfds_dir)
+    assert got == GOLDEN
