@@ -48,7 +48,7 @@ def folders(tmp_path_factory):
 
 
 def _cfg(path, **kw):
-    return ml_collections.ConfigDict(dict(dict(name="image_folder", path=path, image_size=SIZE, num_workers=2), **kw))
+    return ml_collections.ConfigDict(dict(dict(name="image_folder", path=path, image_size=SIZE, num_workers=0), **kw))
 
 
 def _quiet(source, *args):
@@ -410,7 +410,7 @@ def tfds_dir(tmp_path_factory):
 
 def _tfds_cfg(data_dir, **kw):
     return ml_collections.ConfigDict(dict(dict(name="tfds", dataset="toy", data_dir=data_dir, image_size=SIZE,
-                                               num_workers=2, normalization="clip"), **kw))
+                                               num_workers=0, normalization="clip"), **kw))
 
 
 def test_example_parser_reads_protobuf_serialized_examples():
@@ -741,3 +741,18 @@ def _golden_batches(folders, tfds_dir):
 def test_batches_are_bit_identical_to_the_golden_ones(folders, tfds_dir):
     got = _golden_batches(folders, tfds_dir)
     assert got == GOLDEN
+
+
+def test_worker_processes_build_the_same_batches_and_report_their_skips(folders):
+    """num_workers=2: grain's worker processes build the look-ahead; the batches are the golden ones, and the
+    corrupt image a worker met is counted and named here."""
+    train, val = folders
+    src = data_lib.image_source(_cfg(train, val_path=val, num_workers=2, prefetch=3), "maskembed", seed=3)
+    try:
+        with pytest.warns(CorruptImageWarning, match=r"dog/broken\.jpg"):
+            got = [_digest(src.batch(step, 4)) for step in range(6)]  # sequential: from the look-ahead
+    finally:
+        src.close()
+    assert got[0] == GOLDEN["folder-rkrc-0"] and got[1] == GOLDEN["folder-rkrc-1"]
+    assert got[5] == GOLDEN["folder-rkrc-5"]
+    assert src.num_skipped == 1 and src.num_read >= 24

@@ -1,7 +1,7 @@
 """Shared machinery of the real-image sources (`image_folder`, `tfds`): ordering, decoding, augmentation,
-corrupt-image handling, host sharding and a one-batch look-ahead. Batches are uint8 pixels; the run's
-normalization (`normalization`: siglip's [-1, 1], CLIP's or ImageNet's mean/std) is applied on the device, inside
-each jitted function that takes the images (`device_normalize`).
+corrupt-image handling, host sharding and a look-ahead of several steps (grain). Batches are uint8 pixels; the
+run's normalization (`normalization`: siglip's [-1, 1], CLIP's or ImageNet's mean/std) is applied on the device,
+inside each jitted function that takes the images (`device_normalize`).
 
 The contract is the one every lalign source keeps: `batch(step, batch_size, shard=(i, n))` is a pure function of
 (seed, split, step), and builds only host i's contiguous slice of the global batch. Resuming therefore needs the
@@ -31,16 +31,16 @@ How a global example index g = step * batch_size + row becomes an image:
   example is counted once (`num_skipped`, `skipped`) and a `CorruptImageWarning` names it. Only if
   `MAX_ATTEMPTS` draws in a row fail (a folder of unreadable files, a wrong mount) does the source raise.
 
-Why plain numpy + `concurrent.futures` and not grain: grain's strength is its multiprocess iterator, whose
-position lives in an iterator state that has to be checkpointed beside the train state. lalign's loop instead
-asks for "the batch of step s", which is a simple function of s here. PIL releases the GIL while it decodes and
-resizes, so a thread pool (`num_workers` threads) decodes in parallel without worker processes, and while the
-device runs step s the next step's batch is already being decoded (`prefetch`). At 1,024 images per global step
-split over a pod's hosts, each host decodes a few dozen to a few hundred images per step.
+How the rows are built: by grain. `dataset(batch_size, shard)` is a `grain.MapDataset` whose element `step` is
+this host's batch of that step (`row` for each of its positions, then `_collate`), so host i decodes only its
+rows. `batch` reads it through a grain iterator started at the step asked for: `prefetch` steps ahead, decoded by
+`num_workers` worker processes (`mp_prefetch`; each builds whole batches), or with `num_workers` 0 by this
+process's threads (PIL releases the GIL while it decodes and resizes). The iterator's position is never
+checkpointed: asking for another step than the next starts a new one there, which is all a resume does. Reads
+and skipped images are reported with each batch and counted in the training process.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import io
 import math
 import os
@@ -78,8 +78,8 @@ COMMON_OPTIONS = dict(
     crop_ratio=(3 / 4, 4 / 3),  # rkrc: aspect change range; rrc: aspect ratio w/h
     flip=True,  # random horizontal flip (training splits)
     val_crop_fraction=1.0,  # validation: centre square of this fraction of the short side
-    num_workers=0,  # decoding threads; 0 = min(32, CPU count)
-    prefetch=True,  # decode the next step's batch while the current one trains
+    num_workers=0,  # grain worker processes decoding the look-ahead; 0 = threads of this process (min(32, CPUs))
+    prefetch=4,  # steps decoded ahead of the one training (0 = none: each batch is decoded when asked for)
     seed=None,  # overrides the run's seed for the data order and augmentation
     patch_size=None,  # ignored here (used by the scenes' patch labels); accepted so configs can share fields
 )
@@ -293,7 +293,8 @@ def split_code(split: str) -> int:
 
 class ImageSource:
     """Base of the real-image sources: subclasses set `members` (example ids of the split) and implement
-    `load(example_id) -> (encoded image bytes, label or -1)` and `describe(example_id) -> str`."""
+    `load(example_id) -> (encoded image bytes, label or -1)` and `describe(example_id) -> str`. A source pickles
+    without its feed and its counts, so grain's worker processes get a copy that reads and decodes."""
 
     members: np.ndarray
 
@@ -303,14 +304,26 @@ class ImageSource:
         self.seed = int(opts["seed"]) if opts.get("seed") is not None else int(seed)
         self.image_size = int(opts["image_size"])
         self._code = split_code(split)
+        self.processes = max(0, int(opts.get("num_workers") or 0))  # grain's worker processes; 0: threads only
+        # Parallel decoders: the worker processes, or the threads of this process when there are none.
+        self.num_workers = self.processes or min(32, os.cpu_count() or 1)
+        self.prefetch = max(0, int(opts.get("prefetch") or 0))  # steps read ahead of the one asked for
+        self._local_state()
+
+    def _local_state(self) -> None:
         self._lock = threading.Lock()
         self._perms: dict[int, np.ndarray] = {}
         self._skipped: dict[int, str] = {}  # example id -> reason
         self.num_read = 0  # files/records read (prefetched ones included): each host reads only its own rows
-        self.num_workers = workers = int(opts.get("num_workers") or 0) or min(32, os.cpu_count() or 1)
-        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix=f"lalign-decode-{split}")
-        self._ahead = cf.ThreadPoolExecutor(1, thread_name_prefix=f"lalign-prefetch-{split}")
-        self._pending: dict[tuple[int, int], cf.Future] = {}
+        self._feed = None  # (key, next step, grain iterator) of the running look-ahead
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_lock", "_perms", "_skipped", "num_read", "_feed")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local_state()
 
     # ------------------------------------------------------------------------------------------- subclasses
     def load(self, example_id: int) -> tuple[bytes, int]:
@@ -340,59 +353,103 @@ class ImageSource:
         n = len(self.members)
         return int(self.members[self._permutation(g // n)[g % n]])
 
+    def dataset(self, batch_size: int, shard: tuple[int, int] = (0, 1)):
+        """This host's batches as a `grain.MapDataset`: element `step` is `batch(step, batch_size, shard)` (rows
+        g = step * batch_size + shard[0] * local + r, r < local, each one `row` of the split's stream)."""
+        local = self._local(batch_size, shard)
+        rows = _grain().MapDataset.range(0, _MAX_POSITION // batch_size * local)
+        return rows.map(_HostRow(self, batch_size, local, shard[0] * local)).batch(local, batch_fn=self._collate)
+
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
         """Host `shard[0]`'s contiguous slice of global batch `step`: {'image': (B_local, S, S, 3) uint8,
-        'label': (B_local,) int32 (-1 where unknown), 'index': (B_local,) global positions}."""
-        index, count = shard
-        if batch_size % count:
-            raise ValueError(f"Global batch {batch_size} is not divisible by {count} hosts.")
-        local = batch_size // count
-        start = step * batch_size + index * local
-        with self._lock:
-            future = self._pending.pop((start, local), None)
-            stale, self._pending = list(self._pending.values()), {}
-        for f in stale:
-            f.cancel()
-        out = future.result() if future is not None else self._build(start, local)
-        if self.opts.get("prefetch"):
-            nxt = (start + batch_size, local)
-            with self._lock:
-                self._pending[nxt] = self._ahead.submit(self._build, *nxt)
-        return out
+        'label': (B_local,) int32 (-1 where unknown), 'index': (B_local,) global positions}. With `prefetch`,
+        the steps after it are read ahead by grain while the caller trains on this one; asking for any other step
+        than the next starts a new look-ahead there (a resume needs only the step)."""
+        local = self._local(batch_size, shard)
+        if not self.prefetch:
+            return self.examples(step * batch_size + shard[0] * local, local)
+        key = (batch_size, tuple(shard))
+        if self._feed is None or self._feed[:2] != (key, step):
+            self.close()
+            self._feed = (key, step, iter(self._pipeline(batch_size, shard, step)))
+        out = next(self._feed[2])
+        self._feed = (key, step + 1, self._feed[2])
+        return self._account(out)
 
     def examples(self, start: int, count: int) -> dict[str, np.ndarray]:
-        """Global positions start..start+count-1 (same images as the batches that cover them)."""
-        return self._build(start, count)
+        """Global positions start..start+count-1 (same images as the batches that cover them), decoded now by
+        grain's threads in this process."""
+        grain = _grain()
+        rows = grain.MapDataset.range(start, start + count).map(self.row)
+        it = rows.to_iter_dataset(grain.ReadOptions(num_threads=min(self.num_workers, max(count, 1)),
+                                                    prefetch_buffer_size=max(count, 1)))
+        return self._account(self._collate(list(it)))
 
     def close(self) -> None:
-        with self._lock:
-            pending, self._pending = list(self._pending.values()), {}
-        for f in pending:
-            f.cancel()
-        self._ahead.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+        """Stops the look-ahead (its threads or worker processes)."""
+        feed, self._feed = self._feed, None
+        if feed is not None and hasattr(feed[2], "close"):
+            feed[2].close()
 
     # ------------------------------------------------------------------------------------------- internals
+    @staticmethod
+    def _local(batch_size: int, shard: tuple[int, int]) -> int:
+        if batch_size % shard[1]:
+            raise ValueError(f"Global batch {batch_size} is not divisible by {shard[1]} hosts.")
+        return batch_size // shard[1]
+
+    def _pipeline(self, batch_size: int, shard: tuple[int, int], step: int):
+        """The look-ahead from `step` on: without worker processes, this process's threads decode the rows of the
+        next `prefetch` steps; with them, each worker builds whole batches (grain slices the batches among
+        workers) with threads enough for the `prefetch` steps in flight."""
+        grain = _grain()
+        local = self._local(batch_size, shard)
+        if not self.processes:
+            rows = grain.MapDataset.range(0, _MAX_POSITION // batch_size * local).map(
+                _HostRow(self, batch_size, local, step * batch_size + shard[0] * local))
+            read = grain.ReadOptions(num_threads=self.num_workers, prefetch_buffer_size=self.prefetch * local)
+            return rows.to_iter_dataset(read).batch(local, batch_fn=self._collate)
+        per_worker = -(-self.prefetch // self.processes)
+        read = grain.ReadOptions(num_threads=per_worker, prefetch_buffer_size=per_worker)
+        _absl_flags_readable()
+        return self.dataset(batch_size, shard)[step:].to_iter_dataset(read).mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=self.processes, per_worker_buffer_size=per_worker))
+
     def _permutation(self, epoch: int) -> np.ndarray:
         with self._lock:
             perm = self._perms.get(epoch)
             if perm is None:
                 rng = np.random.default_rng([self.seed, self._code, epoch])
                 perm = rng.permutation(len(self.members)).astype(np.int64)
-                if len(self._perms) >= 2:  # a batch spans at most two epochs
+                if len(self._perms) >= 4:  # look-ahead threads span a few epochs at most
                     self._perms.pop(min(self._perms))
                 self._perms[epoch] = perm
             return perm
 
-    def _build(self, start: int, count: int) -> dict[str, np.ndarray]:
-        rows = list(self._pool.map(self._row, range(start, start + count)))
+    def _collate(self, rows) -> dict:
         images = np.stack([r[0] for r in rows]) if rows else np.zeros((0, self.image_size, self.image_size, 3),
                                                                      np.uint8)
-        labels = np.asarray([r[1] for r in rows], np.int32)
-        return {"image": images, "label": labels,  # uint8: normalized on the device (`device_normalize`)
-                "index": np.arange(start, start + count, dtype=np.int64)}
+        return {"image": images,  # uint8: normalized on the device (`device_normalize`)
+                "label": np.asarray([r[1] for r in rows], np.int32),
+                "index": np.asarray([r[2] for r in rows], np.int64),
+                # where the rows were built (maybe a worker process): the reads and skips, counted on return
+                "reads": np.asarray([r[3] for r in rows], np.int64),
+                "skipped": tuple(s for r in rows for s in r[4])}
 
-    def _row(self, g: int) -> tuple[np.ndarray, int]:
+    def _account(self, batch: dict) -> dict[str, np.ndarray]:
+        """Counts a built batch's reads and unreadable examples here, where `num_read` and `skipped` live."""
+        batch = dict(batch)
+        reads, skipped = int(np.sum(batch.pop("reads"))), batch.pop("skipped")
+        with self._lock:
+            self.num_read += reads
+        for example, why in skipped:
+            self._note_skipped(int(example), why)
+        return batch
+
+    def row(self, g: int) -> tuple:
+        """Row g of the split's stream: (image, label, g, files read, ((example, error), ...) skipped), a pure
+        function of (seed, split, g): an unreadable example is replaced by another drawn from the row's own
+        generator (attempt 1, 2, ...)."""
         example = self.example_id(g)
         errors = []
         for attempt in range(MAX_ATTEMPTS):
@@ -400,17 +457,17 @@ class ImageSource:
             if attempt:  # the previous draw was unreadable: another example of the split, same generator
                 example = int(self.members[rng.integers(len(self.members))])
             try:
-                with self._lock:
-                    self.num_read += 1
                 data, label = self.load(example)
                 image = decode_and_crop(data, self.image_size, self.train, rng, self.opts)
             except Exception as e:  # noqa: BLE001 - any unreadable image is skipped, never fatal
-                errors.append(f"{self.describe(example)}: {type(e).__name__}: {e}")
-                self._note_skipped(example, f"{type(e).__name__}: {e}")
+                errors.append((example, f"{type(e).__name__}: {e}"))
                 continue
-            return image, int(label)
+            return image, int(label), g, attempt + 1, tuple(errors)
+        for example, why in errors:
+            self._note_skipped(example, why)
         raise RuntimeError(f"{MAX_ATTEMPTS} images in a row could not be read for position {g} of split "
-                           f"{self.split!r}; is the data path right? Errors: " + "; ".join(errors[:4]))
+                           f"{self.split!r}; is the data path right? Errors: " +
+                           "; ".join(f"{self.describe(e)}: {why}" for e, why in errors[:4]))
 
     def _note_skipped(self, example: int, why: str) -> None:
         with self._lock:
@@ -421,3 +478,35 @@ class ImageSource:
             warnings.warn(f"Skipping unreadable image {self.describe(example)} ({why}); replaced by another "
                           f"image of split {self.split!r} ({total} skipped so far).", CorruptImageWarning,
                           stacklevel=2)
+
+
+class _HostRow:
+    """Row k of a host's rows -> `source.row` of global position offset + (k // local) * batch_size + k % local
+    (a class, not a lambda: grain pickles it into its worker processes)."""
+
+    def __init__(self, source: ImageSource, batch_size: int, local: int, offset: int):
+        self.source, self.batch_size, self.local, self.offset = source, batch_size, local, offset
+
+    def __call__(self, k: int) -> tuple:
+        return self.source.row(self.offset + k // self.local * self.batch_size + k % self.local)
+
+
+_MAX_POSITION = 1 << 62  # global positions a grain dataset spans: unbounded in practice
+
+
+def _grain():
+    try:
+        import grain
+    except ImportError as e:
+        raise ImportError("The real-image sources read through grain: pip install 'lalign[data]' "
+                          "(or pip install grain).") from e
+    return grain
+
+
+def _absl_flags_readable() -> None:
+    """grain's worker processes read its absl flags; outside an absl app (a library call, a test) nothing has
+    parsed them, and reading one raises. Their defaults are then what is meant."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
