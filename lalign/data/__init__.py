@@ -12,24 +12,35 @@ from __future__ import annotations
 
 from lalign.data import scenes
 
-SOURCES = ("scenes", "image_folder", "tfds")
+
+def _image_folder(data_cfg, split: str, seed: int):
+    # imported when chosen: the folder source loads etils (gs:// paths), which no other source needs
+    from lalign.data.image_folder import ImageFolder
+
+    return ImageFolder(data_cfg, split, seed=seed)
+
+
+def _tfds(data_cfg, split: str, seed: int):
+    from lalign.data.tfds import TfdsArrayRecord  # imported when chosen, as the folder source
+
+    return TfdsArrayRecord(data_cfg, split, seed=seed)
+
+
+# config.data.name -> (data_cfg, split, seed) -> source: a new source is one entry here
+SOURCES = {
+    "scenes": lambda data_cfg, split, seed: scenes.scenes_from_config(data_cfg, split, seed=seed),
+    "image_folder": _image_folder,
+    "tfds": _tfds,
+}
 
 
 def image_source(data_cfg, split: str, seed: int = 0):
     """An object with `.batch(step, batch_size, shard=(process_index, process_count)) -> {'image': (B_local, H,
     W, 3) uint8 (real images) or float32 (scenes), ...}` for the split, a pure function of (seed, split, step)."""
     name = data_cfg.get("name") if hasattr(data_cfg, "get") else None
-    if name == "scenes":
-        return scenes.scenes_from_config(data_cfg, split, seed=seed)
-    if name == "image_folder":
-        from lalign.data.image_folder import ImageFolder
-
-        return ImageFolder(data_cfg, split, seed=seed)
-    if name == "tfds":
-        from lalign.data.tfds import TfdsArrayRecord
-
-        return TfdsArrayRecord(data_cfg, split, seed=seed)
-    raise ValueError(f"Unknown config.data.name {name!r}; available: {SOURCES}.")
+    if name not in SOURCES:
+        raise ValueError(f"Unknown config.data.name {name!r}; available: {tuple(SOURCES)}.")
+    return SOURCES[name](data_cfg, split, seed)
 
 
 def fixed_batches(data_cfg, split: str, num_batches: int, batch_size: int, seed: int = 0,

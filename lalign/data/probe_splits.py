@@ -36,57 +36,65 @@ def folder_split(name: str, dataset, indices, num_threads: int, note: str = "") 
                       lambda bs: dataset.batches(bs, indices, num_threads), dataset.num_classes, dataset)
 
 
-def probe_splits(config, image_size: int, patch_size: int, normalization: str,
-                 seed: int | None = None) -> tuple[dict, list]:
-    """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`. `seed`: the embedded scenes' seed
-    (a training run's `config.seed`; default `config.data.seed`, else 0)."""
-    d = config.data
-    if d.name == "scenes":
-        p = config.probe
-        sizes = {"train": ("probe_train", p.num_train), "val": ("probe_val", p.num_val),
-                 "test": ("probe_test", p.num_test)}
-        seed = d.get("seed", 0) if seed is None else seed
-        splits = {}
-        for name, (split, n) in sizes.items():
-            source = image_source(d, split, seed=seed)
-            if source.spec.image_size != image_size or source.spec.patch_size != patch_size:
-                raise ValueError(f"Scenes of {source.spec.image_size}px with {source.spec.patch_size}px patches do "
-                                 f"not fit this backbone ({image_size}px, {patch_size}px patches).")
-            splits[name] = array_split(name, f"scenes/{split} seed {seed} ({n})", source.examples(0, n))
-        nc = splits["train"].num_classes
-        names = [str(c) for c in range(10)] if nc == 10 else [f"{c % 10}/colour{c // 10}" for c in range(nc)]
-        return splits, names
+def _scenes(config, image_size: int, patch_size: int, normalization: str, seed) -> tuple[dict, list]:
+    """The embedded scenes' splits (probe_train / probe_val / probe_test of config.probe's sizes)."""
+    d, p = config.data, config.probe
+    sizes = {"train": ("probe_train", p.num_train), "val": ("probe_val", p.num_val),
+             "test": ("probe_test", p.num_test)}
+    seed = d.get("seed", 0) if seed is None else seed
+    splits = {}
+    for name, (split, n) in sizes.items():
+        source = image_source(d, split, seed=seed)
+        if source.spec.image_size != image_size or source.spec.patch_size != patch_size:
+            raise ValueError(f"Scenes of {source.spec.image_size}px with {source.spec.patch_size}px patches do "
+                             f"not fit this backbone ({image_size}px, {patch_size}px patches).")
+        splits[name] = array_split(name, f"scenes/{split} seed {seed} ({n})", source.examples(0, n))
+    nc = splits["train"].num_classes
+    names = [str(c) for c in range(10)] if nc == 10 else [f"{c % 10}/colour{c // 10}" for c in range(nc)]
+    return splits, names
 
+
+# ------------------------------------------------------------------------------------------ folder data sets
+# Each: (config.data, SegmentationFolder keywords) -> (train, val or None, test) data sets; val None: carved out of
+# train.
+def _coco_stuff(d, kw: dict) -> tuple:
+    if not d.root:
+        raise ValueError("config.data.root must name the COCO-Stuff directory (images/, stuffthingmaps/).")
+    return seg.coco_stuff(d.root, "train2017", **kw), None, seg.coco_stuff(d.root, "val2017", **kw)
+
+
+def _ade20k(d, kw: dict) -> tuple:
+    if not d.root:
+        raise ValueError("config.data.root must name the ADEChallengeData2016 directory (images/, annotations/).")
+    return seg.ade20k(d.root, "training", **kw), None, seg.ade20k(d.root, "validation", **kw)
+
+
+def _folder(d, kw: dict) -> tuple:
+    def folder(split):
+        images, labels = d.get(f"{split}_images"), d.get(f"{split}_labels")
+        if not images:
+            return None
+        names = list(d.class_names) if d.get("class_names") else None
+        return seg.SegmentationFolder(images, labels, num_classes=d.num_classes, ignore_index=d.ignore_index,
+                                      class_names=names, name=f"folder/{split}", **kw)
+
+    train_ds, val_ds, test_ds = folder("train"), folder("val"), folder("test")
+    if train_ds is None or test_ds is None:
+        raise ValueError("data.name='folder' needs data.train_images/train_labels and data.test_images/"
+                         "test_labels (data.val_images/val_labels optional: else carved out of train).")
+    return train_ds, val_ds, test_ds
+
+
+FOLDER_DATASETS = {"coco_stuff": _coco_stuff, "ade20k": _ade20k, "folder": _folder}
+
+
+def _folder_splits(config, image_size: int, patch_size: int, normalization: str, seed) -> tuple[dict, list]:
+    """The splits of a FOLDER_DATASETS data set, with a validation split carved out of train where it has none."""
+    d = config.data
     kw = dict(image_size=image_size, patch_size=patch_size, normalization=normalization,
               label_rule=d.label_rule, min_pixels=d.get("min_pixels", 1))
     threads = d.get("num_threads", 8)
-    if d.name == "coco_stuff":
-        if not d.root:
-            raise ValueError("config.data.root must name the COCO-Stuff directory (images/, stuffthingmaps/).")
-        train_ds, test_ds = seg.coco_stuff(d.root, "train2017", **kw), seg.coco_stuff(d.root, "val2017", **kw)
-        val_ds = None
-    elif d.name == "ade20k":
-        if not d.root:
-            raise ValueError("config.data.root must name the ADEChallengeData2016 directory (images/, annotations/).")
-        train_ds, test_ds = seg.ade20k(d.root, "training", **kw), seg.ade20k(d.root, "validation", **kw)
-        val_ds = None
-    elif d.name == "folder":
-        def folder(split):
-            images, labels = d.get(f"{split}_images"), d.get(f"{split}_labels")
-            if not images:
-                return None
-            names = list(d.class_names) if d.get("class_names") else None
-            return seg.SegmentationFolder(images, labels, num_classes=d.num_classes, ignore_index=d.ignore_index,
-                                          class_names=names, name=f"folder/{split}", **kw)
-
-        train_ds, val_ds, test_ds = folder("train"), folder("val"), folder("test")
-        if train_ds is None or test_ds is None:
-            raise ValueError("data.name='folder' needs data.train_images/train_labels and data.test_images/"
-                             "test_labels (data.val_images/val_labels optional: else carved out of train).")
-    else:
-        raise ValueError(f"Unknown config.data.name {d.name!r}; choose 'coco_stuff', 'ade20k', 'folder' or "
-                         f"'scenes'.")
-
+    train_ds, val_ds, test_ds = FOLDER_DATASETS[d.name](d, kw)
     num_train, num_test = d.get("num_train", -1), d.get("num_test", -1)
     note = ""
     if val_ds is None:  # carve a validation split out of train; the data set's own val split is the test split
@@ -102,3 +110,18 @@ def probe_splits(config, image_size: int, patch_size: int, normalization: str,
               "test": folder_split("test", test_ds, test_idx, threads)}
     names = list(train_ds.class_names) if train_ds.class_names else [str(c) for c in range(train_ds.num_classes)]
     return splits, names
+
+
+# config.data.name -> (config, image_size, patch_size, normalization, seed) -> (splits, class names)
+DATASETS = {**{name: _folder_splits for name in FOLDER_DATASETS}, "scenes": _scenes}
+
+
+def probe_splits(config, image_size: int, patch_size: int, normalization: str,
+                 seed: int | None = None) -> tuple[dict, list]:
+    """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`. `seed`: the embedded scenes' seed
+    (a training run's `config.seed`; default `config.data.seed`, else 0)."""
+    name = config.data.name
+    if name not in DATASETS:
+        *others, last = (repr(n) for n in DATASETS)
+        raise ValueError(f"Unknown config.data.name {name!r}; choose {', '.join(others)} or {last}.")
+    return DATASETS[name](config, image_size, patch_size, normalization, seed)
