@@ -36,7 +36,8 @@ def image_folder(image_size: int, normalization: str = "", **kw) -> dict:
                      # the reference's --train-interpolation random: bilinear or bicubic per training image
                      train_interpolation="random",
                      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, val_crop_fraction=1.0,
-                     num_workers=0, prefetch=True), **kw)
+                     # grain worker processes decoding (0: threads of the training process); steps read ahead
+                     num_workers=0, prefetch=4), **kw)
 
 
 def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalization: str = "",

@@ -1,4 +1,5 @@
 """Real-image data sources: image folders and TFDS ArrayRecord files, on tiny data the tests write."""
+import io
 import os
 import warnings
 
@@ -335,76 +336,42 @@ def test_fixed_batches_match_the_batches_of_the_same_steps(folders):
 
 
 # ------------------------------------------------------------------------------------------- tfds ArrayRecord
-def _example_class():
-    """tf.train.Example built with the protobuf runtime from its schema (independent of lalign's parser)."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    F = descriptor_pb2.FieldDescriptorProto
-    fdp = descriptor_pb2.FileDescriptorProto(name="lalign_test_example.proto", package="tensorflow",
-                                             syntax="proto3")
-    for name, kind in (("BytesList", F.TYPE_BYTES), ("FloatList", F.TYPE_FLOAT), ("Int64List", F.TYPE_INT64)):
-        fdp.message_type.add(name=name).field.add(name="value", number=1, type=kind, label=F.LABEL_REPEATED)
-    feature = fdp.message_type.add(name="Feature")
-    feature.oneof_decl.add(name="kind")
-    for number, (name, t) in enumerate((("bytes_list", "BytesList"), ("float_list", "FloatList"),
-                                        ("int64_list", "Int64List")), 1):
-        feature.field.add(name=name, number=number, type=F.TYPE_MESSAGE, type_name=f".tensorflow.{t}",
-                          label=F.LABEL_OPTIONAL, oneof_index=0)
-    features = fdp.message_type.add(name="Features")
-    entry = features.nested_type.add(name="FeatureEntry")
-    entry.options.map_entry = True
-    entry.field.add(name="key", number=1, type=F.TYPE_STRING, label=F.LABEL_OPTIONAL)
-    entry.field.add(name="value", number=2, type=F.TYPE_MESSAGE, type_name=".tensorflow.Feature",
-                    label=F.LABEL_OPTIONAL)
-    features.field.add(name="feature", number=1, type=F.TYPE_MESSAGE, label=F.LABEL_REPEATED,
-                       type_name=".tensorflow.Features.FeatureEntry")
-    fdp.message_type.add(name="Example").field.add(name="features", number=1, type=F.TYPE_MESSAGE,
-                                                   type_name=".tensorflow.Features", label=F.LABEL_OPTIONAL)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
-
-
-def _serialize(example_cls, image: bytes, label: int) -> bytes:
-    ex = example_cls()
-    ex.features.feature["label"].int64_list.value.append(label)
-    ex.features.feature["image"].bytes_list.value.append(image)
-    ex.features.feature["weight"].float_list.value.extend([0.5, 2.0])
-    ex.features.feature["image/filename"].bytes_list.value.append(b"x.png")
-    return ex.SerializeToString()
-
-
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
-    """data_dir/toy/1.0.0/ with a 2-shard train split (5 + 4 records, one corrupt) and a 3-record validation."""
-    pytest.importorskip("array_record", reason="the tfds source needs array-record (pip install 'lalign[tfds]')")
-    from array_record.python.array_record_module import ArrayRecordWriter
+    """data_dir/toy/1.0.0/ as TFDS itself prepares it (`download_and_prepare(file_format="array_record")`, no
+    TensorFlow: the images are given encoded): a 9-record train split (label 7's image corrupt) and a 3-record
+    validation split, labels 0..11 in generation order (TFDS stores the records shuffled by key)."""
+    tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds source needs pip install 'lalign[tfds]'")
+    import io
 
-    root = tmp_path_factory.mktemp("tfds")
-    version = root / "toy" / "1.0.0"
-    version.mkdir(parents=True)
-    (root / "toy" / "0.9.0").mkdir()  # an older version: the newest is used
-    (version / "dataset_info.json").write_text('{"name": "toy", "version": "1.0.0"}')
-    example_cls, rng = _example_class(), np.random.default_rng(0)
+    rng = np.random.default_rng(0)
 
     def png(w, h):
-        import io
-
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
         return buf.getvalue()
 
-    shards = {"train": [5, 4], "validation": [3]}
-    label = 0
-    for split, counts in shards.items():
-        for i, count in enumerate(counts):
-            writer = ArrayRecordWriter(str(version / f"toy-{split}.array_record-{i:05d}-of-{len(counts):05d}"),
-                                       "group_size:1")
-            for j in range(count):
-                data = b"corrupt bytes" if (split, i, j) == ("train", 1, 2) else png(20 + 3 * j, 30 - j)
-                writer.write(_serialize(example_cls, data, label))
-                label += 1
-            writer.close()
+    images = {"train": [b"corrupt bytes" if j == 7 else png(20 + 3 * j, 30 - j) for j in range(9)],
+              "validation": [png(20 + 3 * j, 30 - j) for j in range(3)]}
+
+    class Toy(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=12)}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in images}
+
+        def _generate_examples(self, split):
+            first = 0 if split == "train" else 9
+            for j, data in enumerate(images[split]):
+                yield f"{split}{j}", {"image": io.BytesIO(data), "label": first + j}
+
+    root = tmp_path_factory.mktemp("tfds")
+    Toy(data_dir=str(root), file_format="array_record").download_and_prepare()
+    (root / "toy" / "0.9.0").mkdir()  # an older version: the newest is used
     return str(root)
 
 
@@ -413,25 +380,18 @@ def _tfds_cfg(data_dir, **kw):
                                                num_workers=0, normalization="clip"), **kw))
 
 
-def test_example_parser_reads_protobuf_serialized_examples():
-    from lalign.data.tfds import parse_example
-
-    record = _serialize(_example_class(), b"\x00\x01image-bytes", -3)
-    out = parse_example(record, {"image", "label", "weight"})
-    assert out == {"image": [b"\x00\x01image-bytes"], "label": [-3], "weight": [0.5, 2.0]}
-
-
 def test_tfds_array_record_source_reads_splits_labels_and_skips_corrupt_records(tfds_dir):
     train = data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed", seed=0)
     assert len(train) == 9 and train.directory.endswith(os.path.join("toy", "1.0.0"))
-    with pytest.warns(CorruptImageWarning, match=r"toy-train\.array_record-00001-of-00002 record 2"):
+    with pytest.warns(CorruptImageWarning, match=r"toy-train\.array_record-00000-of-00001 record \d"):
         b = train.batch(0, 9)  # one epoch
     assert b["image"].shape == (9, SIZE, SIZE, 3) and train.num_skipped == 1
-    # Labels were written 0..8 in record order; record 7 (shard 1, position 2) is corrupt and was replaced.
-    ids = [train.example_id(g) for g in range(9)]
-    for row, i in enumerate(ids):
-        if i != 7:
-            assert b["label"][row] == i
+    # Each record keeps the label it was written with; label 7's image is corrupt and was replaced.
+    labels = [train.load(i)[1] for i in range(9)]
+    assert sorted(labels) == list(range(9))
+    for row, g in enumerate(range(9)):
+        if labels[train.example_id(g)] != 7:
+            assert b["label"][row] == labels[train.example_id(g)]
     assert set(b["label"].tolist()) - {7} == {0, 1, 2, 3, 4, 5, 6, 8}
     val = data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed_val", seed=0)
     assert sorted(val.batch(0, 3)["label"].tolist()) == [9, 10, 11]
@@ -440,35 +400,72 @@ def test_tfds_array_record_source_reads_splits_labels_and_skips_corrupt_records(
     np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), _quiet(train, 1, 6)["image"])
 
 
+def test_tfds_records_are_the_ones_tfds_reads(tfds_dir):
+    """The source's images and labels are TFDS' own records (tfds.data_source), split for split, and each label
+    comes with the image it was written with."""
+    import tensorflow_datasets as tfds
+
+    written = {}
+    for split, spec in (("maskembed", "train"), ("maskembed_val", "validation")):
+        src = data_lib.image_source(_tfds_cfg(tfds_dir), split)
+        theirs = tfds.data_source("toy", data_dir=tfds_dir, split=spec,
+                                  decoders={"image": tfds.decode.SkipDecoding()})
+        assert len(src) == len(theirs)
+        for i in range(len(src)):
+            data, label = src.load(i)
+            assert (data, label) == (theirs[i]["image"], theirs[i]["label"])
+            written[label] = data
+    assert sorted(written) == list(range(12)) and written[7] == b"corrupt bytes"
+    assert Image.open(io.BytesIO(written[3])).size == (29, 27)  # png(20 + 3 * j, 30 - j), j = 3
+
+
 def test_tfds_uint8_batches_are_the_old_pixels_and_the_device_normalizes_them_as_the_host_did(tfds_dir):
     _check_uint8_against_old(data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed", seed=1), (0, 1, 2), 4, "clip")
     _check_uint8_against_old(data_lib.image_source(_tfds_cfg(tfds_dir), "maskembed_val", seed=1), (0,), 3, "clip")
 
 
 def test_tfds_split_slices_and_explicit_path(tfds_dir):
+    """TFDS' split strings, read as TFDS reads them: the same records, in order."""
+    import tensorflow_datasets as tfds
+
     path = os.path.join(tfds_dir, "toy", "1.0.0")
-    head = data_lib.image_source(_tfds_cfg("", path=path, train_split="train[:4]"), "maskembed")
-    tail = data_lib.image_source(_tfds_cfg("", path=path, val_split="train[-3:]"), "maskembed_val")
-    pct = data_lib.image_source(_tfds_cfg("", path=path, train_split="train[:34%]"), "maskembed")
-    assert head.members.tolist() == [0, 1, 2, 3]
-    assert tail.members.tolist() == [6, 7, 8]
-    assert pct.members.tolist() == [0, 1, 2]  # round(9 * 0.34) = 3
+    full = data_lib.image_source(_tfds_cfg("", path=path), "maskembed")
+    for spec, first, count in (("train[:4]", 0, 4), ("train[-3:]", 6, 3), ("train[:34%]", 0, 3),
+                               ("train[10%:60%]", 1, 4)):
+        part = data_lib.image_source(_tfds_cfg("", path=path, val_split=spec), "maskembed_val")
+        assert len(part) == count == len(tfds.data_source("toy", data_dir=tfds_dir, split=spec)), spec
+        assert [part.load(i) for i in range(count)] == [full.load(first + i) for i in range(count)], spec
+    both = data_lib.image_source(_tfds_cfg(tfds_dir, train_split="train+validation"), "maskembed")
+    assert len(both) == 12
 
 
 def test_tfds_bad_inputs_are_clear_errors(tfds_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="No TFDS dataset 'nope' under"):
         data_lib.image_source(_tfds_cfg(tfds_dir, dataset="nope"), "maskembed")
-    with pytest.raises(FileNotFoundError, match=r"No ArrayRecord files .*toy-test\.array_record"):
+    with pytest.raises(FileNotFoundError, match=r"No TFDS dataset 'toy:2\.0\.0' under"):
+        data_lib.image_source(_tfds_cfg(tfds_dir, version="2.0.0"), "maskembed")
+    with pytest.raises(ValueError, match=r"config.data.train_split 'test' of .*Unknown split 'test'"):
         data_lib.image_source(_tfds_cfg(tfds_dir, train_split="test"), "maskembed")
-    with pytest.raises(ValueError, match="Cannot parse split"):
-        data_lib.image_source(_tfds_cfg(tfds_dir, train_split="train[::2]"), "maskembed")
-    rec = tmp_path / "rec" / "1.0.0"
-    rec.mkdir(parents=True)
-    (rec / "rec-train.tfrecord-00000-of-00001").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"as TFRecord files .*which need TensorFlow.*--file_format=array_record"):
-        data_lib.image_source(_tfds_cfg(str(tmp_path), dataset="rec"), "maskembed")
+    with pytest.raises(ValueError, match=r"config.data.val_split 'train\[::2\]' of .*Error parsing split"):
+        data_lib.image_source(_tfds_cfg(tfds_dir, val_split="train[::2]"), "maskembed_val")
+    with pytest.raises(FileNotFoundError, match="config.data.path: TFDS dataset directory"):
+        data_lib.image_source(_tfds_cfg("", path=str(tmp_path / "none")), "maskembed")
     with pytest.raises(ValueError, match="needs `path`"):
         data_lib.image_source(_tfds_cfg(""), "maskembed")
+
+
+def test_tfds_tfrecord_data_is_refused(tfds_dir, tmp_path):
+    """A TFRecord data set (TFDS' default format) needs TensorFlow: refused, saying how to convert."""
+    import json
+    import shutil
+
+    copy = tmp_path / "rec" / "toy" / "1.0.0"
+    shutil.copytree(os.path.join(tfds_dir, "toy", "1.0.0"), copy)
+    info = json.loads((copy / "dataset_info.json").read_text())
+    info["fileFormat"] = "tfrecord"
+    (copy / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"as tfrecord files, which need TensorFlow.*--file_format=array_record"):
+        data_lib.image_source(_tfds_cfg(str(tmp_path / "rec")), "maskembed")
 
 
 @pytest.fixture
@@ -702,7 +699,7 @@ def _digest(batch) -> str:
 
 # sha256 (first 16 hex digits) of image, label and index of batches as the sources built them before the grain
 # pipeline: the order, the crops and the corrupt-image replacements of a step must stay bit-identical.
-GOLDEN = {  # Pillow 13.0's PNG/JPEG codecs write the test images
+GOLDEN = {  # Pillow 13.0's PNG/JPEG codecs write the test images; tfds: the hand-written reader's batches
     "folder-rkrc-0": "5ad68abcfbe9219f",
     "folder-rkrc-1": "8a7f665540e1fc85",
     "folder-rkrc-5": "b2094cbc8daae5ab",
@@ -713,10 +710,10 @@ GOLDEN = {  # Pillow 13.0's PNG/JPEG codecs write the test images
     "folder-rrc-3-host2of4": "abc3c441473f2e1d",
     "folder-val-0": "0115381a300d797d",
     "folder-val-1": "315f4330c58a1381",
-    "tfds-0": "a43eafc8ce92ce74",
-    "tfds-1": "8702c5a00f3aa07e",
-    "tfds-2": "2d3e15c7bb2829b8",
-    "tfds-val-0": "486c98f6d625cbff",
+    "tfds-0": "beaaad6c78d3d11b",
+    "tfds-1": "a70e9256d463987e",
+    "tfds-2": "32338f7c2ffb72eb",
+    "tfds-val-0": "a4aeb4d51d8abec7",
 }
 
 
@@ -743,9 +740,14 @@ def test_batches_are_bit_identical_to_the_golden_ones(folders, tfds_dir):
     assert got == GOLDEN
 
 
-def test_worker_processes_build_the_same_batches_and_report_their_skips(folders):
+def test_worker_processes_build_the_same_batches_and_report_their_skips(folders, tfds_dir):
     """num_workers=2: grain's worker processes build the look-ahead; the batches are the golden ones, and the
     corrupt image a worker met is counted and named here."""
+    src = data_lib.image_source(_tfds_cfg(tfds_dir, num_workers=2), "maskembed", seed=1)
+    try:
+        assert [_digest(_quiet(src, step, 4)) for step in range(3)] == [GOLDEN[f"tfds-{i}"] for i in range(3)]
+    finally:
+        src.close()
     train, val = folders
     src = data_lib.image_source(_cfg(train, val_path=val, num_workers=2, prefetch=3), "maskembed", seed=3)
     try:

@@ -34,7 +34,7 @@ Everything is deterministic: files are paired by stem and sorted; an example is 
 the settings. Unreadable (corrupt/truncated) files and image/label pairs of different sizes are skipped by
 `iterate`/`batches` with a warning naming the file, and counted in `dataset.skipped`. A label value that is
 neither a class id nor `ignore_index`, or a multi-channel label PNG, is a configuration error: ValueError
-naming the file. Reading goes through grain (threads, ordered) when it is installed, else a plain loop.
+naming the file. Reading goes through grain (threads, ordered).
 """
 from __future__ import annotations
 
@@ -310,18 +310,15 @@ class SegmentationFolder:
     def iterate(self, indices: Optional[Iterable[int]] = None, num_threads: int = 8) -> Iterator[dict]:
         """Examples in the order of `indices` (default: all), read by `num_threads` threads; corrupt ones are
         skipped with a warning naming the file and recorded in `self.skipped`."""
+        import grain
+
         indices = list(range(len(self)) if indices is None else indices)
-        try:
-            import grain
-        except ImportError:  # grain is optional: the same records, read in this thread
-            records = map(self._safe, indices)
+        ds = grain.MapDataset.source(indices).map(self._safe)
+        if num_threads > 1:
+            records = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                                prefetch_buffer_size=4 * num_threads)))
         else:
-            ds = grain.MapDataset.source(indices).map(self._safe)
-            if num_threads > 1:
-                records = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                                    prefetch_buffer_size=4 * num_threads)))
-            else:
-                records = iter(ds)
+            records = iter(ds)
         for rec in records:
             if "error" in rec:
                 self.skipped[rec["file"]] = rec["error"]
