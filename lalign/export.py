@@ -67,24 +67,20 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import Optional
 
-import jax
+import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
-from lalign.checkpoints import bigvision, hf, hub, hub_files
 from lalign import cli as cli_lib
 from lalign import log
 from lalign import softcap
-from lalign.checkpoints.common import check_params, flatten, grid_of, model_fields, to_layout
-from lalign.checkpoints.load import FORMATS, checkpoint_normalization, load_any, load_with_decoder
-from lalign.checkpoints.manager import save_params
-from lalign.files import write_atomically, write_text
-from lalign.checkpoints import vlm
+from lalign.checkpoints import formats, hf, hub, hub_files, vlm
+from lalign.checkpoints.common import grid_of, model_fields, to_layout
+from lalign.checkpoints.formats import decoder_path, save_decoder
+from lalign.checkpoints.load import checkpoint_normalization, load_any, load_with_decoder
 
-OUTPUTS = ("hf", "timm", "open_clip", "bigvision", "orbax", *vlm.TARGETS)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": ml_dtypes.bfloat16, "float16": np.dtype(np.float16)}
 
 
 def _fields_from_args(args) -> dict:
@@ -101,27 +97,6 @@ def _fields_from_args(args) -> dict:
     if args.num_heads:
         fields["num_heads"] = args.num_heads
     return fields
-
-
-def decoder_path(output: str, to: str) -> str:
-    """Where the decoder goes beside the backbone: `OUTPUT/maskembed_decoder.safetensors` for hf, else
-    `OUTPUT_STEM.decoder.{safetensors,npz}`; a timm / open_clip hub folder holds it like hf."""
-    if hub_files.is_hub_output(to, output):
-        return os.path.join(output, "maskembed_decoder.safetensors")
-    stem = output[:-len(ext)] if (ext := os.path.splitext(output)[1]) in (".npz", ".safetensors") else output
-    return stem.rstrip("/") + (".decoder.safetensors" if to in ("timm", "open_clip") else ".decoder.npz")
-
-
-def save_decoder(decoder: dict, output: str, to: str) -> str:
-    """Writes the decoder beside the backbone (the paper reuses it as the VLM adapter), with flat '/'-joined
-    names, at `decoder_path(output, to)`."""
-    flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(decoder).items()}
-    path = decoder_path(output, to)
-    if path.endswith(".safetensors"):
-        write_atomically(path, lambda tmp: save_file(flat, tmp), ".safetensors")
-    else:
-        write_atomically(path, lambda tmp: np.savez(tmp, **flat), ".npz")
-    return path
 
 
 # ------------------------------------------------------------------------------------------ safe outputs
@@ -202,14 +177,16 @@ def _normalization(args) -> Optional[str]:
         return None
 
 
-def main(argv=None) -> int:
+# ------------------------------------------------------------------------------------------ the command
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lalign.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="checkpoint to read (file or directory)")
     p.add_argument("--output", required=True, help="where to write (HF: a directory; timm: .safetensors; "
                                                    "bigvision: .npz; orbax: a directory)")
-    p.add_argument("--to", required=True, choices=OUTPUTS, help="output format")
-    p.add_argument("--from", dest="src", choices=FORMATS, help="input format (default: guessed from --input)")
+    p.add_argument("--to", required=True, choices=formats.outputs(), help="output format")
+    p.add_argument("--from", dest="src", choices=formats.inputs(),
+                   help="input format (default: guessed from --input)")
     p.add_argument("--kind", choices=hf.KINDS,
                    help="HF output: SiglipVisionModel, CLIPVisionModel or Dinov2(WithRegisters)Model (default: "
                         "dinov2 for a ViT with LayerScale or registers, clip for one with class token and pre-norm, "
@@ -225,7 +202,7 @@ def main(argv=None) -> int:
                    help="bigvision/orbax output layout: scanned (--scan) or per-block (--no-scan); default: as read")
     p.add_argument("--image-size", type=int, help="image size (only for sincos2d position embeddings)")
     p.add_argument("--tower", default="img", help="two-tower big_vision npz: which tower (default img)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="cast the written weights")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="cast the written weights")
     p.add_argument("--allow-softcap-drop", action="store_true",
                    help="export a student trained with the attention soft-cap to hf/timm/open_clip, whose attention "
                         "has none (its effect is measured and printed first)")
@@ -238,108 +215,70 @@ def main(argv=None) -> int:
                                  "PaliGemma .npz) whose vision tower the ViT replaces")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output (it is removed only once the new one is complete)")
-    args = p.parse_args(argv)
-    args.input = hub.resolve(args.input).path  # a hub id or bucket URL: fetched once into a local cache
+    return p
+
+
+def resolve_inputs(args, fmt: formats.Format) -> None:
+    """Hub ids and bucket URLs among the inputs fetched once into a local cache; --vlm given exactly for a format
+    that writes into a VLM checkpoint (whose dtypes it keeps: no --dtype)."""
+    args.input = hub.resolve(args.input).path
     if args.head_from:
         args.head_from = hub.resolve(args.head_from).path
-    if (args.to in vlm.TARGETS) != bool(args.vlm):
+    if fmt.takes_vlm != bool(args.vlm):
+        takes_vlm = [name for name in formats.outputs() if formats.FORMATS[name].takes_vlm]
         raise ValueError(f"--to {args.to} needs --vlm (the VLM checkpoint to start from)" if args.vlm is None else
-                         f"--vlm is for --to {' or '.join(vlm.TARGETS)}, not --to {args.to}.")
+                         f"--vlm is for --to {' or '.join(takes_vlm)}, not --to {args.to}.")
     if args.vlm:
         if args.dtype:
             raise ValueError(f"--dtype: --to {args.to} keeps the dtypes the VLM checkpoint --vlm stores.")
         args.vlm = hub.resolve(args.vlm, files=vlm.HUB_FILES).path
 
-    model_json = args.output.rstrip("/") + ".model.json"
-    check_outputs([args.output] + ([model_json] if args.to == "orbax" else []), inputs(args), args.overwrite)
-    fields = _fields_from_args(args)
-    model, params, decoder = load_with_decoder(args.input, args.src, fields, tower=args.tower,
+
+def teacher_head(args, fmt: formats.Format):
+    """The pooling head a head-less student takes from --head-from (`fmt.head`: a MAP head, or open_clip's
+    projection), or None without --head-from."""
+    if not args.head_from:
+        return None
+    _, teacher = load_any(args.head_from, None, {}, tower=args.tower, quiet=True)
+    key, what = fmt.head
+    if key not in teacher:
+        raise ValueError(f"--head-from {args.head_from}: that checkpoint has no {what}.")
+    return teacher[key]
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    fmt = formats.writer(args.to)
+    resolve_inputs(args, fmt)
+
+    # ---- read, with every output checked before anything is written
+    check_outputs([args.output, *fmt.sidecars(args.output)], inputs(args), args.overwrite)
+    model, params, decoder = load_with_decoder(args.input, args.src, _fields_from_args(args), tower=args.tower,
                                                params_only=args.params_only)
-    if decoder is not None and args.to != "hf":  # a file beside the output
+    if decoder is not None and not fmt.writes_decoder:  # a file beside the output
         check_outputs([decoder_path(args.output, args.to)], inputs(args), args.overwrite)
     softcap_stats = None
-    if model.attn_softcap is not None and args.to in ("hf", "timm", "open_clip", *vlm.TARGETS):
+    if model.attn_softcap is not None and not fmt.holds_softcap:
         model, softcap_stats = drop_softcap(model, params, args)
-    head = None
-    if args.head_from:  # the teacher's pooling head: a MAP head (hf/timm), or open_clip's projection
-        _, teacher = load_any(args.head_from, None, {}, tower=args.tower, quiet=True)
-        wanted = "head" if args.to == "open_clip" else "MAPHead_0"
-        if wanted not in teacher:
-            raise ValueError(f"--head-from {args.head_from}: that checkpoint has no "
-                             f"{'projection (head)' if wanted == 'head' else 'MAP head (MAPHead_0)'}.")
-        head = teacher if wanted == "head" else teacher["MAPHead_0"]
-    dtype = None
-    if args.dtype:
-        import ml_dtypes
 
-        dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
-    written = {"output": args.output, "to": args.to, "model": model_fields(model)}
-    hub_ready = hub_files.is_hub_output(args.to, args.output)
-    source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output) \
-        if hub_ready else None  # what the hub files state: preprocessing, the run
+    # ---- write
+    job = formats.Export(
+        params, model, args.output, args.to, input=args.input, head=teacher_head(args, fmt),
+        dtype=DTYPES[args.dtype] if args.dtype else None, image_size=args.image_size, kind=args.kind,
+        drop_head=args.no_head, scan=args.scan, vlm=args.vlm, normalization=lambda: _normalization(args),
+        written={"output": args.output, "to": args.to, "model": model_fields(model)},
+        decoder=decoder if fmt.writes_decoder else None)
+    if fmt.hub_folder(args.output):  # what the hub files state: preprocessing, the run
+        job.source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output)
     if softcap_stats:
-        written["softcap_dropped"] = softcap_stats
-    if args.to == "hf":
-        def write(stage):
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                written["hf"] = hf.to_hf(params, model, stage, kind=args.kind, head_params=head,
-                                         drop_head=args.no_head, image_size=args.image_size, dtype=dtype)
-            hub_files.write_hf_files(stage, written["hf"], source)
-            if decoder is not None:  # inside the output directory: part of the same swap
-                save_decoder(decoder, stage, "hf")
-
-        write_atomically(args.output, write)
-        config = written.pop("hf")
-        log.note(f"[export] wrote HF {config['architectures'][0]} to {args.output}; aligned per-token features: "
-                 f"{config['lalign']['features']}")
-    elif args.to in vlm.TARGETS:
-        if vlm.is_npz(args.vlm):
-            if args.to != "paligemma":
-                raise ValueError(f"--vlm {args.vlm}: a big_vision npz is a PaliGemma checkpoint (--to paligemma).")
-            write_atomically(args.output, lambda stage: written.update(vlm=vlm.write_npz_vlm(
-                params, model, args.vlm, stage, head_params=head)))
-        else:
-            write_atomically(args.output, lambda stage: written.update(vlm=vlm.write_hf_vlm(
-                params, model, args.vlm, stage, target=args.to, head_params=head)))
-        log.note(f"[export] wrote {args.vlm} with the ViT as its vision tower to {args.output} "
-                 f"({written['vlm']['replaced']} tensors under {written['vlm']['prefix']}, the rest as it was)")
-    elif args.to == "open_clip":
-        write_atomically(args.output, lambda stage: hub_files.export_open_clip(params, model, stage, source,
-                                                                             head_params=head, dtype=dtype))
-        log.note(f"[export] wrote open_clip visual state dict to {args.output} (model_cfg in its metadata"
-                 f"{' and open_clip_config.json' if hub_files.is_folder_output(args.output) else ''}; "
-                 f"lalign.checkpoints.open_clip.open_clip_visual(path) builds the tower)")
-    elif args.to == "timm":
-        write_atomically(args.output, lambda stage: hub_files.export_timm(
-            params, model, stage, source, head_params=head, image_size=args.image_size, dtype=dtype))
-        log.note(f"[export] wrote timm state dict to {args.output} (timm kwargs in its metadata"
-                 f"{'; a timm hub config.json beside it' if hub_files.is_folder_output(args.output) else ''}; "
-                 f"lalign.checkpoints.timm.timm_model(path) builds the model)")
-    else:
-        # as strict as the hf/timm writers: exactly the tensors the model has, with its shapes
-        check_params(to_layout(params, False), model.clone(scan=False), f"--input {args.input}", args.image_size)
-        scan = model.scan if args.scan is None else args.scan
-        params = to_layout(params, scan)
-        if dtype is not None:
-            params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
-        if args.to == "bigvision":
-            write_atomically(args.output, lambda stage: bigvision.save_npz(stage, params))
-        else:
-            write_atomically(args.output, lambda stage: save_params(stage, params))
-            record = dict(model_fields(model), scan=scan)
-            normalization = _normalization(args)
-            if normalization:  # read back by checkpoint_normalization (the probe, a run's init_from)
-                record["normalization"] = normalization
-            text = json.dumps(record, indent=2)
-            write_text(model_json, text)
-        log.note(f"[export] wrote {args.to} params to {args.output}")
+        job.written["softcap_dropped"] = softcap_stats
+    fmt.write(job)
     if decoder is not None:
-        written["decoder"] = decoder_path(args.output, args.to)
-        if args.to != "hf":
+        job.written["decoder"] = decoder_path(args.output, args.to)
+        if not fmt.writes_decoder:
             save_decoder(decoder, args.output, args.to)
-        log.note(f"[export] wrote the MaskEmbed decoder to {written['decoder']}")
-    print(json.dumps(written))
+        log.note(f"[export] wrote the MaskEmbed decoder to {job.written['decoder']}")
+    print(json.dumps(job.written))
     return 0
 
 

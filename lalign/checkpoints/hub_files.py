@@ -276,12 +276,6 @@ def is_folder_output(path: str) -> bool:
     return not path.endswith(".safetensors")
 
 
-def is_hub_output(to: str, output: str) -> bool:
-    """Whether `lalign.export --to TO --output OUTPUT` writes a hub folder (hf always; timm and open_clip when
-    OUTPUT is a folder), with the hub files and the decoder inside it."""
-    return to == "hf" or (to in ("timm", "open_clip") and is_folder_output(output))
-
-
 def export_timm(params, model, path: str, src: Source, **kw) -> dict:
     """`timm.to_timm` to a .safetensors file, or a hub folder (model.safetensors, config.json, README.md) at
     `path`; returns the timm kwargs."""

@@ -9,8 +9,9 @@ Formats (guessed from the path when not given): `orbax` (a params dir written by
 training checkpoint step dir, verified against its checksum record), `bigvision` (.npz), `hf` (a directory with
 config.json + model.safetensors), `timm` (.safetensors), `open_clip` (.safetensors with open_clip's
 `visual.*` / `conv1`, `transformer.resblocks` names: a whole CLIP model's or its image tower's); a timm or
-open_clip hub folder (`HUB_FOLDERS`: timm's config.json + model.safetensors, open_clip_config.json +
-open_clip_model.safetensors) reads as its weights file.
+open_clip hub folder (`formats.HUB_FOLDERS`: timm's config.json + model.safetensors, open_clip_config.json +
+open_clip_model.safetensors) reads as its weights file. Each format is a record in `formats.FORMATS` (how it is
+detected, read, written); the functions here are the drivers over them, with the helpers the records share.
 
 Model fields: HF configs, files lalign writes and lalign workdirs record the architecture; for the others the
 parameter shapes give width, depth, mlp_dim, heads (not timm), patch size, class token, pre-norm, MAP head and
@@ -37,13 +38,13 @@ from typing import Optional
 import numpy as np
 
 from lalign import log
-from lalign.checkpoints import bigvision, hf, open_clip, timm, verify
-from lalign.checkpoints.common import grid_of, infer_model, open_safetensors, resample_posemb
+from lalign.checkpoints import verify
+from lalign.checkpoints.common import grid_of, infer_model, resample_posemb
 from lalign.checkpoints.manager import restore_arrays
+from lalign.data.images import NORMALIZATION
 from lalign.files import absolute
 from lalign.models.vit import ViT, decode_variant
 
-FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
 # `config.init_posemb_resize`: how a checkpoint's position table is resized to the run's patch grid (e.g. DINOv2's
 # 37x37 at 518 px -> 16x16 at 224 px). 'bicubic_antialias' is what timm's checkpoint filter does (the reference
 # loads its teachers through timm); 'bicubic' what HF's DINOv2 does at run time, 'bilinear_antialias' HF's
@@ -51,46 +52,64 @@ FORMATS = ("orbax", "bigvision", "hf", "timm", "open_clip")
 POSEMB_RESIZE = ("bicubic_antialias", "bicubic", "bilinear_antialias", "none")
 
 
-# hub folders `lalign.export --to timm|open_clip` writes (and timm / open_clip hub repos): (config, weights) names
-HUB_FOLDERS = {"timm": ("config.json", "model.safetensors"),
-               "open_clip": ("open_clip_config.json", "open_clip_model.safetensors")}
+# ------------------------------------------------------------------------------------------ drivers
+def _formats():
+    """lalign/checkpoints/formats.py, whose records each driver here looks up."""
+    # imported on first use: the records are built on this module's helpers (formats.py imports it)
+    from lalign.checkpoints import formats
+
+    return formats
+
+
+def guess_format(path: str) -> str:
+    """The input format of the checkpoint at `path` (`formats.detect`)."""
+    return _formats().detect(path)
 
 
 def folder_weights(path: str, fmt: str) -> str:
     """The weights file of a timm / open_clip hub folder (timm's config.json names an "architecture"), else
     `path` as it is."""
-    if fmt in HUB_FOLDERS and os.path.isdir(path):
-        config, weights = (os.path.join(path, f) for f in HUB_FOLDERS[fmt])
-        if os.path.isfile(config) and os.path.isfile(weights):
-            return weights
-    return path
+    return _formats().reader(fmt).weights(path)
 
 
-def _hub_folder_format(path: str) -> Optional[str]:
-    for fmt, (config, weights) in HUB_FOLDERS.items():
-        if os.path.isfile(os.path.join(path, config)) and os.path.isfile(os.path.join(path, weights)):
-            if fmt == "open_clip" or "architecture" in _read_json(os.path.join(path, config)):
-                return fmt
-    return None
+def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
+    """What records the whole model of the checkpoint at `path` (a file name), or None where the parameter
+    shapes and the fields given make it (big_vision npz, timm / open_clip files not written by lalign, an orbax
+    directory without a record)."""
+    rec = _formats().reader(fmt or guess_format(path))
+    return rec.records(rec.weights(path))
 
 
-def guess_format(path: str) -> str:
-    if os.path.isdir(path):
-        hub_folder = _hub_folder_format(path)
-        if hub_folder:
-            return hub_folder
-        if os.path.isfile(os.path.join(path, "config.json")) and any(
-                os.path.isfile(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
-            return "hf"
-        return "orbax"
-    if path.endswith(".npz"):
-        return "bigvision"
-    if path.endswith(".safetensors") and os.path.isfile(path):
-        with open_safetensors(path) as f:
-            return "open_clip" if open_clip.is_open_clip(f.keys()) else "timm"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No checkpoint at {path}.")
-    raise ValueError(f"Cannot tell the format of {path}: pass --from ({'/'.join(FORMATS)}).")
+def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
+             quiet: bool = False, recorded_wins: bool = False) -> tuple[ViT, dict]:
+    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields` and
+    `recorded_wins`."""
+    rec = _formats().reader(fmt or guess_format(path))
+    return rec.read(rec.weights(path), dict(fields or {}), tower=tower, quiet=quiet, recorded_wins=recorded_wins)
+
+
+def load_with_decoder(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
+                      quiet: bool = False, params_only: bool = False) -> tuple[ViT, dict, Optional[dict]]:
+    """`load_any`'s (ViT, params), and the MaskEmbed projection + decoder ({'proj', 'decoder'}) when the input is a
+    training checkpoint (else None), from one read of the checkpoint. `params_only`: a training checkpoint step's
+    params alone are read and verified (`restore_verified`)."""
+    fmt = fmt or guess_format(path)
+    rec = _formats().reader(fmt)
+    if rec.read_decoder is None:
+        if params_only:
+            raise ValueError(f"--params-only reads a training checkpoint step (orbax); {path} is {fmt}.")
+        return (*load_any(path, fmt, fields, tower=tower, quiet=quiet), None)
+    return rec.read_decoder(rec.weights(path), dict(fields or {}), tower=tower, quiet=quiet, params_only=params_only)
+
+
+def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str = "img") -> tuple[str, str]:
+    """(lalign normalization name, where it comes from) that the checkpoint at `path` states: a HF directory's
+    preprocessor_config.json image_mean / image_std; a timm file's config.json beside it (pretrained_cfg mean /
+    std); open_clip_config.json's preprocess_cfg; an orbax checkpoint's record (the normalization its run trained
+    with). Where none is stated: its family's (`family_normalization`; HF: the model_type's, open_clip: CLIP's).
+    Reads no weights except for an orbax directory without any record."""
+    rec = _formats().reader(fmt or guess_format(path))
+    return rec.normalization(rec.weights(path), tower=tower)
 
 
 RESOLVED = "resolved.json"  # in a workdir: the models and data its run resolved (lalign/pipeline.py writes it)
@@ -109,7 +128,7 @@ def vit_record(model: ViT) -> dict:
     return out
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
 
@@ -122,16 +141,16 @@ def workdir_record(path: str) -> dict:
     "config" is the workdir's config.json (maskembed, data, init_from) where there is one."""
     own = path.rstrip("/") + ".model.json"
     if os.path.isfile(own):
-        fields = _read_json(own)
+        fields = read_json(own)
         return {"kind": "sidecar", "source": own, "normalization": fields.pop("normalization", None),
                 "model": fields, "config": {}}
     d = os.path.abspath(path)
     for _ in range(4):
         d = os.path.dirname(d)
         resolved, config = os.path.join(d, RESOLVED), os.path.join(d, "config.json")
-        cfg = _read_json(config) if os.path.isfile(config) else {}
+        cfg = read_json(config) if os.path.isfile(config) else {}
         if os.path.isfile(resolved):
-            return {"kind": "resolved", "source": resolved, "record": _read_json(resolved), "config": cfg}
+            return {"kind": "resolved", "source": resolved, "record": read_json(resolved), "config": cfg}
         if isinstance(cfg.get("model"), dict):
             return {"kind": "config", "source": config, "config": cfg}
     return {"kind": None, "config": {}}
@@ -168,7 +187,7 @@ def _short(v):
     return repr(tuple(v) if isinstance(v, list) else v)
 
 
-def _agree(fields: dict, recorded: dict, source: str, recorded_wins: bool, quiet: bool) -> dict:
+def agree_with_record(fields: dict, recorded: dict, source: str, recorded_wins: bool, quiet: bool) -> dict:
     """`fields` less those that contradict the record of `source`: refused (one line naming both values), or with
     `recorded_wins` dropped (and named unless quiet)."""
     bad = contradictions(fields, recorded)
@@ -182,23 +201,6 @@ def _agree(fields: dict, recorded: dict, source: str, recorded_wins: bool, quiet
         log.note(f"[load] {source} records the model; ignoring the contradicting fields: {'; '.join(bad)}")
     keep = {k: v for k, v in fields.items() if k in COMPUTE_FIELDS or k in recorded and _same(v, recorded[k])}
     return keep
-
-
-def records_model(path: str, fmt: Optional[str] = None) -> Optional[str]:
-    """What records the whole model of the checkpoint at `path` (a file name), or None where the parameter
-    shapes and the fields given make it (big_vision npz, timm / open_clip files not written by lalign, an orbax
-    directory without a record)."""
-    fmt = fmt or guess_format(path)
-    if fmt == "hf":
-        return os.path.join(path, "config.json")
-    if fmt in ("timm", "open_clip"):
-        path = folder_weights(path, fmt)
-        with open_safetensors(path) as f:
-            return f"{path} (its lalign metadata)" if "lalign_vit" in (f.metadata() or {}) else None
-    if fmt == "orbax":
-        rec = workdir_record(path)
-        return rec["source"] if rec["kind"] in ("sidecar", "resolved") else None
-    return None
 
 
 def restore_verified(path: str, params_only: bool = False):
@@ -230,34 +232,7 @@ def restore_verified(path: str, params_only: bool = False):
     return tree
 
 
-def load_any(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
-             quiet: bool = False, recorded_wins: bool = False) -> tuple[ViT, dict]:
-    """(ViT, params) from a checkpoint in any supported format; see the module docstring for `fields` and
-    `recorded_wins`."""
-    fields = dict(fields or {})
-    fmt = fmt or guess_format(path)
-    path = folder_weights(path, fmt)
-    if fmt == "hf":
-        model, params = hf.from_hf(path)
-        _agree(fields, vit_record(model), os.path.join(path, "config.json"), recorded_wins, quiet)
-        return model, params
-    if fmt == "timm":
-        if "lalign_vit" in timm.read_metadata(path):  # written by lalign: the file records the model
-            model, params = timm.from_timm(path)
-            _agree(fields, vit_record(model), f"{path} (its lalign metadata)", recorded_wins, quiet)
-            return model, params
-        return timm.from_timm(path, **_unrecorded_fields(fields))
-    if fmt == "open_clip":
-        return open_clip.from_open_clip(path, **_unrecorded_fields(fields, "pool_type"))
-    if fmt == "bigvision":
-        params = bigvision.load_npz(path, tower=tower)
-        return infer_model(params, **fields), params
-    if fmt == "orbax":
-        return _orbax_model(_restore_orbax(path), path, fields, quiet, recorded_wins)
-    raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
-
-
-def _unrecorded_fields(fields: dict, *also_recorded: str) -> dict:
+def unrecorded_fields(fields: dict, *also_recorded: str) -> dict:
     """The fields a state dict's shapes cannot tell (for timm and open_clip files): a variant gives its number of
     heads; the sizes the shapes record are dropped, with `also_recorded`."""
     f = dict(fields)
@@ -268,31 +243,13 @@ def _unrecorded_fields(fields: dict, *also_recorded: str) -> dict:
     return {k: v for k, v in f.items() if k not in recorded}
 
 
-def load_with_decoder(path: str, fmt: Optional[str] = None, fields: Optional[dict] = None, *, tower: str = "img",
-                      quiet: bool = False, params_only: bool = False) -> tuple[ViT, dict, Optional[dict]]:
-    """`load_any`'s (ViT, params), and the MaskEmbed projection + decoder ({'proj', 'decoder'}) when the input is a
-    training checkpoint (else None), from one read of the checkpoint. `params_only`: a training checkpoint step's
-    params alone are read and verified (`restore_verified`)."""
-    if (fmt or guess_format(path)) != "orbax":
-        if params_only:
-            raise ValueError(f"--params-only reads a training checkpoint step (orbax); {path} is "
-                             f"{fmt or guess_format(path)}.")
-        return (*load_any(path, fmt, fields, tower=tower, quiet=quiet), None)
-    tree = _restore_orbax(path, params_only)
-    model, params = _orbax_model(tree, path, dict(fields or {}), quiet)
-    params_tree = tree["params"] if isinstance(tree.get("params"), dict) else tree
-    decoder = ({"proj": params_tree["proj"], "decoder": params_tree["decoder"]}
-               if "decoder" in params_tree and "proj" in params_tree else None)
-    return model, params, decoder
-
-
-def _restore_orbax(path: str, params_only: bool = False):
+def restore_orbax(path: str, params_only: bool = False):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
     return restore_verified(path, params_only)
 
 
-def _orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool = False) -> tuple[ViT, dict]:
+def orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool = False) -> tuple[ViT, dict]:
     """(ViT, params) of a restored orbax tree: a params tree, or a training checkpoint's aligned student."""
     student = False
     if "params" in tree and isinstance(tree["params"], dict):
@@ -307,7 +264,7 @@ def _orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool
         recorded = rec["record"].get("student" if student else "teacher")
     if recorded is not None:
         f = {k: v for k, v in recorded.items() if k != "scan"}  # the layout is the parameters'
-        f.update(_agree(fields, recorded, rec["source"], recorded_wins, quiet))
+        f.update(agree_with_record(fields, recorded, rec["source"], recorded_wins, quiet))
         if not quiet:
             log.note(f"[load] model from {rec['source']}" + (" (the aligned student)" if student else ""))
         return infer_model(tree, **f), tree
@@ -358,8 +315,6 @@ _STATS_TOLERANCE = 1e-3  # published statistics are rounded differently (0.48145
 def named_normalization(mean, std, source: str) -> str:
     """lalign's name (lalign.data.images.NORMALIZATION) of per-channel pixel statistics of [0, 1] pixels; any
     other statistics are a ValueError naming them (lalign's data pipeline normalizes by name)."""
-    from lalign.data.images import NORMALIZATION
-
     mean, std = (np.broadcast_to(np.asarray(v, np.float64).reshape(-1), (3,)) for v in (mean, std))
     for name, (m, sd) in NORMALIZATION.items():
         if np.allclose(mean, m, atol=_STATS_TOLERANCE) and np.allclose(std, sd, atol=_STATS_TOLERANCE):
@@ -385,76 +340,12 @@ def family_normalization(spec) -> tuple[str, str]:
     return "siglip", "the SigLIP family's (no class token)"
 
 
-def _family_of_names(names) -> dict:
+def family_of_names(names) -> dict:
     """The fields `family_normalization` reads, from parameter names alone (big_vision or timm)."""
     parts = {p for n in names for p in n.replace(".", "/").split("/")}
     return {"class_token": bool(parts & {"cls", "cls_token"}), "pre_norm": bool(parts & {"pre_norm", "norm_pre"}),
             "num_registers": int(bool(parts & {"registers", "reg_token"})),
             "layerscale_init": 1.0 if parts & {"LayerScale_0", "ls1"} else None}
-
-
-def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str = "img") -> tuple[str, str]:
-    """(lalign normalization name, where it comes from) that the checkpoint at `path` states: a HF directory's
-    preprocessor_config.json image_mean / image_std; a timm file's config.json beside it (pretrained_cfg mean /
-    std); open_clip_config.json's preprocess_cfg; an orbax checkpoint's record (the normalization its run trained
-    with). Where none is stated: its family's (`family_normalization`; HF: the model_type's, open_clip: CLIP's).
-    Reads no weights except for an orbax directory without any record."""
-    fmt = fmt or guess_format(path)
-    path = folder_weights(path, fmt)
-    if fmt == "hf":
-        pre = os.path.join(path, "preprocessor_config.json")
-        if os.path.isfile(pre):
-            p = _read_json(pre)
-            if p.get("do_normalize", True) is False:
-                return named_normalization(0.0, 1.0, f"{pre} (do_normalize false)"), pre
-            if "image_mean" in p and "image_std" in p:
-                return named_normalization(p["image_mean"], p["image_std"], pre), f"{pre} image_mean/image_std"
-        mt = _read_json(os.path.join(path, "config.json")).get("model_type", "")
-        for family, name in (("dinov2", "imagenet"), ("clip", "clip"), ("siglip", "siglip")):
-            if mt.startswith(family):
-                return name, f"{path}: model_type {mt!r} (no preprocessor_config.json)"
-        raise ValueError(f"{path}: no preprocessor_config.json and model_type {mt!r} names no family; set "
-                         f"config.data.normalization.")
-    if fmt == "timm":
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
-        cfg = _read_json(beside) if os.path.isfile(beside) else {}
-        pc = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else cfg
-        if "architecture" in cfg and "mean" in pc and "std" in pc:  # the layout of timm's hub repositories
-            return named_normalization(pc["mean"], pc["std"], beside), f"{beside} pretrained_cfg mean/std"
-        meta = timm.read_metadata(path)
-        if "lalign_vit" in meta:
-            return family_normalization(json.loads(meta["lalign_vit"]))
-        with open_safetensors(path) as f:
-            return family_normalization(_family_of_names(f.keys()))
-    if fmt == "open_clip":
-        beside = os.path.join(os.path.dirname(os.path.abspath(path)), open_clip.CONFIG_FILE)
-        pc = (_read_json(beside).get("preprocess_cfg") or {}) if os.path.isfile(beside) else {}
-        if "mean" in pc and "std" in pc:
-            return named_normalization(pc["mean"], pc["std"], beside), f"{beside} preprocess_cfg mean/std"
-        return "clip", "open_clip's default (OpenAI CLIP statistics)"
-    if fmt == "bigvision":
-        with np.load(path, allow_pickle=False) as npz:
-            names = list(npz.files)
-        tower_names = [n for n in names if n.startswith((f"params/{tower}/", f"{tower}/"))]
-        return family_normalization(_family_of_names(tower_names or names))
-    if fmt == "orbax":
-        rec = workdir_record(path)
-        if rec["kind"] == "sidecar":
-            if rec.get("normalization"):
-                return rec["normalization"], rec["source"]
-            return family_normalization(rec["model"])
-        if rec["kind"] == "resolved":
-            name = (rec["record"].get("data") or {}).get("normalization")
-            if name:
-                return name, f"{rec['source']} (what its run trained with)"
-            return family_normalization(rec["record"].get("teacher") or {})
-        cfg = rec["config"]
-        name = (cfg.get("data") or {}).get("normalization")
-        if name and name not in AUTO_NORMALIZATION:
-            return name, f"{rec['source']} data.normalization (what its run trained with)"
-        model, _ = load_any(path, "orbax", {}, quiet=True)
-        return family_normalization(model)
-    raise ValueError(f"Unknown input format {fmt!r}; choose from {FORMATS}.")
 
 
 def fit_posemb(model, params, image_size: int, how: str):
