@@ -29,7 +29,7 @@ LOADED_LAYERSCALE_INIT = 1e-5
 def open_safetensors(path: str):
     """`safe_open(path)` (numpy), where a file safetensors cannot read (truncated, damaged, not safetensors) is a
     ValueError naming it: safetensors' own error names no file, and the CLIs report a ValueError as one line."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # optional ([torch]/[test] extras): read only for HF/timm
 
     try:
         return safe_open(path, framework="numpy")

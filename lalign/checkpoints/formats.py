@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from lalign import log
 from lalign.checkpoints import bigvision, hf, hub_files, load, open_clip, timm, vlm
@@ -163,6 +162,8 @@ def save_decoder(decoder: dict, output: str, to: str) -> str:
     flat = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flatten(decoder).items()}
     path = decoder_path(output, to)
     if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file  # optional ([torch]/[test] extras): needed only here
+
         write_atomically(path, lambda tmp: save_file(flat, tmp), ".safetensors")
     else:
         write_atomically(path, lambda tmp: np.savez(tmp, **flat), ".npz")

@@ -53,8 +53,8 @@ P = "vision_model."
 
 def _safetensors_numpy():
     try:
-        import safetensors.numpy as stn
-    except ImportError as e:  # pragma: no cover - safetensors comes with the [torch]/[test] extras
+        import safetensors.numpy as stn  # optional: comes with the [torch]/[test] extras
+    except ImportError as e:  # pragma: no cover
         raise ImportError("Hugging Face / timm conversion needs `safetensors`: pip install safetensors") from e
     return stn
 

@@ -21,7 +21,12 @@ import dataclasses
 import hashlib
 import os
 import re
+import shutil
 from typing import Optional
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from lalign import log
 
@@ -72,11 +77,10 @@ def resolve(spec: str, *, cache_dir: Optional[str] = None, files=HUB_FILES) -> R
 def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str, files=HUB_FILES) -> tuple[str, str]:
     """(snapshot folder, commit) of a hub repo, process 0 first on a multi-host job."""
     try:
-        import huggingface_hub
+        import huggingface_hub  # optional: only a hub id needs it
     except ImportError as e:
         raise ImportError(f"{spec} names a Hugging Face hub repo: pip install huggingface_hub (or pass a local "
                           f"path).") from e
-    import jax
 
     def download(rev):
         try:
@@ -92,9 +96,6 @@ def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str, files=HUB_FI
     if jax.process_count() == 1:
         folder = download(revision)
         return folder, os.path.basename(os.path.normpath(folder))
-    from jax.experimental import multihost_utils
-    import numpy as np
-
     commit = ""
     if jax.process_index() == 0:
         commit = os.path.basename(os.path.normpath(download(revision)))
@@ -106,7 +107,7 @@ def _hub_snapshot(repo_id: str, revision: Optional[str], spec: str, files=HUB_FI
 
 def _copy_url(url: str, cache_dir: Optional[str]) -> str:
     """A bucket file or folder copied into the local cache once; its local path."""
-    import fsspec
+    import fsspec  # optional: only a bucket URL needs it
 
     cache = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lalign", "remote")
     name = os.path.basename(url.rstrip("/")) or "checkpoint"
@@ -136,8 +137,6 @@ def _copy_url(url: str, cache_dir: Optional[str]) -> str:
 
 
 def _remove(path: str) -> None:
-    import shutil
-
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.exists(path):

@@ -31,6 +31,7 @@ from lalign.checkpoints import mapping as m
 from lalign.checkpoints.common import (LOADED_LAYERSCALE_INIT, check_params, expected_shapes, flatten, grid_of,
                                        model_fields, scan_to_blocks, square_grid, to_layout, to_numpy, unflatten)
 from lalign.checkpoints.common import load_safetensors, open_safetensors
+from lalign.checkpoints.timm import torchvision_hint
 from lalign.files import write_atomically
 from lalign.models.vit import ViT
 
@@ -133,7 +134,7 @@ def to_open_clip(params: Mapping, model: ViT, path: str, *, head_params=None, dt
     if model.num_classes is None:
         fields["lalign_head"] = "given"  # the teacher's proj, dropped again on import
     meta = {"format": "pt", "open_clip_model_cfg": json.dumps(cfg), "lalign_vit": json.dumps(fields)}
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save_file  # optional ([torch]/[test] extras): needed only to write
 
     write_atomically(path, lambda tmp: save_file(sd, tmp, metadata=meta), ".safetensors")
     return cfg
@@ -235,12 +236,10 @@ def open_clip_visual(path_or_cfg, **overrides):
     """An open_clip VisionTransformer (random init) for a `to_open_clip` file or a model_cfg dict. Needs torch
     and open_clip."""
     try:
-        import open_clip.model as ocm
+        import open_clip.model as ocm  # optional (torch, open_clip): only where the tower is built
     except ModuleNotFoundError as e:  # open_clip imports torchvision at load
         if (e.name or "").split(".")[0] != "torchvision":
             raise
-        from lalign.checkpoints.timm import torchvision_hint
-
         raise ImportError(torchvision_hint("open_clip")) from None
 
     if isinstance(path_or_cfg, (str, os.PathLike)):

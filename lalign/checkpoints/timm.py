@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import os
+from functools import partial
 from typing import Mapping, Optional
 
 import numpy as np
@@ -55,7 +56,7 @@ POOL_FROM_TIMM = {v: k for k, v in POOL_TO_TIMM.items()}
 
 def _safetensors_numpy():
     try:
-        import safetensors.numpy as stn
+        import safetensors.numpy as stn  # optional: comes with the [torch]/[test] extras
     except ImportError as e:  # pragma: no cover
         raise ImportError("timm conversion needs `safetensors`: pip install safetensors") from e
     return stn
@@ -329,7 +330,7 @@ ADDED_IN = {"pool_include_prefix": "1.0.16"}
 def torchvision_hint(library: str) -> str:
     """One line: `library` imports torchvision, which is missing, and the pip command for the build of the installed
     torch (torch 2.M.p pairs with torchvision 0.(M+15).p; a local build tag such as +cpu names PyTorch's index)."""
-    import torch
+    import torch  # optional: only where timm or open_clip is asked for
 
     release, _, local = torch.__version__.partition("+")
     major, minor, patch = (release.split(".") + ["0", "0"])[:3]
@@ -345,7 +346,7 @@ def _import_timm():
     """(timm, its VisionTransformer); a missing torchvision, which timm imports at load, is one line naming the
     install command."""
     try:
-        import timm
+        import timm  # optional (torch, timm): only where a timm model is built
         from timm.models.vision_transformer import VisionTransformer
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "torchvision":
@@ -400,10 +401,8 @@ def timm_model(source, name: Optional[str] = None, **overrides):
     config's other settings, e.g. its LayerNorm eps when the kwargs have no `norm_eps`). `overrides` replace
     individual timm arguments.
     """
-    from functools import partial
-
     timm, vit_class = _import_timm()
-    from timm.layers import LayerNorm
+    from timm.layers import LayerNorm  # optional (torch, timm), as _import_timm
 
     if isinstance(source, (str, os.PathLike)):
         _, meta = read_timm(os.fspath(source))
