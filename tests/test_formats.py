@@ -1,5 +1,6 @@
 """Formats are records in one table (lalign/checkpoints/formats.py): a format registered there is detected, read,
 normalized and written by the drivers (lalign.checkpoints.load, lalign.export) with no other change."""
+import dataclasses
 import os
 
 import numpy as np
@@ -37,7 +38,7 @@ def toy(monkeypatch):
     monkeypatch.setitem(formats.FORMATS, "toy", TOY)
 
 
-def test_a_format_in_the_table_is_detected_read_and_written_by_the_drivers(toy, tmp_path, capsys):
+def test_a_format_in_the_table_is_detected_read_and_written_by_the_drivers(toy, tmp_path, capsys, monkeypatch):
     model, params = make(SIGLIP)
     npz, out, back = (str(tmp_path / f) for f in ("teacher.npz", "teacher.toyvit", "back.npz"))
     bigvision.save_npz(npz, params)
@@ -53,6 +54,8 @@ def test_a_format_in_the_table_is_detected_read_and_written_by_the_drivers(toy, 
     assert export.cli(["--input", out, "--output", back, "--to", "bigvision"]) == 0  # read as --input, guessed
     assert_same_tree(bigvision.load_npz(back), params)
     assert load.records_model(out) is None  # the record's default: the shapes make the model
+    monkeypatch.setitem(formats.FORMATS, "toy", dataclasses.replace(TOY, normalization=None))
+    assert load.checkpoint_normalization(out) == ("siglip", "the SigLIP family's (no class token)")  # the model's
 
 
 def test_an_unregistered_format_is_not_guessed(tmp_path):

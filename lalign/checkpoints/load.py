@@ -107,8 +107,11 @@ def checkpoint_normalization(path: str, fmt: Optional[str] = None, *, tower: str
     preprocessor_config.json image_mean / image_std; a timm file's config.json beside it (pretrained_cfg mean /
     std); open_clip_config.json's preprocess_cfg; an orbax checkpoint's record (the normalization its run trained
     with). Where none is stated: its family's (`family_normalization`; HF: the model_type's, open_clip: CLIP's).
-    Reads no weights except for an orbax directory without any record."""
+    Reads no weights except for an orbax directory without any record, or a format whose record has no
+    `normalization`."""
     rec = _formats().reader(fmt or guess_format(path))
+    if rec.normalization is None:  # a format that states none: its family's, from the model read
+        return family_normalization(load_any(path, rec.name, {}, tower=tower, quiet=True)[0])
     return rec.normalization(rec.weights(path), tower=tower)
 
 
