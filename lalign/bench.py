@@ -7,8 +7,9 @@ memory where the backend reports it. On CPU the peak is *measured* in the same r
 `--profile=DIR` traces one more step into DIR and adds `time_breakdown`: the shares of op time by part of the
 step (teacher, student forward/backward, decoder forward/backward, optimizer) and by kind of work (attention
 matmuls, other matmuls, elementwise), and the slowest ops. `--data` also times the configured training source
-alone (`data_throughput`: this process's rows of each global batch, decoded with its `data.num_workers` threads)
-and adds `bound_by`: "data" where the host builds batches more slowly than the step consumes them, else "step".
+alone (`data_throughput`: this process's rows of each global batch, decoded by its threads or `data.num_workers`
+worker processes) and adds `bound_by`: "data" where the host builds batches more slowly than the step consumes
+them, else "step".
 
 FLOP model (multiply-add = 2 FLOPs; norms, softmax, activations and the optimizer are not counted), per image,
 for T tokens of width D, MLP width F, N patches of P pixels, M masks:
@@ -230,19 +231,21 @@ def run(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict
 
 def data_throughput(config, steps: int = 10, warmup: int = 1) -> dict:
     """Times the training source of `config.data` alone, as the training loop asks it: this process's rows of
-    global batches `warmup`.. of `config.batch_size`. Returns data_images_per_s (this process), data_threads (the
-    decoding threads, `data.num_workers`), data_cores (those threads, at most the CPUs this process may use),
-    data_images_per_s_per_core, and data_cpu_ms_per_image (this process's CPU time per image, all threads)."""
+    global batches `warmup`.. of `config.batch_size`. Returns data_images_per_s (this process), data_threads (its
+    parallel decoders: grain's worker processes, `data.num_workers`, or with none the threads of this process),
+    data_processes (those worker processes, 0 for threads), data_cores (the decoders, at most the CPUs this process
+    may use), data_images_per_s_per_core, and data_cpu_ms_per_image (CPU time per image of this process and its
+    worker processes, over the timed steps)."""
     shard = (jax.process_index(), jax.process_count())
     local = config.batch_size // shard[1]
     source = data_lib.image_source(config.data, "maskembed", seed=config.seed)
     try:
-        for step in range(warmup):  # file system caches, thread start-up
+        for step in range(warmup):  # file system caches, thread and worker start-up
             source.batch(step, config.batch_size, shard)
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu = time.perf_counter(), _cpu_seconds()
         for step in range(warmup, warmup + steps):
             source.batch(step, config.batch_size, shard)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
     finally:
         if hasattr(source, "close"):
             source.close()
@@ -251,8 +254,26 @@ def data_throughput(config, steps: int = 10, warmup: int = 1) -> dict:
     cores = min(threads, cpus)
     per_process = local * steps / wall
     return {"data_source": config.data.get("name"), "data_images_per_s": per_process, "data_threads": threads,
-            "data_cores": cores, "data_images_per_s_per_core": per_process / cores,
-            "data_cpu_ms_per_image": 1e3 * cpu / (local * steps)}
+            "data_processes": int(getattr(source, "processes", 0)), "data_cores": cores,
+            "data_images_per_s_per_core": per_process / cores, "data_cpu_ms_per_image": 1e3 * cpu / (local * steps)}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its live child processes (grain's decoding workers): psutil reads theirs
+    while they run (the resource module counts a child only once it has exited)."""
+    total = time.process_time()
+    try:
+        import psutil  # grain's dependency (through portpicker)
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                t = child.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:  # exited meanwhile
+                pass
+    except ImportError:
+        pass
+    return total
 
 
 def run_with_data(config, steps: int = 10, warmup: int = 2, profile_dir: str = "") -> dict:

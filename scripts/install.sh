@@ -53,6 +53,8 @@ case "${1:-core}" in
   core) python -m pip install -q -e . ;;
   test)
     python -m pip install -q torch==2.13.0
+    # grain (core) builds the real-image batches; the test extra adds tensorflow-datasets (without TensorFlow),
+    # with which the tfds source's tests prepare their data set
     python -m pip install -q -e '.[test]'
     python -m pip install -q --no-deps 'timm>=1.0.8'  # the range pyproject.toml's timm extra states
     # open_clip (LAION / DFN / MetaCLIP checkpoints) also asks for torchvision; its tokenizer needs ftfy and regex
