@@ -6,8 +6,8 @@
 A `Format` names its steps; `lalign.checkpoints.load` (`guess_format`, `load_any`, `load_with_decoder`,
 `records_model`, `checkpoint_normalization`) and `lalign.export` (--from, --to, the decoder's place, the head
 --head-from gives) are drivers that look a format up here and never name one. A new format is a record and its
-functions, `register(Format(...))`ed (here, or in the module that defines it), and its tests; its parameter names
-are a table of `mapping.Rule`s, as for the formats here.
+functions registered here (`register(Format(...))`; code that imports this module may register one too), its
+parameter names as a table of `mapping.Rule`s (as hf.py, timm.py, open_clip.py), and its tests.
 
 Detection tries the records in the order they are registered; a `fallback` record (orbax: any directory) only
 where no other claims the path.
