@@ -184,3 +184,74 @@ def test_probe_cli_reproduces_the_pipeline_probe_from_saved_checkpoints(tiny_run
         assert res["patch"]["miou"] == pytest.approx(summary["probe"][who]["miou"], abs=1e-6), who
         assert res["image"]["map"] == pytest.approx(summary["image"][who]["map"], abs=1e-4), who
     assert res["backbone"]["path"].startswith(os.path.join(tiny_run, "checkpoints", "best"))
+
+
+# ------------------------------------------------------------------------------------------------ golden report
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "report")
+
+
+def _probe(recall, seeds=(0, 1), last_epoch=False):
+    """A `probe/<who>` summary entry: macro recall over probe seeds, and each probe run's history."""
+    per_seed = [recall + 0.01 * (s - (len(seeds) - 1) / 2) for s in range(len(seeds))]
+    runs = [{"best_epoch": 3 if last_epoch else 2, "history": [{}, {}, {}]} for _ in seeds]
+    return {"macro_recall": recall, "macro_recall_std": float(np.std(per_seed)), "macro_recall_per_seed": per_seed,
+            "miou": recall / 2, "runs": runs}
+
+
+def _fake_run(root, name, seed, layer, teacher, aligned, image=True, loss=0.25, probe_seeds=(0, 1),
+              last_epoch=False):
+    """A finished workdir (config.json, summary.json) with the given numbers; no model is trained."""
+    os.makedirs(root / name)
+    cfg = {"seed": seed, "quiet": True, "total_steps": 10, "maskembed": {"target_layer": layer, "mask": [1, 2]},
+           "data": {"name": "digits"}}
+    summary = {"probe": {"teacher": _probe(teacher, probe_seeds, last_epoch), "aligned": _probe(aligned, probe_seeds)}}
+    if image:
+        summary["image"] = {"teacher": {"map": teacher - 0.1, "background_token_map": teacher - 0.3},
+                            "aligned": {"map": aligned - 0.12, "background_token_map": aligned - 0.4}}
+    if loss is not None:
+        summary["maskembed"] = {"best_val_loss": loss}
+    (root / name / "config.json").write_text(json.dumps(cfg))
+    (root / name / "summary.json").write_text(json.dumps(summary))
+    return str(root / name)
+
+
+def _fake_pca_figure(run, path, num_images, num_fit):
+    if run["name"].startswith("pen"):
+        raise FileNotFoundError(f"{run['path']}/teacher/params is missing")
+    with open(path, "wb") as f:
+        f.write(PNG)
+
+
+@pytest.mark.parametrize("case", ["default", "by_seed"])
+def test_report_text_is_the_golden_one(case, tmp_path, monkeypatch):
+    """report.md and report.json of fixed runs (unfinished, colliding names, a run without image probes, a
+    probe that peaked at its last epoch, a PCA map that fails) are byte for byte the files in tests/golden/report.
+    To pin new output: LALIGN_WRITE_GOLDEN=1."""
+    from lalign.report import render
+
+    monkeypatch.setattr(render, "pca_figure", _fake_pca_figure)
+    root = tmp_path / "runs"
+    workdirs = [_fake_run(root, "last_s0", 0, "last", 0.50, 0.55, last_epoch=True),
+                _fake_run(root, "last_s1", 1, "last", 0.52, 0.56, loss=None),
+                _fake_run(root / "sweep", "pen_s0", 0, "penultimate", 0.50, 0.58, probe_seeds=(0,)),
+                _fake_run(root / "sweep", "pen_s1", 1, "penultimate", 0.52, 0.61),
+                _fake_run(root / "rerun", "pen_s1", 2, "penultimate", 0.49, 0.57, image=False),
+                _fake_run(root, "first_s0", 0, "first", 0.50, 0.49, image=False),
+                _fake_run(root, "first_s1", 1, "first", 0.52, 0.50, image=False, last_epoch=True)]
+    os.makedirs(root / "pen_s2")
+    (root / "pen_s2" / "config.json").write_text("{}")
+    workdirs.append(str(root / "pen_s2"))
+    out = tmp_path / "report"
+    if case == "default":
+        render.write_report(workdirs, str(out), pca_images=2, pca_fit=8)
+    else:
+        render.write_report(workdirs, str(out), group_by=["seed"], pca=False, title="by seed")
+    for name in ("report.md", "report.json"):
+        got = (out / name).read_text().replace(str(tmp_path), "TMP")
+        path = os.path.join(GOLDEN, f"{case}_{name}")
+        if os.environ.get("LALIGN_WRITE_GOLDEN"):
+            os.makedirs(GOLDEN, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(got)
+        with open(path) as f:
+            assert got == f.read(), name
