@@ -156,8 +156,9 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[str]] = None, pca: bool = True,
-                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report") -> dict:
+def load_runs(workdirs: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """(the finished runs, the workdirs without results yet); a run's name is its workdir's basename, or
+    parent/basename where basenames collide."""
     runs, unfinished = [], []
     for w in workdirs:
         r = load_run(w)
@@ -165,13 +166,14 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
     if not runs:
         raise ValueError(f"None of the workdirs has results yet (summary.json or probe/results.json): {workdirs}.")
     names = [r["name"] for r in runs]
-    for r in runs:  # unique names: parent/name where basenames collide
+    for r in runs:
         if names.count(r["name"]) > 1:
             r["name"] = os.path.join(os.path.basename(os.path.dirname(r["path"])), r["name"])
-    os.makedirs(out, exist_ok=True)
-    keys, groups = group_runs(runs, group_by)
-    rows = summarize(groups)
+    return runs, unfinished
 
+
+def write_plots(groups: dict, runs: Sequence[dict], out: str) -> dict:
+    """The bar plots into `out`: {'patch', 'map' (when some run has an image probe), 'delta'} -> file name."""
     figures = {}
     bar_plot(groups, "patch", "patch macro recall @0.5 (points)", os.path.join(out, "patch_macro_recall.png"))
     figures["patch"] = "patch_macro_recall.png"
@@ -180,18 +182,29 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
         figures["map"] = "image_map.png"
     delta_plot(groups, os.path.join(out, "delta.png"))
     figures["delta"] = "delta.png"
-    pca_figs, pca_notes = [], []
-    if pca:
-        for label, members in list(groups.items())[:pca_runs]:
-            run = members[0]
-            fname = f"pca_{_safe_name(run['name'])}.png"
-            try:
-                pca_figure(run, os.path.join(out, fname), pca_images, pca_fit)
-                pca_figs.append((label, run["name"], fname))
-            except (FileNotFoundError, ValueError) as e:
-                pca_notes.append(f"{run['name']}: no PCA map ({e})")
-                log.note(f"[report] {pca_notes[-1]}")
+    return figures
 
+
+def write_pca_maps(groups: dict, out: str, pca_runs: int, pca_images: int, pca_fit: int
+                   ) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """The PCA figure of the first run of up to `pca_runs` groups: ([(group, run, file name)], [why a run has
+    none]); a run whose backbones or scenes cannot be read gets a note instead of a figure."""
+    figs, notes = [], []
+    for label, members in list(groups.items())[:pca_runs]:
+        run = members[0]
+        fname = f"pca_{_safe_name(run['name'])}.png"
+        try:
+            pca_figure(run, os.path.join(out, fname), pca_images, pca_fit)
+            figs.append((label, run["name"], fname))
+        except (FileNotFoundError, ValueError) as e:
+            notes.append(f"{run['name']}: no PCA map ({e})")
+            log.note(f"[report] {notes[-1]}")
+    return figs, notes
+
+
+def intro_lines(title: str, runs: Sequence[dict], groups: dict, keys: Sequence[str],
+                unfinished: Sequence[str]) -> list[str]:
+    """The title, how the runs are grouped and what the tables' numbers are, and the workdirs left out."""
     md = [f"# {title}", ""]
     md.append(f"{len(runs)} run(s) in {len(groups)} group(s)"
               + (f", grouped by {', '.join(f'`{k}`' for k in keys)}" if keys else "")
@@ -202,45 +215,70 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
     if unfinished:
         md.append("")
         md.append("Not finished (left out): " + ", ".join(f"`{w}`" for w in unfinished) + ".")
-    md += ["", "## Results", "",
-           "| group | runs | teacher patch recall | aligned patch recall | Δ patch | teacher image mAP | "
-           "aligned image mAP | Δ image mAP | Δ patch, 95% CI | ahead |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    return md
+
+
+def results_table(rows: Sequence[dict]) -> list[str]:
+    """'## Results': per group, mean ± std of each metric and the paired Δ patch with its interval."""
+    md = ["", "## Results", "",
+          "| group | runs | teacher patch recall | aligned patch recall | Δ patch | teacher image mAP | "
+          "aligned image mAP | Δ image mAP | Δ patch, 95% CI | ahead |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         cells = [_ms(row[k]["mean"], row[k]["std"]) for k, _ in METRICS]
         d = row["paired_delta_patch"]
         md.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells)
                   + f" | {_ci(d)} | {d['ahead']} of {d['n']} |")
-    comparisons = paired_comparisons(groups)
-    if comparisons:
-        base = next(iter(groups))
-        md += ["", f"### Paired against `{base}`", "",
-               f"Per seed, Δ patch of the group minus Δ patch of `{base}` (runs of one seed share their teacher): "
-               "the mean with its 95% t-interval, the seeds where the group is ahead, and the two-sided paired "
-               "t-test's p-value; beside it the same for the image mAP (with shared teachers: the aligned "
-               "students' image mAP, group minus baseline).", "",
-               "| group | seeds | Δ patch − baseline's, 95% CI | ahead | p | image mAP − baseline's, 95% CI | p |",
-               "|---|---:|---:|---:|---:|---:|---:|"]
-        pval = lambda c: "—" if c is None or c["p"] is None else f"{c['p']:.3g}"  # noqa: E731
-        for label, c in comparisons.items():
-            patch, image = c["delta_patch"], c["delta_map"]
-            md.append(f"| {label} | {patch['n']} | {_ci(patch)} | {patch['ahead']} of {patch['n']} | {pval(patch)} | "
-                      f"{'—' if image is None else _ci(image)} | {pval(image)} |")
-    if any(r["metrics"]["teacher_bg_map"] is not None for r in runs):
-        md += ["", "### Globalness: image labels from one background token", "",
-               "mAP of a linear probe on the one unlabelled patch per image farthest from every object "
-               "(`lalign.probe.background_tokens`): high = that token carries the whole image (global), lower = "
-               "local. Mean ± std over the runs that have it.", "",
-               "| group | teacher | aligned |", "|---|---:|---:|"]
-        for label, members in groups.items():
-            cells = [_ms(*stats([r["metrics"][f"{who}_bg_map"] for r in members])[:2])
-                     for who in ("teacher", "aligned")]
-            md.append(f"| {label} | {cells[0]} | {cells[1]} |")
-    md += ["", "### Per run", "",
-           "| run | group | seed | teacher patch recall | aligned patch recall | Δ patch | teacher mAP | aligned mAP "
-           "| MaskEmbed best val loss |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    label_of = {id(r): label for label, members in groups.items() for r in members}
+    return md
+
+
+def _p(c: Optional[dict]) -> str:
+    return "—" if c is None or c["p"] is None else f"{c['p']:.3g}"
+
+
+def paired_table(groups: dict, comparisons: dict) -> list[str]:
+    """'### Paired against <first group>': every other group against the first on the seeds they share (nothing
+    when no group shares two seeds with it)."""
+    if not comparisons:
+        return []
+    base = next(iter(groups))
+    md = ["", f"### Paired against `{base}`", "",
+          f"Per seed, Δ patch of the group minus Δ patch of `{base}` (runs of one seed share their teacher): "
+          "the mean with its 95% t-interval, the seeds where the group is ahead, and the two-sided paired "
+          "t-test's p-value; beside it the same for the image mAP (with shared teachers: the aligned "
+          "students' image mAP, group minus baseline).", "",
+          "| group | seeds | Δ patch − baseline's, 95% CI | ahead | p | image mAP − baseline's, 95% CI | p |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, c in comparisons.items():
+        patch, image = c["delta_patch"], c["delta_map"]
+        md.append(f"| {label} | {patch['n']} | {_ci(patch)} | {patch['ahead']} of {patch['n']} | {_p(patch)} | "
+                  f"{'—' if image is None else _ci(image)} | {_p(image)} |")
+    return md
+
+
+def globalness_table(runs: Sequence[dict], groups: dict) -> list[str]:
+    """'### Globalness': per group, the background-token image mAP of teacher and aligned student (nothing when
+    no run has it)."""
+    if not any(r["metrics"]["teacher_bg_map"] is not None for r in runs):
+        return []
+    md = ["", "### Globalness: image labels from one background token", "",
+          "mAP of a linear probe on the one unlabelled patch per image farthest from every object "
+          "(`lalign.probe.background_tokens`): high = that token carries the whole image (global), lower = "
+          "local. Mean ± std over the runs that have it.", "",
+          "| group | teacher | aligned |", "|---|---:|---:|"]
+    for label, members in groups.items():
+        cells = [_ms(*stats([r["metrics"][f"{who}_bg_map"] for r in members])[:2])
+                 for who in ("teacher", "aligned")]
+        md.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return md
+
+
+def per_run_table(runs: Sequence[dict], label_of: dict) -> list[str]:
+    """'### Per run': each run's numbers (± over its probe seeds) and its MaskEmbed validation loss."""
+    md = ["", "### Per run", "",
+          "| run | group | seed | teacher patch recall | aligned patch recall | Δ patch | teacher mAP | aligned mAP "
+          "| MaskEmbed best val loss |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         m = r["metrics"]
         loss = m["maskembed_val_loss"]
@@ -249,34 +287,65 @@ def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[
                   f"{_ms(m['aligned_patch'], m['aligned_patch_probe_std'])} | {m['delta_patch']:+.2f} | "
                   f"{_ms(m['teacher_map'], None)} | {_ms(m['aligned_map'], None)} | "
                   f"{'—' if loss is None else f'{loss:.4f}'} |")
-    md += ["", "(± in the per-run table: std over that run's probe seeds.)"]
+    return md + ["", "(± in the per-run table: std over that run's probe seeds.)"]
+
+
+def probe_convergence_note(runs: Sequence[dict]) -> list[str]:
+    """A warning naming the runs whose probes peaked at their last epoch (nothing when none did)."""
     at_last = []
     for r in runs:
         who = [name for name, idx in r["metrics"]["probes_best_at_last_epoch"].items() if idx]
         if who:
             at_last.append(f"`{r['name']}` ({', '.join(who)})")
-    if at_last:
-        md += ["", "**Probe convergence:** the best validation epoch was the last epoch in " + ", ".join(at_last)
-               + ". Those probes may still have been learning; a Δ between them can reflect how fast each "
-                 "backbone's features are fitted rather than what they hold. Rerun with more `probe.epochs`."]
-    md += ["", "## Plots", "",
-           "Bars: mean over the runs of a group; error bars: sample std; dots: single runs. The y axis is zoomed "
-           "to the data (it does not start at 0).", "", f"![patch macro recall]({figures['patch']})", ""]
+    if not at_last:
+        return []
+    return ["", "**Probe convergence:** the best validation epoch was the last epoch in " + ", ".join(at_last)
+            + ". Those probes may still have been learning; a Δ between them can reflect how fast each "
+              "backbone's features are fitted rather than what they hold. Rerun with more `probe.epochs`."]
+
+
+def plots_section(figures: dict) -> list[str]:
+    """'## Plots': the bar plots `write_plots` wrote, with how to read them."""
+    md = ["", "## Plots", "",
+          "Bars: mean over the runs of a group; error bars: sample std; dots: single runs. The y axis is zoomed "
+          "to the data (it does not start at 0).", "", f"![patch macro recall]({figures['patch']})", ""]
     if "map" in figures:
         md += [f"![image mAP]({figures['map']})", ""]
-    md += ["Paired differences (aligned − teacher, within each run; the teacher's seed-to-seed spread cancels):",
-           "", f"![aligned minus teacher]({figures['delta']})", ""]
-    if pca_figs or pca_notes:
-        md += ["## PCA maps of patch features", "",
-               "Held-out scenes (probe_test split), their ground truth, and the first three principal components of "
-               "each backbone's final patch features as RGB over the patch grid (PCA fit per backbone on the "
-               f"patches of {pca_fit} held-out scenes). Local features give each object's patches one colour, "
-               "distinct from the background; global features colour the whole grid alike.", ""]
-        for label, name, fname in pca_figs:
-            md += [f"**{name}** ({label})", "", f"![PCA {name}]({fname})", ""]
-        md += [f"- {n}" for n in pca_notes]
-    text = "\n".join(md).rstrip() + "\n"
-    files.write_text(os.path.join(out, "report.md"), text)
+    return md + ["Paired differences (aligned − teacher, within each run; the teacher's seed-to-seed spread cancels):",
+                 "", f"![aligned minus teacher]({figures['delta']})", ""]
+
+
+def pca_section(pca_figs: Sequence[tuple[str, str, str]], pca_notes: Sequence[str], pca_fit: int) -> list[str]:
+    """'## PCA maps of patch features': the figures `write_pca_maps` wrote and the runs without one."""
+    if not pca_figs and not pca_notes:
+        return []
+    md = ["## PCA maps of patch features", "",
+          "Held-out scenes (probe_test split), their ground truth, and the first three principal components of "
+          "each backbone's final patch features as RGB over the patch grid (PCA fit per backbone on the "
+          f"patches of {pca_fit} held-out scenes). Local features give each object's patches one colour, "
+          "distinct from the background; global features colour the whole grid alike.", ""]
+    for label, name, fname in pca_figs:
+        md += [f"**{name}** ({label})", "", f"![PCA {name}]({fname})", ""]
+    return md + [f"- {n}" for n in pca_notes]
+
+
+def write_report(workdirs: Sequence[str], out: str, group_by: Optional[Sequence[str]] = None, pca: bool = True,
+                 pca_runs: int = 4, pca_images: int = 4, pca_fit: int = 64, title: str = "lalign report") -> dict:
+    """report.md, report.json and the figures of the finished runs among `workdirs` into `out` (the package
+    docstring says what each holds); returns what report.json holds."""
+    runs, unfinished = load_runs(workdirs)
+    os.makedirs(out, exist_ok=True)
+    keys, groups = group_runs(runs, group_by)
+    label_of = {id(r): label for label, members in groups.items() for r in members}
+    rows, comparisons = summarize(groups), paired_comparisons(groups)
+
+    figures = write_plots(groups, runs, out)
+    pca_figs, pca_notes = write_pca_maps(groups, out, pca_runs, pca_images, pca_fit) if pca else ([], [])
+
+    md = (intro_lines(title, runs, groups, keys, unfinished) + results_table(rows)
+          + paired_table(groups, comparisons) + globalness_table(runs, groups) + per_run_table(runs, label_of)
+          + probe_convergence_note(runs) + plots_section(figures) + pca_section(pca_figs, pca_notes, pca_fit))
+    files.write_text(os.path.join(out, "report.md"), "\n".join(md).rstrip() + "\n")
     data = {"group_keys": keys, "groups": rows, "paired_against_first_group": comparisons, "unfinished": unfinished,
             "runs": [{"name": r["name"], "path": r["path"], "group": label_of[id(r)], **r["metrics"]} for r in runs],
             "figures": {**figures, "pca": [f for _, _, f in pca_figs]}}
