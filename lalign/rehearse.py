@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
 from lalign import cli, config as config_lib
 from lalign.metric_writer import read_records
@@ -40,8 +41,6 @@ DEFAULT_CONFIG = "configs/siglip_so400m.py:smoke_folder"
 def write_jpeg_folder(root: str, num_images: int = 256, num_classes: int = 8, seed: int = 0) -> str:
     """`root/class_<c>/<i>.jpg`: real JPEG files of varied sizes and aspect ratios (smooth colour fields with a
     few rectangles, so crops differ), written once; an existing folder with enough files is kept."""
-    from PIL import Image
-
     existing = [f for _, _, fs in os.walk(root) for f in fs if f.endswith(".jpg")] if os.path.isdir(root) else []
     if len(existing) >= num_images:
         return root
@@ -156,7 +155,8 @@ def _images_per_s(rows: list[dict]) -> float:
     return float(np.median(rates)) if rates else float("nan")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser (for errors found later) and the options, with the plain range checks done."""
     parser = argparse.ArgumentParser(prog="scripts/pod_rehearsal.sh", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=4, help="JAX processes (hosts)")
@@ -171,13 +171,17 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for each start of the job")
     parser.add_argument("overrides", nargs="*", help="after --: more --config.x=... flags for every host")
     args = parser.parse_args(argv)
-    n, k = args.processes, args.devices
-    if n < 1 or k < 1 or args.steps < 1:
+    if args.processes < 1 or args.devices < 1 or args.steps < 1:
         parser.error("--processes, --devices and --steps must be positive")
     if args.sigterm_at is not None and not 0 < args.sigterm_at < args.steps:
         parser.error(f"--sigterm-at must be between 1 and {args.steps - 1}")
-    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="lalign-rehearsal-"))
-    fsdp = args.fsdp or (2 * k if n > 1 and n % 2 == 0 else k)
+    return parser, args
+
+
+def job_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, workdir: str,
+                  fsdp: int) -> tuple[list[str], str]:
+    """(the --config.* flags every host gets, what data the job reads): the steps and mesh, the image folder
+    (given, or written into the workdir) when the config reads one, then the user's own overrides."""
     overrides = [f"--config.total_steps={args.steps}", "--config.mesh.data=-1", f"--config.mesh.fsdp={fsdp}"]
     data = "the config's own"
     if config_lib.load(args.config).data.get("name") == "image_folder":  # real files: given, or written here
@@ -185,7 +189,58 @@ def main(argv=None) -> int:
         overrides.append(f"--config.data.path={data}")
     elif args.data:
         parser.error(f"--data: {args.config} does not read an image folder")
-    overrides += args.overrides
+    return overrides + args.overrides, data
+
+
+def preempt_and_restart(args: argparse.Namespace, workdir: str, procs: list[subprocess.Popen],
+                        overrides: list[str]) -> tuple[list[str], int | None, list[subprocess.Popen]]:
+    """SIGTERM every host once step `args.sigterm_at` is logged, check that all exit 143 having saved one step,
+    and start them all again: (problems, the step they saved or None, the restarted hosts; the stopped ones
+    when there are problems)."""
+    problems = []
+    if not sigterm_when(procs, workdir, args.sigterm_at, args.timeout):
+        problems.append(f"the run ended before step {args.sigterm_at} was logged")
+    codes = wait_hosts(procs, args.timeout)
+    reports = host_reports(workdir, args.processes)
+    saved = {r.get("step") for r in reports}
+    print(f"[rehearsal] SIGTERM at step {args.sigterm_at}: exit codes {codes}, saved steps "
+          f"{[r.get('step') for r in reports]}", flush=True)
+    if any(c != 143 for c in codes):
+        problems.append(f"after SIGTERM the hosts exited {codes}, not 143 each")
+    if len(saved) != 1 or any(r.get("outcome") != "preempted" for r in reports):
+        outcomes = [(r.get("outcome"), r.get("step")) for r in reports]
+        problems.append(f"the hosts did not all save one step: {outcomes}")
+    resumed_from = sorted(saved)[0] if len(saved) == 1 else None
+    if not problems:
+        procs = start_hosts(args.config, workdir, args.processes, args.devices, overrides, log_suffix="_restart")
+    return problems, resumed_from, procs
+
+
+def check_hosts(workdir: str, processes: int, steps: int, resumed_from: int | None, log_suffix: str) -> list[str]:
+    """Prints what each host did (its report, and its log's tail when it did not finish); the problems: hosts
+    that did not finish all `steps`, or (after a preemption) did not all resume from `resumed_from`."""
+    problems = []
+    reports = host_reports(workdir, processes)
+    for r in reports:
+        rows = r.get("batch_rows")
+        print(f"[rehearsal] host {r['process']}: {r.get('outcome')} at step {r.get('step')}, "
+              f"{r.get('local_devices')} devices, batch rows {rows}, resumed from {r.get('resumed_from')}, "
+              f"{r.get('train_files_read')} training files read, {r.get('seconds')} s", flush=True)
+        if r.get("outcome") != "finished" or r.get("step") != steps:
+            problems.append(f"host {r['process']} did not finish: {r.get('outcome')} at step {r.get('step')}")
+            print(_tail(workdir, r["process"], log_suffix), flush=True)
+    if resumed_from is not None and any(r.get("resumed_from") != resumed_from for r in reports):
+        problems.append(f"the restart did not resume every host from step {resumed_from}: "
+                        f"{[r.get('resumed_from') for r in reports]}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    n, k = args.processes, args.devices
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="lalign-rehearsal-"))
+    fsdp = args.fsdp or (2 * k if n > 1 and n % 2 == 0 else k)
+    overrides, data = job_overrides(parser, args, workdir, fsdp)
     print(f"[rehearsal] {n} processes x {k} devices, mesh fsdp={fsdp}, {args.steps} steps, config {args.config}, "
           f"data {data}, workdir {workdir}", flush=True)
 
@@ -193,38 +248,13 @@ def main(argv=None) -> int:
     problems, resumed_from = [], None
     procs = start_hosts(args.config, workdir, n, k, overrides, log_suffix="")
     if args.sigterm_at is not None:
-        if not sigterm_when(procs, workdir, args.sigterm_at, args.timeout):
-            problems.append(f"the run ended before step {args.sigterm_at} was logged")
-        codes = wait_hosts(procs, args.timeout)
-        reports = host_reports(workdir, n)
-        saved = {r.get("step") for r in reports}
-        print(f"[rehearsal] SIGTERM at step {args.sigterm_at}: exit codes {codes}, saved steps "
-              f"{[r.get('step') for r in reports]}", flush=True)
-        if any(c != 143 for c in codes):
-            problems.append(f"after SIGTERM the hosts exited {codes}, not 143 each")
-        if len(saved) != 1 or any(r.get("outcome") != "preempted" for r in reports):
-            outcomes = [(r.get("outcome"), r.get("step")) for r in reports]
-            problems.append(f"the hosts did not all save one step: {outcomes}")
-        resumed_from = sorted(saved)[0] if len(saved) == 1 else None
-        if not problems:
-            procs = start_hosts(args.config, workdir, n, k, overrides, log_suffix="_restart")
+        problems, resumed_from, procs = preempt_and_restart(args, workdir, procs, overrides)
     if not problems:
         codes = wait_hosts(procs, args.timeout)
         if any(codes):
             problems.append(f"hosts exited {codes}")
-    suffix = "_restart" if args.sigterm_at is not None else ""
-    reports = host_reports(workdir, n)
-    for r in reports:
-        rows = r.get("batch_rows")
-        print(f"[rehearsal] host {r['process']}: {r.get('outcome')} at step {r.get('step')}, "
-              f"{r.get('local_devices')} devices, batch rows {rows}, resumed from {r.get('resumed_from')}, "
-              f"{r.get('train_files_read')} training files read, {r.get('seconds')} s", flush=True)
-        if r.get("outcome") != "finished" or r.get("step") != args.steps:
-            problems.append(f"host {r['process']} did not finish: {r.get('outcome')} at step {r.get('step')}")
-            print(_tail(workdir, r["process"], suffix), flush=True)
-    if resumed_from is not None and any(r.get("resumed_from") != resumed_from for r in reports):
-        problems.append(f"the restart did not resume every host from step {resumed_from}: "
-                        f"{[r.get('resumed_from') for r in reports]}")
+    problems += check_hosts(workdir, n, args.steps, resumed_from, "_restart" if args.sigterm_at is not None else "")
+
     rate = _images_per_s(logged_steps(workdir))
     status = "OK" if not problems else "FAILED: " + "; ".join(problems)
     print(f"pod rehearsal {status} | {n} hosts x {k} devices | {args.steps} steps | {rate:.0f} images/s | "
