@@ -11,26 +11,14 @@ uint8 pixels, the scenes' float32 pixels already in [-1, 1]; every consumer pass
 from __future__ import annotations
 
 from lalign.data import scenes
-
-
-def _image_folder(data_cfg, split: str, seed: int):
-    # imported when chosen: the folder source loads etils (gs:// paths), which no other source needs
-    from lalign.data.image_folder import ImageFolder
-
-    return ImageFolder(data_cfg, split, seed=seed)
-
-
-def _tfds(data_cfg, split: str, seed: int):
-    from lalign.data.tfds import TfdsArrayRecord  # imported when chosen, as the folder source
-
-    return TfdsArrayRecord(data_cfg, split, seed=seed)
-
+from lalign.data.image_folder import ImageFolder
+from lalign.data.tfds import TfdsArrayRecord
 
 # config.data.name -> (data_cfg, split, seed) -> source: a new source is one entry here
 SOURCES = {
     "scenes": lambda data_cfg, split, seed: scenes.scenes_from_config(data_cfg, split, seed=seed),
-    "image_folder": _image_folder,
-    "tfds": _tfds,
+    "image_folder": lambda data_cfg, split, seed: ImageFolder(data_cfg, split, seed=seed),
+    "tfds": lambda data_cfg, split, seed: TfdsArrayRecord(data_cfg, split, seed=seed),
 }
 
 
