@@ -56,7 +56,7 @@ def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int,
     'chunk' = `eval_chunk` of the `eval_sizes` splits, limited to the rows whose activations fit in the larger of
     a training step's and `EVAL_BUDGET`, so evaluating never needs much more than training does. An estimate:
     XLA:CPU's temporaries run 1.4-1.7x above this model (lalign/memory.py)."""
-    from lalign.memory import block_saved
+    from lalign.memory import block_saved  # cycle: lalign.memory imports lalign.train, which imports lalign.probe
 
     t, d, c, b = num_patches, width, num_classes, 4
     f = 4 * d
@@ -108,6 +108,45 @@ def train_patch_probe(train, val, test, cfg, seed: int, num_heads: int,
                                    None if log is None else (lambda _, h: log(h)))[0]
 
 
+def seeds_train_step(model: PatchProbe, tx: optax.GradientTransformation) -> Callable:
+    """One jitted training step of every seed: `step(params, opt_state, xs, ys)` -> (params, opt_state, losses)
+    with lists over seeds and xs, ys of shape (seeds, B, ...); the parameters and optimizer state are donated.
+    Each seed's step is its own copy of the one-seed computation (`train_patch_probe_seeds` says why)."""
+
+    def one_step(params, opt_state, x, y):
+        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+
+        def loss_fn(p):
+            return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, x), y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, xs, ys):  # lists over seeds; xs, ys: (seeds, B, ...)
+        out = [one_step(p, o, xs[k], ys[k]) for k, (p, o) in enumerate(zip(params, opt_state))]
+        return [o[0] for o in out], [o[1] for o in out], jnp.stack([o[2] for o in out])
+
+    return step
+
+
+def seeds_evaluate(model: PatchProbe, num_seeds: int, chunk: int) -> Callable:
+    """`evaluate(params, (features, labels))` -> each seed's patch metrics on the split, streamed through one
+    jitted prediction of every seed in padded pieces of `chunk` rows (`padded_chunks`)."""
+    predict = jax.jit(lambda params, x: jnp.stack(
+        [jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))) for p in params]))
+
+    def evaluate(params, split):
+        counts = [None] * num_seeds
+        for xs, labels in padded_chunks(*split, chunk):
+            probs = np.asarray(predict(params, jnp.asarray(xs)))[:, :len(labels)]
+            counts = [add_counts(c, patch_counts(probs[k], labels)) for k, c in enumerate(counts)]
+        return [metrics_from_counts(c) for c in counts]
+
+    return evaluate
+
+
 def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
                             log: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """`train_patch_probe` for every seed of `seeds` at once: one compiled program trains all of them side by side,
@@ -133,33 +172,10 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
     example = jnp.asarray(x_train[:1], jnp.float32)
     params = [model.init(jax.random.key(s), example)["params"] for s in seeds]
     opt_state = [tx.init(p) for p in params]
-
-    def one_step(params, opt_state, x, y):
-        x, y = x.astype(jnp.float32), y.astype(jnp.float32)
-
-        def loss_fn(p):
-            return optax.sigmoid_binary_cross_entropy(model.apply({"params": p}, x), y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, xs, ys):  # lists over seeds; xs, ys: (seeds, B, ...)
-        out = [one_step(p, o, xs[k], ys[k]) for k, (p, o) in enumerate(zip(params, opt_state))]
-        return [o[0] for o in out], [o[1] for o in out], jnp.stack([o[2] for o in out])
-
-    predict = jax.jit(lambda params, x: jnp.stack(
-        [jax.nn.sigmoid(model.apply({"params": p}, x.astype(jnp.float32))) for p in params]))
+    step = seeds_train_step(model, tx)
     chunk = probe_memory(x_train.shape[1], x_train.shape[2], num_heads, num_classes, cfg, len(seeds),
                          (len(val[0]), len(test[0])))["chunk"]
-
-    def evaluate(params, split):
-        counts = [None] * len(seeds)
-        for xs, labels in padded_chunks(*split, chunk):
-            probs = np.asarray(predict(params, jnp.asarray(xs)))[:, :len(labels)]
-            counts = [add_counts(c, patch_counts(probs[k], labels)) for k, c in enumerate(counts)]
-        return [metrics_from_counts(c) for c in counts]
+    evaluate = seeds_evaluate(model, len(seeds), chunk)
 
     rngs = [np.random.default_rng(s) for s in seeds]
     histories, best = [[] for _ in seeds], [None] * len(seeds)
@@ -188,6 +204,7 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
 
 def image_linear_probe(train, test, c: float = 1.0) -> dict:
     """Logistic regression (one per class) on mean-pooled features -> macro AP on the test split."""
+    # heavy (over a second to import): only the image probe needs scikit-learn's models
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import average_precision_score
     from sklearn.preprocessing import StandardScaler
