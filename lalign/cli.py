@@ -12,11 +12,14 @@ import os
 import sys
 from typing import Callable, Optional, Sequence
 
+from absl import app, flags
+
 HELP = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 
 
 def is_user_error(e: BaseException) -> bool:
     """What a user can fix (config, paths, checkpoints, the job's hosts): reported as one line."""
+    # lazy: every command imports lalign.cli first; these bring in orbax and JAX, which `--help` does not need
     from lalign.checkpoints.manager import CheckpointError
     from lalign.distributed import JoinError
 
@@ -52,8 +55,6 @@ def _one_line(message: str) -> str:
 def run_absl(tool: str, main: Callable, argv: Optional[Sequence[str]] = None) -> None:
     """`absl.app.run(main)` with lalign's behaviour: --help exits 0, a flag error is one line and exit 2, and
     user errors raised by `main` are one line and exit 2."""
-    from absl import app, flags
-
     argv = list(sys.argv if argv is None else argv)
 
     def parse(args):

@@ -33,7 +33,14 @@ import threading
 import time
 from typing import Callable, Optional
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+
+try:  # JAX's coordination client and preemption sync manager (no public name)
+    from jax._src import distributed as jax_distributed
+except ImportError:  # pragma: no cover - a JAX without it
+    jax_distributed = None
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
@@ -76,8 +83,6 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
                heartbeat_timeout_s: int = 100) -> None:
     """Joins the multi-host job. A coordinator that cannot be reached fails after `initialization_timeout_s`; a
     host that dies (SIGKILL, lost VM) makes the others stop after `heartbeat_timeout_s`, with JAX naming it."""
-    import jax
-
     kwargs = resolve(coordinator_address, num_processes, process_id)
     if kwargs.get("process_id", 0) != 0:
         # JAX aborts the whole process (no Python error) when the coordinator never answers: look first.
@@ -95,8 +100,6 @@ def initialize(coordinator_address: str = "", num_processes: Optional[int] = Non
                            f"{kwargs.get('process_id', '?')} of {kwargs.get('num_processes', '?')} within "
                            f"{initialization_timeout_s}s: {first}") from e
     if jax.process_count() > 1:
-        from jax._src import distributed as jax_distributed
-
         global _liveness
         _liveness = Liveness(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
                              heartbeat_timeout_s, on_lost=_watchdog_found_lost)
@@ -132,12 +135,8 @@ def check_same_config(config) -> None:
     """Every host must run the same experiment: hosts started with different configs (a stale checkout, another
     override) would train different models in one collective step. Compared at start, before anything is
     written; all hosts raise the same error."""
-    import jax
-
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     mine = config_fingerprint(config)
     digits = np.frombuffer(bytes.fromhex(mine), np.uint8)
     every = np.asarray(multihost_utils.process_allgather(digits)).reshape(jax.process_count(), -1)
@@ -153,9 +152,7 @@ def check_same_config(config) -> None:
 
 def sync_manager_ready() -> bool:
     """Whether JAX's preemption sync runs: a multi-host job joined with `jax.distributed.initialize`."""
-    try:
-        from jax._src import distributed as jax_distributed
-    except ImportError:  # pragma: no cover - a JAX without it
+    if jax_distributed is None:  # pragma: no cover - a JAX without it
         return False
     return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
 
@@ -202,8 +199,6 @@ class Preemption:
         if self._test_signal and self._test_signal[0] == step:
             os.kill(os.getpid(), self._test_signal[1])
         if self._synced:
-            from jax.experimental import multihost_utils
-
             self.requested = self.requested or multihost_utils.reached_preemption_sync_point(int(step))
         return self.requested
 

@@ -89,7 +89,7 @@ class MetricWriter:
     def _scalars(self, step: int, record: dict) -> None:
         if self._tb is None:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # heavy, and optional at run time: see the except
 
                 self._tb = SummaryWriter(self._tb_dir, flush_secs=30)
             except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience beside metrics.jsonl

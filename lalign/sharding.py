@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -62,8 +63,6 @@ def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     Devices are placed by `mesh_utils.create_device_mesh`, which on TPU follows the chips' torus so that the
     inner axes (fsdp, tensor: the most traffic) sit on neighbouring chips; elsewhere it keeps the enumeration
     order (each host's devices together). A device subset it cannot lay out keeps the enumeration order."""
-    from jax.experimental import mesh_utils
-
     devices = list(jax.devices() if devices is None else devices)
     if mesh_cfg.get("num_devices"):
         devices = devices[:int(mesh_cfg["num_devices"])]
@@ -180,8 +179,6 @@ def local_copy(tree):
     spread = [i for i, x in enumerate(leaves) if not getattr(x, "is_fully_addressable", True)]
     if not spread:
         return tree
-    from jax.experimental import multihost_utils
-
     gathered = multihost_utils.process_allgather([leaves[i] for i in spread], tiled=True)
     for i, x in zip(spread, gathered):
         leaves[i] = np.asarray(x)

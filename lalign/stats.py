@@ -9,7 +9,7 @@ import numpy as np
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict:
     """{'n', 'mean', 'sd', 'low', 'high'}: the mean of `values` with its Student-t confidence interval (None for
     fewer than two values)."""
-    from scipy import stats as st
+    from scipy import stats as st  # heavy (seconds to import): only the summaries over seeds need it
 
     v = np.asarray([x for x in values if x is not None], np.float64)
     n = len(v)

@@ -12,7 +12,8 @@ import numpy as np
 
 from lalign.checkpoints import hub
 from lalign.checkpoints.common import grid_of, patch_rows, square_grid
-from lalign.checkpoints.load import POSEMB_RESIZE, fit_posemb, guess_format, load_any
+from lalign.checkpoints.load import (AUTO_NORMALIZATION, POSEMB_RESIZE, checkpoint_normalization,
+                                    family_normalization, fit_posemb, guess_format, load_any)
 from lalign.data.images import device_normalize
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
@@ -97,8 +98,6 @@ def normalization_for(model, name: str, path: str = "", fmt: str = "") -> str:
     """`name` (config.data.normalization) where set; "" or "auto": what the checkpoint at `path` states
     (`checkpoints.load.checkpoint_normalization`: a HF preprocessor_config.json, a timm / open_clip config, a
     workdir's record), else the model's family. Logged in one line."""
-    from lalign.checkpoints.load import AUTO_NORMALIZATION, checkpoint_normalization, family_normalization
-
     if name and name not in AUTO_NORMALIZATION:
         return name
     name, source = checkpoint_normalization(path, fmt or None) if path else family_normalization(model)

@@ -21,19 +21,14 @@ runs of a group are its replicates. Writes into --out only (the workdirs are rea
     runs.py     loading finished runs (read only) and grouping them
     compute.py  the numbers: means over runs, paired deltas with intervals, paired tests, PCA
     render.py   the files: plots, PCA maps, report.md, report.json
+    command.py  the command line (`main`)
 """
 from lalign.report.compute import (paired_comparisons, paired_delta, paired_test, pca_rgb, stats,
                                    summarize)
 from lalign.report.runs import differing_keys, flatten, group_runs, load_backbones, load_run
 from lalign.report.render import bar_plot, delta_plot, pca_figure, write_report
+from lalign.report.command import main
 from lalign.stats import t_interval
-
-
-def main(argv=None) -> int:
-    """`python -m lalign.report` with `argv` (for tests and scripts)."""
-    from lalign.report.__main__ import main as cli_main
-
-    return cli_main(argv)
 
 
 __all__ = ["bar_plot", "delta_plot", "differing_keys", "flatten", "group_runs", "load_backbones", "load_run",

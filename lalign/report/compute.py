@@ -30,7 +30,7 @@ def paired_test(a: Sequence[dict], b: Sequence[dict], key: str = "delta_patch") 
     """Setting a against setting b on the seeds both have (their runs share those seeds' teachers): the mean of
     the per-seed differences a - b with its 95% t-interval and the two-sided paired t-test's p-value; None when
     fewer than two seeds are shared."""
-    from scipy import stats as st
+    from scipy import stats as st  # heavy (seconds to import): only the paired tests need it
 
     by_seed = lambda runs: {r["config"].get("seed"): r["metrics"][key] for r in runs}  # noqa: E731
     da, db = by_seed(a), by_seed(b)

@@ -32,10 +32,11 @@ def _ms(mean, std, digits=2) -> str:
 
 
 def _plt():
-    import matplotlib
+    """pyplot on the Agg backend (files only, no display)."""
+    import matplotlib  # heavy (seconds to import): only the figures need it, not `--help` nor report.json
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # before pyplot is first imported
+    import matplotlib.pyplot as plt  # heavy: as above
 
     return plt
 
@@ -134,7 +135,7 @@ def pca_figure(run: dict, path: str, num_images: int = 4, num_fit: int = 64) -> 
     for i in range(num_images):
         axes[i, 0].imshow(np.clip((images[i] + 1) / 2, 0, 1))
         if seg is not None:  # background light grey, class c (stored as c + 1) in tab10 colour c mod 10
-            from matplotlib.colors import ListedColormap
+            from matplotlib.colors import ListedColormap  # heavy: matplotlib stays out of the module top (_plt)
 
             colours = [(0.88, 0.88, 0.88)] + [plt.get_cmap("tab10")(c % 10)[:3] for c in range(int(seg.max()) + 1)]
             axes[i, 1].imshow(seg[i], cmap=ListedColormap(colours), vmin=0, vmax=len(colours) - 1,
