@@ -305,8 +305,8 @@ class ImageSource:
         self.image_size = int(opts["image_size"])
         self._code = split_code(split)
         self.processes = max(0, int(opts.get("num_workers") or 0))  # grain's worker processes; 0: threads only
-        # Parallel decoders: the worker processes, or the threads of this process when there are none.
-        self.num_workers = self.processes or min(32, os.cpu_count() or 1)
+        self.threads = min(32, os.cpu_count() or 1)  # decoding threads of a process without worker processes
+        self.num_workers = self.processes or self.threads  # parallel decoders of the look-ahead
         self.prefetch = max(0, int(opts.get("prefetch") or 0))  # steps read ahead of the one asked for
         self._local_state()
 
@@ -372,7 +372,11 @@ class ImageSource:
         if self._feed is None or self._feed[:2] != (key, step):
             self.close()
             self._feed = (key, step, iter(self._pipeline(batch_size, shard, step)))
-        out = next(self._feed[2])
+        try:
+            out = next(self._feed[2])
+        except BaseException:  # a failed iterator is not asked again: the next call starts afresh
+            self.close()
+            raise
         self._feed = (key, step + 1, self._feed[2])
         return self._account(out)
 
@@ -381,7 +385,7 @@ class ImageSource:
         grain's threads in this process."""
         grain = _grain()
         rows = grain.MapDataset.range(start, start + count).map(self.row)
-        it = rows.to_iter_dataset(grain.ReadOptions(num_threads=min(self.num_workers, max(count, 1)),
+        it = rows.to_iter_dataset(grain.ReadOptions(num_threads=min(self.threads, max(count, 1)),
                                                     prefetch_buffer_size=max(count, 1)))
         return self._account(self._collate(list(it)))
 
@@ -407,7 +411,7 @@ class ImageSource:
         if not self.processes:
             rows = grain.MapDataset.range(0, _MAX_POSITION // batch_size * local).map(
                 _HostRow(self, batch_size, local, step * batch_size + shard[0] * local))
-            read = grain.ReadOptions(num_threads=self.num_workers, prefetch_buffer_size=self.prefetch * local)
+            read = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch * local)
             return rows.to_iter_dataset(read).batch(local, batch_fn=self._collate)
         per_worker = -(-self.prefetch // self.processes)
         read = grain.ReadOptions(num_threads=per_worker, prefetch_buffer_size=per_worker)
