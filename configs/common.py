@@ -10,14 +10,9 @@ block + final norm; MSE on standardized targets; a 2-block decoder; bf16 compute
 crop (ResizeKeepRatio + CenterCropOrPad; bilinear or bicubic at random per image, bicubic for validation) + flip;
 the checkpoint with the best validation loss is kept.
 """
-import math
-
 import ml_collections
-from ml_collections import config_dict
 
-IMAGENET21K_IMAGES = 13_153_500  # winter 2021 release
-EPOCHS = 5
-BATCH = 1024
+from lalign import config
 
 
 def check_arg(arg: str, path: str, choices=("full", "smoke")) -> str:
@@ -42,69 +37,21 @@ def image_folder(image_size: int, normalization: str = "", **kw) -> dict:
 
 def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalization: str = "",
                           fsdp: int = 1) -> ml_collections.ConfigDict:
-    """The whole run config of the paper's recipe for one teacher."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.stages = ("maskembed",)  # probe the result with `python -m lalign.probe --config=configs/probe/...`
+    """The whole run config of the paper's recipe for one teacher: lalign's defaults (lalign/config.py, the
+    reference's recipe; `python -m lalign.config` lists every field) with the teacher's own lr, resolution,
+    normalization, model options and mesh."""
+    c = config.defaults()
     c.init_from = ""  # required: the teacher checkpoint
-    c.init_format = ""  # "" = guess from the path
-    c.init_posemb_resize = "bicubic_antialias"  # a checkpoint of another grid: resized as timm does
     c.data = image_folder(image_size, normalization)
     # What a checkpoint cannot tell: the layout and rematerialization (the rest is read from the checkpoint).
     c.model = dict(model)
-    c.maskembed = dict(
-        sampler="uniform",  # uniform | bernoulli | block
-        keep_prob=0.5,  # bernoulli: probability that a patch is *kept*
-        num_blocks=1,  # block: rectangles kept per mask
-        antithetic=True,  # add the complement 1-m
-        include_ones=True,  # add the all-ones mask
-        target_layer="penultimate",  # the paper's default
-        loss="mse",  # mse | cosine | l1 | mse_masked | mse_unmasked
-        decoder_depth=2,
-        # The reference's decoder LayerNorms are torch's default (it builds them from type(encoder.norm)); None: the
-        # teacher's eps. At init it moves the decoder's gradients by ~3% (scripts/reference_parity.py).
-        decoder_ln_eps=1e-5,
-        # Deviation: the reference caps attention logits at 30*tanh(x/30); HF, timm and open_clip attention cannot,
-        # so the student trains as it will ship. Measured on the demo: the same val loss with and without the cap
-        # (0.0143), though the cap acts on 31% of a capped student's logits and dropping it moves its tokens by 0.8%
-        # of their RMS (docs/design.md, "Deviations"). 30.0 trains the reference's way; export then measures it.
-        attn_softcap=config_dict.placeholder(float),
-        normalize_targets=True,
-        # True: ZCA-whitened targets, every feature direction weighed equally (not the paper). On the demo's 10
-        # pre-registered seeds: the same locality gain as the paper's MSE, 1 point more image mAP kept
-        # (docs/results.md, "Pre-registered confirmation").
-        whiten_targets=False,
-        target_std_batches=4,
-        teacher_dtype="bfloat16",
-        student_dtype="bfloat16",
-    )
-    c.total_steps = math.ceil(EPOCHS * IMAGENET21K_IMAGES / BATCH)  # 64,227
-    c.batch_size = BATCH
-    c.grad_accum_steps = 1  # >1: micro-batches with the same gradient, for slices with less memory per chip
-    # weight_decay_on "all": the reference decays every parameter; "timm_groups" and "kernels" are options
-    # (lalign/optim.py: DECAYED). lr is the recipe's at global batch lr_base_batch; a run at another batch scales
-    # it by lr_scale_rule (sqrt: timm's rule for Adam; linear; none). Deviation: the reference takes its lr as
-    # given at any batch; the recipe's lr at batch 4 moved a DINOv2-S away from its teacher's locality
-    # (docs/design.md, "Deviations"). At batch 1024 nothing changes.
-    c.optimizer = dict(lr=lr, lr_base_batch=BATCH, lr_scale_rule="sqrt", wd=0.01, b1=0.9, b2=0.95, grad_clip=1.0,
-                       warmup_steps=0, lr_min_ratio=0.1, weight_decay_on="all")
-    # The locality meter at each validation (lalign/watch.py): a ridge patch probe of the student and the teacher on
-    # a labelled folder you supply (--config.watch.images=DIR --config.watch.labels=DIR --config.watch.num_classes=N;
-    # or source="coco_stuff" / "ade20k" with watch.root), logged beside val_loss, with a warning when the student's
-    # macro recall falls more than `margin` below its teacher's. No images: the student's token agreement only.
-    c.watch = dict(source="folder", images="", labels="", num_classes=0, ignore_index=255, root="",
-                   label_rule="union", min_pixels=1, num_images=256, fit_fraction=0.5, ridge=1e-3, margin=0.03,
-                   batch_size=64)
-    c.mesh = dict(data=-1, fsdp=fsdp, tensor=1, num_devices=0)  # -1: the remaining devices; num_devices 0: all
-    c.sharding_rules = ()  # () = lalign.sharding.DEFAULT_RULES
-    c.log_every = 50
-    c.eval_every = 2000
-    c.checkpoint_every = 500
-    c.val_batches = 10
-    c.async_checkpointing = True
-    c.quiet = False
-    # Used only by `python -m lalign.memory` (the docstring's estimate): the slice it assumes.
-    c.estimate = dict(slice="v4-64", chip="TPU v4", devices=32, mfu=0.4)
+    c.optimizer.lr = lr  # at global batch optimizer.lr_base_batch (1024); another batch scales it (sqrt rule)
+    # The locality meter at each validation (lalign/watch.py) needs a labelled folder you supply:
+    # --config.watch.source=folder --config.watch.images=DIR --config.watch.labels=DIR --config.watch.num_classes=N
+    # (or source="coco_stuff" / "ade20k" with watch.root). No images: the student's token agreement only.
+    c.watch.source = "folder"
+    c.mesh.fsdp = fsdp
+    c.estimate.update(slice="v4-64", devices=32)  # used by `python -m lalign.memory` (the docstring's estimate)
     return c
 
 

@@ -4,8 +4,8 @@ from ml_collections import config_flags
 
 from lalign import allocator, cli
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (a `get_config(arg)` module).",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "Experiment config file (a `get_config(arg)` module). Its fields, "
+                                "defaults and meanings: `python -m lalign.config configs/NAME.py`.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and summary.json go.")
 flags.DEFINE_bool("distributed", False, "Join a multi-host job first (every host runs the same command; "
                   "lalign/distributed.py, launch/README.md).")

@@ -237,11 +237,11 @@ class MaskEmbedModel(nn.Module):
 def make_maskembed_model(teacher: ViT, cfg) -> MaskEmbedModel:
     """Student = teacher architecture without pooling head/classifier (prefix tokens kept); decoder as in
     docs/design.md."""
-    dtype = jnp.dtype(cfg.student_dtype) if cfg.get("student_dtype") else None
+    dtype = jnp.dtype(cfg.student_dtype) if cfg.student_dtype else None
     student = teacher.clone(pool_type="none", num_classes=None, class_token=teacher.has_class_token,
-                            attn_softcap=cfg.get("attn_softcap"), dtype=dtype)
+                            attn_softcap=cfg.attn_softcap, dtype=dtype)
     decoder = MaskEmbedDecoder(out_dim=teacher.width, num_heads=teacher.num_heads, depth=cfg.decoder_depth,
-                               ln_eps=cfg.get("decoder_ln_eps") or teacher.ln_eps, act=teacher.act,
+                               ln_eps=cfg.decoder_ln_eps or teacher.ln_eps, act=teacher.act,
                                attention_impl=teacher.attention_impl, dtype=dtype)
     return MaskEmbedModel(student=student, decoder=decoder)
 

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign import cli, maskembed, sharding
+from lalign import config as config_lib
 from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
 from lalign.models.vit import vit_from_config
 from lalign.optim import make_optimizer
@@ -132,13 +133,14 @@ def activation_bytes_per_image(config, teacher, mesh_sizes) -> dict[str, float]:
 
 
 def estimate(config, devices: int | None = None, chip: str | None = None) -> dict:
-    est = dict(config.get("estimate", {}) or {})
-    devices = int(devices or est.get("devices") or 256)
-    chip = chip or est.get("chip") or "TPU v4"
-    mfu = float(est.get("mfu") or 0.4)
-    mesh = _abstract_mesh(config.get("mesh", {}), devices)
+    config = config_lib.completed(config)
+    est = config.estimate
+    devices = devices or est.devices
+    chip = chip or est.chip
+    mfu = est.mfu
+    mesh = _abstract_mesh(config.mesh, devices)
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
+    rules = tuple(config.sharding_rules) or sharding.DEFAULT_RULES
     teacher, full, target, state = abstract_state(config)
     params = state["params"]
     rows = {}
@@ -153,7 +155,7 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     if config.batch_size % batch_shards:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {batch_shards} batch shards of a "
                          f"{devices}-device mesh {sizes}.")
-    accum = int(config.get("grad_accum_steps", 1) or 1)
+    accum = config.grad_accum_steps
     per_device_images = config.batch_size // batch_shards // accum  # live at once: one micro-batch
     act = activation_bytes_per_image(config, teacher, sizes)
     act_local = act["total"] * per_device_images
@@ -169,7 +171,7 @@ def estimate(config, devices: int | None = None, chip: str | None = None) -> dic
     peak = PEAK_TFLOPS.get(chip)
     seconds = flops_image * images / (devices * peak * 1e12 * mfu) if peak else float("nan")
     return {
-        "devices": devices, "chip": chip, "slice": est.get("slice", ""), "mesh": sizes, "mfu": mfu,
+        "devices": devices, "chip": chip, "slice": est.slice, "mesh": sizes, "mfu": mfu,
         "images_per_device": per_device_images, "grad_accum_steps": accum, "tokens": act["tokens"],
         "remat_policy": teacher.remat_policy, "target_blocks": maskembed.target_num_blocks(
             teacher.depth, config.maskembed.target_layer),
@@ -187,9 +189,9 @@ def shardings(config, devices: int | None = None) -> dict:
     """{'mesh': sizes, 'specs': {path: PartitionSpec as text}} for every parameter a run places on the mesh: the
     student, projection and decoder (`state/params/...`; optimizer moments follow the same rules), the target
     teacher and the full teacher. What the golden-sharding test pins for the real configs."""
-    est = dict(config.get("estimate", {}) or {})
-    mesh = _abstract_mesh(config.get("mesh", {}), int(devices or est.get("devices") or 256))
-    rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
+    config = config_lib.completed(config)
+    mesh = _abstract_mesh(config.mesh, devices or config.estimate.devices)
+    rules = tuple(config.sharding_rules) or sharding.DEFAULT_RULES
     _, full, target, state = abstract_state(config)
     specs = {}
     for prefix, tree in (("state/params", state["params"]), ("target_teacher", target), ("full_teacher", full)):
@@ -227,7 +229,7 @@ def report(config, devices: int | None = None, chip: str | None = None) -> str:
     if e["hbm_gib"]:
         lines[-1] += f"   (of {e['hbm_gib']} GiB HBM)"
     hours = e["runtime_s"] / 3600
-    named = e["slice"] and e["devices"] == (config.get("estimate", {}) or {}).get("devices")
+    named = e["slice"] and e["devices"] == config.estimate.devices
     where = f"{e['slice']} ({e['devices']} x {e['chip']})" if named else f"{e['devices']} x {e['chip']}"
     lines += [f"Runtime, ESTIMATE: {e['flops_per_image'] / 1e12:.2f} TFLOP/image (lalign.bench FLOP model) x "
               f"{e['images'] / 1e6:.2f}M images",

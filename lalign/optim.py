@@ -76,17 +76,17 @@ def make_optimizer(cfg, total_steps: int, batch_size: Optional[int] = None):
     batch_size)`: the config's lr, scaled when the global batch differs from the one it belongs to.
     """
     lr = peak_lr(cfg, batch_size)[0]
-    warmup = int(cfg.get("warmup_steps", 0))
-    end = lr * cfg.get("lr_min_ratio", 0.1)
+    warmup = int(cfg["warmup_steps"])
+    end = lr * cfg["lr_min_ratio"]
     if warmup:
         schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end)
     else:
         schedule = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=end / lr)
     parts = []
-    if cfg.get("grad_clip"):
-        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    rule = cfg.get("weight_decay_on", "all")
+    if cfg["grad_clip"]:
+        parts.append(optax.clip_by_global_norm(cfg["grad_clip"]))
+    rule = cfg["weight_decay_on"]
     weight_decay_mask({}, rule)  # an unknown rule is an error now, not at the first step
-    parts.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95),
-                             weight_decay=cfg.get("wd", 0.01), mask=functools.partial(weight_decay_mask, rule=rule)))
+    parts.append(optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], weight_decay=cfg["wd"],
+                             mask=functools.partial(weight_decay_mask, rule=rule)))
     return optax.chain(*parts), schedule

@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from lalign import allocator
+from lalign import config as config_lib
 from lalign import data as data_lib
 from lalign import distributed
 from lalign import files
@@ -27,13 +28,13 @@ from lalign import workdir as workdir_lib
 from lalign.checkpoints import hub
 from lalign.checkpoints.load import (AUTO_NORMALIZATION, RESOLVED, checkpoint_normalization, family_normalization,
                                      vit_record)
+from lalign.config import STAGES
 from lalign.log import info
 from lalign.models.vit import vit_from_config
 from lalign.stats import t_interval
 from lalign.teacher import get_teacher, teacher_source
 from lalign.train import train_maskembed
 
-STAGES = ("pretrain", "maskembed", "probe")
 
 
 def resolve_normalization(config) -> Optional[dict]:
@@ -45,10 +46,10 @@ def resolve_normalization(config) -> Optional[dict]:
     if data.get("name") == "scenes":
         return None
     configured = data.get("normalization", "") or ""
-    from_checkpoint = "pretrain" not in config.stages and config.get("init_from") not in (None, "", "random")
+    from_checkpoint = "pretrain" not in config.stages and config.init_from not in ("", "random")
     try:
         if from_checkpoint:
-            stated = checkpoint_normalization(config.init_from, config.get("init_format") or None)
+            stated = checkpoint_normalization(config.init_from, config.init_format or None)
         else:
             name, why = family_normalization(vit_from_config(config))
             stated = name, f"config.model: {why}"
@@ -72,7 +73,7 @@ def resolved_record(config, teacher, normalization: Optional[dict]) -> dict:
     from. `lalign.export` and `lalign.probe` read it before anything else (checkpoints/load.py)."""
     student = maskembed.make_maskembed_model(teacher, config.maskembed).student
     source = ({"path": "pretrain"} if "pretrain" in config.stages else
-              {"path": "random"} if config.get("init_from") == "random" else teacher_source(config))
+              {"path": "random"} if config.init_from == "random" else teacher_source(config))
     return {"teacher": vit_record(teacher), "student": vit_record(student),
             "data": {"image_size": config.data.image_size,
                      "normalization": (normalization or {}).get("normalization"),
@@ -81,16 +82,18 @@ def resolved_record(config, teacher, normalization: Optional[dict]) -> dict:
 
 
 def run(config, workdir: str) -> dict:
+    """Runs `config`'s stages in `workdir`. Fields the config leaves out take their defaults (lalign/config.py)."""
     unknown = set(config.stages) - set(STAGES)
     if unknown:
         raise ValueError(f"Unknown config.stages {sorted(unknown)}; choose from {STAGES}.")
+    config_lib.complete(config)
     if "probe" in config.stages and "maskembed" not in config.stages:
         raise ValueError("The 'probe' stage compares the teacher with the aligned student, so it needs the "
                          "'maskembed' stage too (a finished MaskEmbed run is reused, not repeated). To probe one "
                          "backbone, use `python -m lalign.probe`.")
     distributed.check_same_config(config)  # before anything is written
     teacher_hub = None
-    if "pretrain" not in config.stages and hub.is_remote(config.get("init_from") or ""):
+    if "pretrain" not in config.stages and hub.is_remote(config.init_from):
         teacher_hub = hub.resolve(config.init_from)  # every host: process 0 downloads first, the commit is shared
         with config.unlocked() if hasattr(config, "unlocked") else contextlib.nullcontext():
             config.init_from = teacher_hub.path
@@ -217,7 +220,7 @@ def backbone_identities(config, aligned_step) -> dict[str, dict]:
     """What identifies the teacher and the aligned student for a saved probe result: where the teacher came
     from (checkpoint path, or its pre-training config) and, for the student, the MaskEmbed settings and the
     checkpoint step probed. A result copied from another run is reused only if these match."""
-    teacher = {"init_from": "pretrain" if "pretrain" in config.stages else config.get("init_from", ""),
+    teacher = {"init_from": "pretrain" if "pretrain" in config.stages else config.init_from,
                "pretrain": config.pretrain.to_dict() if "pretrain" in config.stages else None,
                "model": {k: v for k, v in config.model.to_dict().items() if k not in _COMPUTE_ONLY}}
     aligned = {"teacher": teacher, "maskembed": config.maskembed.to_dict(), "optimizer": config.optimizer.to_dict(),

@@ -50,12 +50,12 @@ def pretrain_teacher(config, workdir: str):
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, "lr": schedule(step)}
 
     writer = MetricWriter(os.path.join(workdir, "teacher"), "pretrain", pcfg.steps, pcfg.batch_size,
-                          quiet=config.get("quiet", False))
+                          quiet=config.quiet)
     for step in range(pcfg.steps):
         batch = data.batch(step, pcfg.batch_size)
-        if pcfg.get("crop_scale"):  # a pure function of (seed, step) like the batch, so a rerun is identical
+        if pcfg.crop_scale:  # a pure function of (seed, step) like the batch, so a rerun is identical
             batch = scenes.random_crop(batch, np.random.default_rng([config.seed, step]), pcfg.crop_scale,
-                                       pcfg.get("crop_min_visible", 0.5))
+                                       pcfg.crop_min_visible)
         params, opt_state, metrics = step_fn(params, opt_state, jnp.asarray(batch["image"]),
                                              jnp.asarray(batch["labels"]), step)
         if (step + 1) % config.log_every == 0 or step + 1 == pcfg.steps:

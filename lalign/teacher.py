@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from lalign import files
 from lalign.checkpoints.common import MODEL_FIELDS, STRUCTURAL, to_layout
-from lalign.checkpoints.load import (COMPUTE_FIELDS, POSEMB_RESIZE, contradictions, fit_posemb, guess_format,
+from lalign.checkpoints.load import (COMPUTE_FIELDS, contradictions, fit_posemb, guess_format,
                                      load_any, records_model, vit_record)
 from lalign.log import info
 from lalign.models.vit import decode_variant, vit_from_config
@@ -23,7 +23,7 @@ def get_teacher(config, workdir: str):
     of the log says which field came from where."""
     if "pretrain" in config.stages:
         return pretrain_teacher(config, workdir)
-    if not config.get("init_from"):
+    if not config.init_from:
         raise ValueError("config.init_from must name the teacher checkpoint when 'pretrain' is not a stage.")
     if config.init_from == "random":  # smoke tests and benchmarks only: nothing to align
         info("[teacher] init_from='random': a randomly initialized teacher (smoke tests, benchmarks)")
@@ -39,7 +39,7 @@ def get_teacher(config, workdir: str):
     for field in ("remat_policy", "attention_impl"):  # compute choices no checkpoint records
         if fields.get(field) not in (None, "") and getattr(model, field) != fields[field]:
             model = model.clone(**{field: fields[field]})
-    params = fit_posemb(model, params, config.data.image_size, config.get("init_posemb_resize") or POSEMB_RESIZE[0])
+    params = fit_posemb(model, params, config.data.image_size, config.init_posemb_resize)
     if scan is not None:
         fields["scan"] = scan
     info(teacher_provenance(config.init_from, source, fields, model))
@@ -49,7 +49,7 @@ def get_teacher(config, workdir: str):
 def teacher_source(config) -> dict:
     """Where the teacher of `config` comes from: {"path", "format", "recorded_by"} (recorded_by: the file that
     records its whole model, None when the parameter shapes and config.model make it)."""
-    fmt = config.get("init_format") or guess_format(config.init_from)
+    fmt = config.init_format or guess_format(config.init_from)
     return {"path": files.absolute(config.init_from), "format": fmt,
             "recorded_by": records_model(config.init_from, fmt)}
 

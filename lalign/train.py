@@ -59,7 +59,7 @@ def make_init_state(model: maskembed.MaskEmbedModel, tx, cfg, example_images) ->
         params = maskembed.init_from_teacher(model, teacher_params, key, example_images, n_masks)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                  "target_std": jnp.ones((), jnp.float32)}
-        if cfg.get("whiten_targets"):
+        if cfg.whiten_targets:
             d = model.decoder_width
             state["target_whitening"] = {"mean": jnp.zeros((d,), jnp.float32), "matrix": jnp.eye(d, dtype=jnp.float32)}
         return state
@@ -102,13 +102,13 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
     tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.batch_size)
     loss_fn = maskembed.make_loss_fn(model, target_teacher, cfg)
     masked_loss_fn = maskembed.make_masked_loss_fn(model, target_teacher, cfg)
-    accum = int(config.get("grad_accum_steps", 1) or 1)
+    accum = config.grad_accum_steps
     pixels = run_normalization(config.data)  # what the batches' uint8 pixels are normalized with, on the device
 
     # --- Sharding: one mesh; every array of the state, the teacher and the batch gets an explicit sharding.
-    mesh = sharding.make_mesh(config.get("mesh", {}))
+    mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.batch_size, mesh, accum)
-    rules = tuple(config.get("sharding_rules") or ()) or sharding.DEFAULT_RULES
+    rules = tuple(config.sharding_rules) or sharding.DEFAULT_RULES
     init_state = make_init_state(model, tx, cfg, jnp.asarray(example_images))
 
     # Shapes first (no computation), then init directly into the sharded layout: no device holds it all.
@@ -176,6 +176,53 @@ def build_step(config, teacher: ViT, teacher_params, example_images) -> MaskEmbe
                          keys={"init": init_key, "std": std_key, "val": val_key})
 
 
+def _announce(config, teacher: ViT) -> None:
+    """Log what a run does that a user might not expect: a patch grid not covering the image, a scaled lr."""
+    size, patch = config.data.image_size, teacher.patch_size[0]
+    covered = size // patch * patch
+    if covered != size:  # So400m/14 at 384: by design, but never silently
+        info(f"[maskembed] image {size} px, patch {patch}: the patch grid covers {covered} px; the last "
+             f"{size - covered} pixel rows and columns are outside it (masked to zero for the teacher, not seen by "
+             f"the student's patch embedding)")
+    lr_note = peak_lr(config.optimizer, config.batch_size)[1]
+    if lr_note:  # the recipe's lr belongs to another global batch
+        info(f"[maskembed] {lr_note}")
+
+
+def _with_target_stats(state: dict, s: MaskEmbedStep, config, batches: list) -> dict:
+    """The target scale (and whitening), measured once before training on masked images of `batches`, sharded
+    over the mesh like the step, and kept in the state so a resumed run uses the same values."""
+    cfg, repl = config.maskembed, sharding.replicated(s.mesh)
+    stats = maskembed.estimate_target_stats(s.teacher, s.teacher_params, batches, s.keys["std"], cfg,
+                                            whiten=cfg.whiten_targets, out_sharding=repl,
+                                            normalization=run_normalization(config.data))
+    if cfg.normalize_targets:
+        state["target_std"] = jax.device_put(np.float32(stats["std"]), repl)
+    info(f"[maskembed] teacher target std (masked images) = {stats['std']:.4f}")
+    if "whitening" in stats:
+        state["target_whitening"] = jax.device_put(stats["whitening"], s.state_shardings["target_whitening"])
+        info("[maskembed] targets whitened (ZCA on masked images)")
+    return state
+
+
+def _save_and_exit(step: int, state: dict, ckpts: Checkpoints, host: "HostReport", train_data) -> None:
+    if ckpts.latest_step() != step:  # the signal may have come during this step's own save
+        ckpts.save(step, state)
+    ckpts.wait()
+    host.write(step, "preempted", train_data)
+    info(f"[maskembed] SIGTERM: saved step {step} to {ckpts.latest.directory}; exiting")
+    raise SystemExit(143)
+
+
+def _log_train(writer: MetricWriter, step: int, sums: dict, count: int, train_data, ckpts: Checkpoints) -> None:
+    """The mean of the metrics summed since the last record (one device read), checked finite, written."""
+    means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
+    if getattr(train_data, "num_skipped", 0):  # unreadable images replaced (real data sources)
+        means["images_skipped"] = train_data.num_skipped
+    _check_finite(means["loss"], step, ckpts)
+    writer.log_train(step, **means)
+
+
 def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[str, Any]:
     """Runs (or resumes) MaskEmbed. Returns {'params': best by val loss, 'last_params', 'best_val_loss',
     'best_step', 'target_std', 'step', 'model'}.
@@ -184,19 +231,9 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
     validation), all hosts take part in every checkpoint save and restore, process 0 alone writes metrics, and a
     preemption stops every host at one agreed step (`lalign.distributed.Preemption`). Each host leaves a short
     account of what it did in `workdir/hosts/process_<i>.json`."""
-    cfg = config.maskembed
-    total_steps, batch_size = config.total_steps, config.batch_size
-    check_image_size(teacher, teacher_params, config.data.image_size, "teacher")
-
-    size = config.data.image_size
-    covered = size // teacher.patch_size[0] * teacher.patch_size[0]
-    if covered != size:  # So400m/14 at 384: by design, but never silently
-        info(f"[maskembed] image {size} px, patch {teacher.patch_size[0]}: the patch grid covers {covered} px; the "
-             f"last {size - covered} pixel rows and columns are outside it (masked to zero for the teacher, not "
-             f"seen by the student's patch embedding)")
-    lr_note = peak_lr(config.optimizer, batch_size)[1]
-    if lr_note:  # the recipe's lr belongs to another global batch
-        info(f"[maskembed] {lr_note}")
+    total_steps, batch_size, size = config.total_steps, config.batch_size, config.data.image_size
+    check_image_size(teacher, teacher_params, size, "teacher")
+    _announce(config, teacher)
     s = build_step(config, teacher, teacher_params, np.zeros((2, size, size, 3), np.float32))
     mesh, repl = s.mesh, sharding.replicated(s.mesh)
     shard = sharding.host_shard(batch_size, mesh)  # (i, n): this host's slice of every global batch
@@ -207,7 +244,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         config.data, "maskembed_val", config.val_batches, batch_size, seed=config.seed, shard=shard)]
     host = HostReport(workdir, shard, batch_size)
 
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=config.get("async_checkpointing", True),
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), async_save=config.async_checkpointing,
                         replicated=repl)
     state = s.init(teacher_params, s.keys["init"])
     if ckpts.latest_step() is not None:
@@ -215,20 +252,9 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         host.resumed_from = int(state["step"])
         info(f"[maskembed] resumed from {ckpts.latest.directory} at step {host.resumed_from}")
     else:
-        # Target scale (and whitening): measured on masked images once before training, sharded over the mesh like
-        # the step, and kept in the state so a resumed run uses the same values.
-        std_batches = [sharding.put_batch(train_data.batch(i, batch_size, shard)["image"], mesh)
-                       for i in range(cfg.target_std_batches)]
-        stats = maskembed.estimate_target_stats(s.teacher, s.teacher_params, std_batches, s.keys["std"], cfg,
-                                                whiten=bool(cfg.get("whiten_targets")), out_sharding=repl,
-                                                normalization=run_normalization(config.data))
-        del std_batches
-        if cfg.get("normalize_targets", True):
-            state["target_std"] = jax.device_put(np.float32(stats["std"]), repl)
-        info(f"[maskembed] teacher target std (masked images) = {stats['std']:.4f}")
-        if "whitening" in stats:
-            state["target_whitening"] = jax.device_put(stats["whitening"], s.state_shardings["target_whitening"])
-            info("[maskembed] targets whitened (ZCA on masked images)")
+        state = _with_target_stats(state, s, config, [
+            sharding.put_batch(train_data.batch(i, batch_size, shard)["image"], mesh)
+            for i in range(config.maskembed.target_std_batches)])
 
     # The locality meter (lalign/watch.py): teacher measured once here, the student at each validation.
     meter = watch.Watch(config, teacher, teacher_params, s.model, mesh, val_batches[0])
@@ -245,7 +271,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
         if warning:
             info(f"[maskembed] {warning}")
 
-    writer = MetricWriter(workdir, "maskembed", total_steps, batch_size, quiet=config.get("quiet", False))
+    writer = MetricWriter(workdir, "maskembed", total_steps, batch_size, quiet=config.quiet)
     if host.resumed_from is not None:
         dropped = writer.resume_at(host.resumed_from)
         if dropped:
@@ -258,12 +284,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
     with distributed.Preemption() as preemption, distributed.StopIfHostLost(lambda: _resume_point(ckpts)):
         while step < total_steps:
             if preemption.stop(step):  # SIGTERM on any host: all hosts save this same step, then stop
-                if ckpts.latest_step() != step:  # the signal may have come during this step's own save
-                    ckpts.save(step, state)
-                ckpts.wait()
-                host.write(step, "preempted", train_data)
-                info(f"[maskembed] SIGTERM: saved step {step} to {ckpts.latest.directory}; exiting")
-                raise SystemExit(143)
+                _save_and_exit(step, state, ckpts, host, train_data)
             images = sharding.put_batch(train_data.batch(step, batch_size, shard)["image"], mesh)
             state, metrics = s.train_step(state, s.teacher_params, images)
             step += 1
@@ -273,11 +294,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             count += 1
             if step % config.log_every == 0 or step == total_steps:
-                means = {k: float(v) / count for k, v in jax.device_get(sums).items()}
-                if getattr(train_data, "num_skipped", 0):  # unreadable images replaced (real data sources)
-                    means["images_skipped"] = train_data.num_skipped
-                _check_finite(means["loss"], step, ckpts)
-                writer.log_train(step, **means)
+                _log_train(writer, step, sums, count, train_data, ckpts)
                 sums, count = None, 0
             if (config.eval_every and step % config.eval_every == 0) or step == total_steps:
                 vals = validate(state)
@@ -285,7 +302,7 @@ def train_maskembed(config, workdir: str, teacher: ViT, teacher_params) -> dict[
                 report(step, vals)
                 ckpts.save(step, state, val_loss=vals["val_loss"])
                 writer.reset_clock()
-            elif config.get("checkpoint_every") and step % config.checkpoint_every == 0:
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
                 ckpts.save(step, state)
     ckpts.wait()
     writer.close()

@@ -7,14 +7,15 @@ naming every bad field at once, and the workdir is left exactly as it was.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from etils import epath
 
-from lalign import maskembed, sharding, watch
-from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, POSEMB_RESIZE, RESOLVED
-from lalign.optim import LR_SCALE_RULES, peak_lr
+from lalign import config as config_lib
+from lalign import sharding, watch
+from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, RESOLVED
+from lalign.data.images import NORMALIZATION
+from lalign.optim import peak_lr
 
 # What a resumed run must share with the run that wrote the workdir's checkpoints. Everything else may change on
 # resume: total_steps (extend a run), the logging/evaluation/checkpoint intervals, the mesh (resume on another
@@ -31,101 +32,30 @@ def _get(cfg: dict, dotted: str):
     return cfg
 
 
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
-def _non_negative_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
 def config_errors(config, num_devices: int) -> list[str]:
-    """Every problem of `config` for a run on `num_devices` devices (empty: fine)."""
-    errors = []
-
-    def need(ok, message):
-        if not ok:
-            errors.append(message)
-
-    c = config
-    need(_positive_int(c.total_steps), f"config.total_steps must be a positive integer, got {c.total_steps!r}")
-    need(_positive_int(c.batch_size), f"config.batch_size must be a positive integer, got {c.batch_size!r}")
-    need(_positive_int(c.get("log_every", 1)), f"config.log_every must be a positive integer, got "
-                                               f"{c.get('log_every')!r}")
-    for name in ("eval_every", "checkpoint_every"):
-        need(_non_negative_int(c.get(name, 0) or 0), f"config.{name} must be 0 (off) or a positive integer, got "
-                                                     f"{c.get(name)!r}")
-    need(_positive_int(c.get("val_batches", 1)), f"config.val_batches must be a positive integer, got "
-                                                 f"{c.get('val_batches')!r}")
-    need((c.get("init_posemb_resize") or POSEMB_RESIZE[0]) in POSEMB_RESIZE,
-         f"config.init_posemb_resize must be one of {POSEMB_RESIZE}, got {c.get('init_posemb_resize')!r}")
-    accum = c.get("grad_accum_steps", 1) or 1
-    need(_positive_int(accum), f"config.grad_accum_steps must be a positive integer, got {accum!r}")
-
-    o = c.optimizer
-    lr = o.get("lr")
-    need(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
-         f"config.optimizer.lr must be a positive number, got {lr!r}")
-    need(0 <= (o.get("wd", 0.0) or 0.0), f"config.optimizer.wd must be >= 0, got {o.get('wd')!r}")
-    for name in ("b1", "b2"):
-        if name in o:
-            need(0 <= o[name] < 1, f"config.optimizer.{name} must be in [0, 1), got {o[name]!r}")
-    need(0 <= (o.get("grad_clip", 0) or 0), f"config.optimizer.grad_clip must be >= 0 (0: off), got "
-                                            f"{o.get('grad_clip')!r}")
-    need(_non_negative_int(o.get("warmup_steps", 0) or 0), f"config.optimizer.warmup_steps must be >= 0, got "
-                                                           f"{o.get('warmup_steps')!r}")
-    need(0 <= o.get("lr_min_ratio", 0.1) <= 1, f"config.optimizer.lr_min_ratio must be in [0, 1], got "
-                                               f"{o.get('lr_min_ratio')!r}")
-    need(_non_negative_int(o.get("lr_base_batch", 0) or 0), f"config.optimizer.lr_base_batch must be 0 (lr used "
-                                                            f"at any batch) or the global batch size lr belongs "
-                                                            f"to, got {o.get('lr_base_batch')!r}")
-    need((o.get("lr_scale_rule") or "sqrt") in LR_SCALE_RULES, f"config.optimizer.lr_scale_rule must be one of "
-                                                               f"{tuple(LR_SCALE_RULES)}, got "
-                                                               f"{o.get('lr_scale_rule')!r}")
-
-    m = c.maskembed
-    need(m.sampler in maskembed.SAMPLERS, f"config.maskembed.sampler {m.sampler!r} is not one of "
-                                          f"{maskembed.SAMPLERS}")
-    need(m.loss in maskembed.LOSSES, f"config.maskembed.loss {m.loss!r} is not one of {maskembed.LOSSES}")
-    if m.sampler == "bernoulli":
-        need(0 < m.get("keep_prob", 0.5) <= 1, f"config.maskembed.keep_prob must be in (0, 1], got "
-                                               f"{m.get('keep_prob')!r}")
-    target = m.get("target_layer", "penultimate")
-    need(target in ("penultimate", "last") or _positive_int(target),
-         f"config.maskembed.target_layer must be 'penultimate', 'last' or a block number >= 1, got {target!r}")
-    need(_positive_int(m.get("target_std_batches", 1)), f"config.maskembed.target_std_batches must be a positive "
-                                                        f"integer, got {m.get('target_std_batches')!r}")
-    need(_positive_int(m.get("decoder_depth", 2)), f"config.maskembed.decoder_depth must be a positive integer, "
-                                                   f"got {m.get('decoder_depth')!r}")
-    eps = m.get("decoder_ln_eps")
-    need(eps is None or (isinstance(eps, (int, float)) and 0 < eps < 1),
-         f"config.maskembed.decoder_ln_eps must be a small positive number or None (the teacher's), got {eps!r}")
-    if "pretrain" in c.stages:
-        for name in ("steps", "batch_size"):
-            need(_positive_int(c.pretrain.get(name)), f"config.pretrain.{name} must be a positive integer, got "
-                                                      f"{c.pretrain.get(name)!r}")
-    need(_positive_int(c.data.get("image_size")), f"config.data.image_size must be a positive integer, got "
-                                                  f"{c.data.get('image_size')!r}")
+    """Every problem of `config` for a run on `num_devices` devices (empty: fine): each field against its rule
+    (lalign/config.py), then what holds between fields."""
+    errors = config_lib.errors(config)
+    c = config_lib.completed(config)
     if c.data.get("name") != "scenes" and "normalization" in c.data:
-        from lalign.data.images import NORMALIZATION
-
-        need(c.data.normalization in (*NORMALIZATION, *AUTO_NORMALIZATION),
-             f"config.data.normalization must be one of {sorted(NORMALIZATION)}, or '' / 'auto' for the teacher "
-             f"checkpoint's, got {c.data.normalization!r}")
-
+        if c.data.normalization not in (*NORMALIZATION, *AUTO_NORMALIZATION):
+            errors.append(f"config.data.normalization must be one of {sorted(NORMALIZATION)}, or '' / 'auto' for the "
+                          f"teacher checkpoint's, got {c.data.normalization!r}")
+    if not isinstance(c.data.get("image_size"), int) or c.data.image_size <= 0:
+        errors.append(f"config.data.image_size must be a positive integer, got {c.data.get('image_size')!r}")
     errors += watch.config_errors(c)
     if errors:  # the mesh checks need sane sizes
         return errors
     try:  # the checks the step itself makes, on the mesh it will build
-        data, fsdp, _ = sharding.mesh_shape(c.get("mesh", {}), _mesh_devices(c, num_devices))
-        sharding.check_batch(c.batch_size, data, fsdp, accum)
+        data, fsdp, _ = sharding.mesh_shape(c.mesh, _mesh_devices(c, num_devices))
+        sharding.check_batch(c.batch_size, data, fsdp, c.grad_accum_steps)
     except ValueError as e:
-        return [str(e).rstrip(".")]
+        return errors + [str(e).rstrip(".")]
     return errors
 
 
 def _mesh_devices(config, num_devices: int) -> int:
-    n = int(config.get("mesh", {}).get("num_devices", 0) or 0)
+    n = config.mesh.num_devices
     return min(n, num_devices) if n else num_devices
 
 

@@ -264,7 +264,9 @@ def test_a_bad_config_is_refused_whole_before_anything_is_written(tiny_config, t
     for expected in ("config.total_steps must be a positive integer, got 0",
                      "config.batch_size must be a positive integer, got 0",
                      "config.optimizer.lr must be a positive number, got -0.001",
-                     "config.maskembed.sampler 'unifrom' is not one of", "config.maskembed.loss 'mse_typo'"):
+                     "config.maskembed.sampler must be one of ('uniform', 'bernoulli', 'block'), got 'unifrom'",
+                     "config.maskembed.loss must be one of ('mse', 'cosine', 'l1', 'mse_masked', 'mse_unmasked'), got "
+                     "'mse_typo'"):
         assert expected in message, message
     assert not workdir.exists()  # not even the folder: the teacher was not trained either
 

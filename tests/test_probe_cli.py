@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lalign import config as config_lib
 from lalign import probe
 from lalign.checkpoints import bigvision
 from lalign.models.vit import make_vit
@@ -150,10 +151,12 @@ def test_evaluation_pads_to_the_chunk_a_split_needs_and_the_memory_is_printed(mo
     printed before the features are extracted."""
     from lalign.probe import heads
 
-    assert heads.eval_chunk((21, 40)) == 32 and heads.eval_chunk((101, 233)) == 128
-    assert heads.eval_chunk((500, 1000)) == 512  # the demo's splits: the shape they always had
-    assert heads.eval_chunk((101, 233), cap=64) == 64 and heads.eval_chunk((3, 5)) == 4
-    assert heads.eval_chunk((101, 233), fit=100) == 64
+    cap = config_lib.PROBE["eval_batch_size"].default
+    assert cap == 512
+    assert heads.eval_chunk((21, 40), cap) == 32 and heads.eval_chunk((101, 233), cap) == 128
+    assert heads.eval_chunk((500, 1000), cap) == 512  # the demo's splits: the shape they always had
+    assert heads.eval_chunk((101, 233), cap=64) == 64 and heads.eval_chunk((3, 5), cap) == 4
+    assert heads.eval_chunk((101, 233), cap, fit=100) == 64
     # ViT-S/14 features at 518 px (1,369 patches): a 128-row chunk would need ~13 GB of activations, more than a
     # training step's 7.4: the chunk is limited to 64 rows.
     vit_s = ml_collections.ConfigDict(dict(depth=2, batch_size=32))

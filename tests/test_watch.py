@@ -63,7 +63,8 @@ def test_config_errors_name_the_field():
     c = load_config(arg="tiny")
     c.watch.update(source="coco", fit_fraction=1.0)
     assert validate.config_errors(c, 8) == ["config.watch.source must be one of ('', 'scenes', 'folder', 'coco_stuff', "
-                                            "'ade20k') ('' = no labels: agreement only), got 'coco'"]
+                                            "'ade20k'), got 'coco'",
+                                            "config.watch.fit_fraction must be in (0, 1), got 1.0"]
     c.watch.update(source="folder", images="/imgs")
     errors = validate.config_errors(c, 8)
     assert any("watch.labels (label PNGs) and watch.num_classes" in e for e in errors), errors

@@ -26,24 +26,22 @@ Cost: features of ~123k images are extracted once and stored as float16 memmaps 
 (B/16 at 224: 196 x 768 x 2 bytes = 0.3 MB per image, ~36 GB; labels 36 kB per image, ~4.4 GB), then the probe
 runs 5 x 3,540 steps. `:smoke` runs the same code on 64/16/32 images for a quick check.
 """
-import ml_collections
 from ml_collections import config_dict
+
+from lalign import config
 
 
 def get_config(arg: str = "full"):
     arg = arg or "full"
     if arg not in ("full", "smoke"):
         raise ValueError(f"configs/probe/coco_stuff.py takes 'full' or 'smoke', got {arg!r}.")
-    c = ml_collections.ConfigDict()
-    c.backbone = ""  # required: checkpoint path (see the docstring)
-    c.backbone_format = ""  # orbax | bigvision | hf | timm; "" = guessed from the path
+    # lalign's probe defaults (lalign/config.py, PROBE_SCHEMA: the paper's probe); what follows is what changes.
+    # `python -m lalign.config configs/probe/coco_stuff.py` lists every field.
+    c = config.probe_defaults()
+    # c.backbone: required, the checkpoint path (see the docstring); c.backbone_format "" = guessed from the path
     # ViT fields a checkpoint cannot tell (None = from the checkpoint / big_vision defaults).
     c.model = dict(variant=config_dict.placeholder(str), act=config_dict.placeholder(str),
                    ln_eps=config_dict.placeholder(float), num_heads=config_dict.placeholder(int))
-    c.compute_dtype = ""  # e.g. 'bfloat16' for feature extraction on accelerators; "" = float32
-    # A checkpoint of another grid than data.image_size's (DINOv2: 37x37 at 518 px): its position table resized
-    # as training resizes a teacher (checkpoints.load.fit_posemb; bicubic_antialias = timm's checkpoint filter).
-    c.posemb_resize = "bicubic_antialias"  # bicubic_antialias | bicubic | bilinear_antialias | none (refuse)
 
     c.data = dict(
         name="coco_stuff",
@@ -58,22 +56,12 @@ def get_config(arg: str = "full"):
         split_seed=0,
         num_threads=16,  # image decoding threads
     )
-    c.features = dict(batch_size=64, store="disk", dtype="float16")  # store: memory | disk (DIR/features/*.npy)
-    c.probe = dict(depth=2, epochs=5, batch_size=32, lr=1e-3, lr_min_ratio=0.1, warmup_steps=500, wd=0.01,
-                   seeds=(0,),
-                   # Deviation for small data only: warm-up = min(warmup_steps, warmup_fraction x all steps). The
-                   # paper's 500 steps stay exactly as they are on COCO-Stuff (17,705 steps) and ADE20K (2,850);
-                   # 5 epochs of CamVid's 367 images are 60 steps, all warm-up at 500 (lalign/probe/heads.py,
-                   # probe_schedule). None: warmup_steps alone.
-                   warmup_fraction=0.2,
-                   # Deviation: the epoch is chosen by validation mIoU, not by the paper's validation macro recall
-                   # (still the reported metric): recall is won by a probe that predicts every class everywhere
-                   # (lalign/probe/metrics.py, SELECT_BY). "recall" selects as the paper does.
-                   select_by="miou",
-                   # Largest evaluation chunk; the chunk is the smallest split rounded up to a power of two, within
-                   # what a training step's activations allow (lalign/probe/heads.py, eval_chunk).
-                   eval_batch_size=512)
-    c.image_probe = False  # logistic regression per class on pooled features (slow at COCO scale)
+    c.features.update(store="disk", dtype="float16")  # DIR/features/*.npy: COCO's features exceed memory
+    # Deviation for small data only: warm-up = min(warmup_steps, warmup_fraction x all steps). The paper's 500 steps
+    # stay exactly as they are on COCO-Stuff (17,705 steps) and ADE20K (2,850); 5 epochs of CamVid's 367 images
+    # are 60 steps, all warm-up at 500 (lalign/probe/heads.py, probe_schedule).
+    c.probe.warmup_fraction = 0.2
+    # (probe.select_by 'miou', the default, is a deviation too: lalign/config.py says why.)
 
     if arg == "smoke":
         c.data.update(num_train=64, num_val=16, num_test=32, num_threads=4)

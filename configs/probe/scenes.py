@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 
-import ml_collections
+from lalign import config
 
 
 def _demo(arg):
@@ -37,17 +37,12 @@ def get_config(arg: str = "full"):
             run = json.load(f)
         if run.get("data", {}).get("name") != "scenes":
             raise ValueError(f"{path}: the run's data is {run.get('data', {}).get('name')!r}, not 'scenes'.")
-    c = ml_collections.ConfigDict()
-    c.backbone = ""
-    c.backbone_format = ""
-    c.model = {}
-    c.compute_dtype = ""
+    c = config.probe_defaults()
     c.data = dict(run["data"], seed=run.get("seed", 0))
     c.data.digit_size = tuple(c.data.digit_size)
-    c.features = dict(batch_size=256, store="memory", dtype="float32")  # as the pipeline extracts them
-    probe = dict(run["probe"])
-    probe["seeds"] = tuple(probe["seeds"])
-    probe.setdefault("select_by", "recall")  # a run saved before the field chose its epochs by validation recall
-    c.probe = probe
+    c.features.batch_size = 256  # as the pipeline extracts them
+    c.probe.update(run["probe"], seeds=tuple(run["probe"]["seeds"]))
+    if "select_by" not in run["probe"]:  # a run saved before the field chose its epochs by validation recall
+        c.probe.select_by = "recall"
     c.image_probe = True
     return c

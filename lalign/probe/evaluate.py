@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from lalign import config as config_lib
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
 from lalign.metric_writer import format_duration
@@ -20,13 +21,12 @@ from lalign.probe.metrics import degenerate_warning, summarize_runs
 def extract_splits(features_fn: Callable, splits: dict[str, ProbeSplit], num_patches: int, width: int,
                    features_cfg=None, directory: str = "") -> tuple[dict, dict]:
     """({name: extracted}, {f'features_{name}_s': seconds}) for the 'train', 'val' and 'test' splits."""
-    fcfg = features_cfg or {}
+    fcfg = config_lib.completed(features_cfg or {}, config_lib.PROBE_SCHEMA["features"])
     extracted, times = {}, {}
     for name, split in splits.items():
         t0 = time.time()
         extracted[name] = extract_split(features_fn, split, num_patches, width,
-                                        batch_size=fcfg.get("batch_size", 64), store=fcfg.get("store", "memory"),
-                                        dtype=fcfg.get("dtype", "float32"),
+                                        batch_size=fcfg.batch_size, store=fcfg.store, dtype=fcfg.dtype,
                                         directory=os.path.join(directory, "features") if directory else "")
         times[f"features_{name}_s"] = time.time() - t0
         e = extracted[name]
@@ -44,8 +44,8 @@ def memory_line(splits: dict[str, ProbeSplit], num_patches: int, width: int, num
     """What the probe will hold: the feature store (in memory, or memmaps on disk read a piece at a time), the
     probe's parameters and optimizer state, and the larger of a training step's and an evaluation chunk's
     activations (`heads.probe_memory`)."""
-    fcfg = features_cfg or {}
-    store, dtype = fcfg.get("store", "memory"), np.dtype(fcfg.get("dtype", "float32"))
+    fcfg = config_lib.completed(features_cfg or {}, config_lib.PROBE_SCHEMA["features"])
+    store, dtype = fcfg.store, np.dtype(fcfg.dtype)
     n = sum(s.size for s in splits.values())
     c = next(iter(splits.values())).num_classes
     feats = n * num_patches * width * dtype.itemsize

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lalign import config as config_lib
 from lalign.log import info
 from lalign.models.token_heads import PatchProbe
-from lalign.probe.metrics import (DEFAULT_SELECT_BY, add_counts, improves, metrics_from_counts, patch_counts,
+from lalign.probe.metrics import (add_counts, improves, metrics_from_counts, patch_counts,
                                   selection_metric)
 
 
-EVAL_BATCH_SIZE = 512  # the largest evaluation chunk unless cfg.eval_batch_size says otherwise
 EVAL_BUDGET = 2**30  # an evaluation chunk's activations stay within max(this, a training step's)
 
 
@@ -25,7 +25,7 @@ def _pow2_ceil(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def eval_chunk(sizes, cap: int = EVAL_BATCH_SIZE, fit: int = 0) -> int:
+def eval_chunk(sizes, cap: int, fit: int = 0) -> int:
     """The one evaluation shape for splits of `sizes` examples: the smallest split rounded up to a power of two,
     at most `cap` and at most the power of two at or below `fit` (the rows that fit the memory budget; 0: no
     limit). A small split is padded to what it needs, not to `cap` (a 21-image split: 32 rows); a larger one runs
@@ -58,6 +58,8 @@ def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int,
     XLA:CPU's temporaries run 1.4-1.7x above this model (lalign/memory.py)."""
     from lalign.memory import block_saved  # cycle: lalign.memory imports lalign.train, which imports lalign.probe
 
+    cfg = config_lib.completed(cfg, config_lib.PROBE)
+
     t, d, c, b = num_patches, width, num_classes, 4
     f = 4 * d
     model = PatchProbe(num_classes=num_classes, num_heads=num_heads, depth=cfg.depth)
@@ -65,7 +67,7 @@ def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int,
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     step = (cfg.depth * block_saved(t, d, f, num_heads, b, 1) + b * t * d + 3 * b * t * c) * cfg.batch_size * num_seeds
     per_image_eval = b * t * (4 * d + f) + num_heads * t * t * (4 + b) + b * t * c * num_seeds
-    chunk = eval_chunk(eval_sizes, cfg.get("eval_batch_size", EVAL_BATCH_SIZE),
+    chunk = eval_chunk(eval_sizes, cfg.eval_batch_size,
                        fit=int(max(step, EVAL_BUDGET) // per_image_eval))
     return {"params": params, "state": 4 * b * params * num_seeds, "step": step, "chunk": chunk,
             "eval": per_image_eval * chunk}
@@ -79,9 +81,10 @@ def probe_schedule(cfg, num_train: int) -> dict:
     small data set (CamVid's 367 images: 60 steps) would never leave warm-up. At 0.2 the paper's 500 steps stay
     exactly as they are on COCO-Stuff and ADE20K (2,850 steps); unset, warm-up is `cfg.warmup_steps` alone.
     Always less than the total, so the cosine decay has a step."""
+    cfg = config_lib.completed(cfg, config_lib.PROBE)
     steps_per_epoch = math.ceil(num_train / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    warmup, fraction = int(cfg.warmup_steps), cfg.get("warmup_fraction")
+    warmup, fraction = int(cfg.warmup_steps), cfg.warmup_fraction
     sized = fraction and round(fraction * total) < warmup
     if sized:
         warmup = max(1, round(fraction * total))
@@ -157,9 +160,10 @@ def train_patch_probe_seeds(train, val, test, cfg, seeds, num_heads: int,
     mIoU by default; 'recall', the paper's metric, is an option: metrics.SELECT_BY says why not the default), and
     the test split is evaluated only at epochs where some seed's score improves (the result is the test metrics
     at the chosen epoch). `log(seed, record)` receives each seed's epoch record: epoch, loss, val_macro_recall,
-    val_miou, val_predicted_positive_rate."""
+    val_miou, val_predicted_positive_rate. Fields `cfg` leaves out take their defaults (lalign/config.py, PROBE)."""
+    cfg = config_lib.completed(cfg, config_lib.PROBE)
     seeds = list(seeds)
-    select_by = cfg.get("select_by", DEFAULT_SELECT_BY)
+    select_by = cfg.select_by
     score = selection_metric(select_by)
     x_train, y_train = train
     num_classes = y_train.shape[-1]

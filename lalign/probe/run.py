@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
+from lalign import config as config_lib
 from lalign import files
-from lalign.checkpoints.load import POSEMB_RESIZE
 from lalign.data.probe_splits import probe_splits
 from lalign.log import info
 from lalign.probe.evaluate import evaluate_backbone
@@ -19,16 +19,20 @@ from lalign.probe.metrics import convergence_warning, per_class_rows, per_class_
 
 
 def run(config, workdir: str) -> dict:
-    """The probe of one frozen backbone on `config.data`; writes `workdir/results.json` and `per_class.md`."""
+    """The probe of one frozen backbone on `config.data`; writes `workdir/results.json` and `per_class.md`. Fields
+    the config leaves out take their defaults (lalign/config.py, PROBE_SCHEMA); a bad one is an error here."""
     t_start = time.time()
+    config_lib.complete(config, config_lib.PROBE_SCHEMA)
+    errors = config_lib.errors(config, config_lib.PROBE_SCHEMA)
+    if errors:
+        raise ValueError("Invalid probe config (nothing was written): " + "; ".join(errors) + ".")
     os.makedirs(workdir, exist_ok=True)
     files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    model, params, path, fmt = load_backbone(config.backbone, config.get("backbone_format", ""),
-                                             dict(config.get("model") or {}))
+    model, params, path, fmt = load_backbone(config.backbone, config.backbone_format, dict(config.model))
     image_size = backbone_image_size(model, params, config.data.get("image_size", 0))
     patch = int(model.patch_size[0])
     # Another image size than the checkpoint's: its position table resized as training resizes a teacher's.
-    posemb_resize = config.get("posemb_resize", "") or POSEMB_RESIZE[0]
+    posemb_resize = config.posemb_resize
     params, resized_from = fit_to_image_size(model, params, image_size, posemb_resize)
     normalization = normalization_for(model, config.data.get("normalization", ""), path, fmt)
     size_note = ("config.data.image_size" if config.data.get("image_size", 0)
@@ -37,9 +41,9 @@ def run(config, workdir: str) -> dict:
          f"{image_size}px ({size_note}), normalization '{normalization}'")
     splits, class_names = probe_splits(config, image_size, patch, normalization)
     grid = image_size // patch
-    features_fn = make_features_fn(model, params, config.get("compute_dtype", ""))
+    features_fn = make_features_fn(model, params, config.compute_dtype)
     res = evaluate_backbone(features_fn, splits, grid * grid, model.width, model.num_heads, config.probe,
-                            image_probe=config.get("image_probe", False), features_cfg=config.get("features"),
+                            image_probe=config.image_probe, features_cfg=config.features,
                             directory=workdir)
     extracted, runs = res["extracted"], res["patch"]["runs"]
     results = {
