@@ -27,7 +27,7 @@ def main(argv):
     if not f.distributed and (f.coordinator_address or f.num_processes is not None or f.process_id is not None):
         raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
     if f.distributed:
-        from lalign import distributed
+        from lalign import distributed  # lazy: jax's distributed runtime only for a multi-host job
 
         distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
                                initialization_timeout_s=f.distributed_timeout,

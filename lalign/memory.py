@@ -45,6 +45,7 @@ an assumed MFU (`config.estimate.mfu`, 40% unless stated). An estimate, not a me
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from types import SimpleNamespace
@@ -52,6 +53,8 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
 from lalign import cli, maskembed, sharding
 from lalign import config as config_lib
@@ -256,13 +259,8 @@ def update_docstring(path: str, table: str) -> None:
 
 def main(argv):
     del argv
-    from absl import flags
-    from ml_collections import config_flags
-
     FLAGS = flags.FLAGS
     if FLAGS.shardings:
-        import json
-
         print(json.dumps(shardings(FLAGS.config, FLAGS.devices), indent=1))
         return
     table = report(FLAGS.config, FLAGS.devices, FLAGS.chip)
@@ -274,9 +272,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
     flags.DEFINE_integer("devices", None, "Number of devices (default: config.estimate.devices, else 256).")
     flags.DEFINE_string("chip", None, "Chip kind for HBM and peak FLOP/s (default: config.estimate.chip).")

@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lalign import sharding
+from lalign.data import segmentation as seg
 from lalign.data.images import device_normalize, run_normalization
+from lalign.data.scenes import scenes_from_config
 from lalign.log import info
 from lalign.probe.metrics import metrics_from_counts
 
@@ -264,8 +266,6 @@ def _source(config, opts: dict, patch_size: int):
     """(get(indices) -> (images (k, S, S, 3) float32, patch labels (k, P, C) uint8, readable (k,) bool), number
     of examples, a description)."""
     if opts["source"] == "scenes":
-        from lalign.data.scenes import scenes_from_config
-
         scenes = scenes_from_config(config.data, "probe_val", seed=config.seed)  # the run's own, as its probe
 
         def get_scenes(idx):
@@ -278,8 +278,6 @@ def _source(config, opts: dict, patch_size: int):
 
         n = opts["num_images"]
         return get_scenes, n, f"scenes/probe_val, {n} images"
-
-    from lalign.data import segmentation as seg
 
     kw = dict(image_size=config.data.image_size, patch_size=patch_size, label_rule=opts["label_rule"],
               min_pixels=opts["min_pixels"], normalization=_normalization(config))
@@ -307,10 +305,8 @@ def _source(config, opts: dict, patch_size: int):
 
 
 def _normalization(config) -> str:
-    from lalign.data.segmentation import NORMALIZATIONS
-
     name = config.data.get("normalization") or ""
-    if name not in NORMALIZATIONS:
+    if name not in seg.NORMALIZATIONS:
         raise ValueError(f"config.watch: the watch images need the run's normalization, but config.data."
-                         f"normalization is {name!r} (one of {sorted(NORMALIZATIONS)} expected).")
+                         f"normalization is {name!r} (one of {sorted(seg.NORMALIZATIONS)} expected).")
     return name
