@@ -13,6 +13,8 @@ the checkpoint with the best validation loss is kept.
 import ml_collections
 
 from lalign import config
+from lalign.data import image_folder as image_folder_source
+from lalign.data import images
 
 
 def check_arg(arg: str, path: str, choices=("full", "smoke")) -> str:
@@ -26,13 +28,12 @@ def image_folder(image_size: int, normalization: str = "", **kw) -> dict:
     """config.data for an image folder (ImageNet-21k in class folders), the reference's training augmentation.
     normalization "" (or "auto"): the teacher checkpoint's, as the reference takes it from the teacher's timm
     pretrained_cfg (lalign/pipeline.py: resolve_normalization); a name (siglip | clip | imagenet) overrides it."""
-    return dict(dict(name="image_folder", path="", val_path="", num_val=10_240, file_list="", image_size=image_size,
-                     normalization=normalization, train_crop_mode="rkrc", interpolation="bicubic",
-                     # the reference's --train-interpolation random: bilinear or bicubic per training image
-                     train_interpolation="random",
-                     crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, val_crop_fraction=1.0,
-                     # grain worker processes decoding (0: threads of the training process); steps read ahead
-                     num_workers=0, prefetch=4), **kw)
+    # Every option at the source's default (lalign/data/images.py COMMON_OPTIONS: the reference's rkrc crop with
+    # bilinear or bicubic at random per training image, flip; image_folder.py OPTIONS), so each can be overridden
+    # from the command line. `seed` (another data order than the run's) and `patch_size` (the scenes') are left out.
+    common = {k: v for k, v in images.COMMON_OPTIONS.items() if k not in ("seed", "patch_size")}
+    return {"name": "image_folder", **common, **image_folder_source.OPTIONS, "image_size": image_size,
+            "normalization": normalization, "num_val": 10_240, **kw}
 
 
 def maskembed_imagenet21k(*, image_size: int, lr: float, model: dict, normalization: str = "",
