@@ -78,7 +78,7 @@ from lalign import softcap
 from lalign.checkpoints import formats, hf, hub, hub_files, vlm
 from lalign.checkpoints.common import grid_of, model_fields, to_layout
 from lalign.checkpoints.formats import decoder_path, save_decoder
-from lalign.checkpoints.load import checkpoint_normalization, load_any, load_with_decoder
+from lalign.checkpoints.load import checkpoint_normalization, guess_format, load_any, load_with_decoder
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": ml_dtypes.bfloat16, "float16": np.dtype(np.float16)}
 
@@ -269,7 +269,9 @@ def main(argv=None) -> int:
         written={"output": args.output, "to": args.to, "model": model_fields(model)},
         decoder=decoder if fmt.writes_decoder else None)
     if fmt.hub_folder(args.output):  # what the hub files state: preprocessing, the run
-        job.source = hub_files.describe_source(args.input, args.src, model, tower=args.tower, output=args.output)
+        job.source = hub_files.describe_source(
+            args.input, formats.reader(args.src or guess_format(args.input)),
+            lambda: checkpoint_normalization(args.input, args.src, tower=args.tower), model, output=args.output)
     if softcap_stats:
         job.written["softcap_dropped"] = softcap_stats
     fmt.write(job)

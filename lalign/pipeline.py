@@ -26,8 +26,9 @@ from lalign import sharding
 from lalign import validate
 from lalign import workdir as workdir_lib
 from lalign.checkpoints import hub
-from lalign.checkpoints.load import (AUTO_NORMALIZATION, RESOLVED, checkpoint_normalization, family_normalization,
-                                     vit_record)
+from lalign.checkpoints.load import checkpoint_normalization
+from lalign.checkpoints.normalization import AUTO_NORMALIZATION, family_normalization
+from lalign.checkpoints.records import RESOLVED, vit_record
 from lalign.config import STAGES
 from lalign.log import info
 from lalign.models.vit import vit_from_config
@@ -70,7 +71,7 @@ def resolve_normalization(config) -> Optional[dict]:
 def resolved_record(config, teacher, normalization: Optional[dict]) -> dict:
     """What a workdir records beside config.json (`RESOLVED`): every field of the teacher and of the student its
     run builds (`maskembed.make_maskembed_model`), the normalization and image size, and where the teacher came
-    from. `lalign.export` and `lalign.probe` read it before anything else (checkpoints/load.py)."""
+    from. `lalign.export` and `lalign.probe` read it before anything else (checkpoints/records.py)."""
     student = maskembed.make_maskembed_model(teacher, config.maskembed).student
     source = ({"path": "pretrain"} if "pretrain" in config.stages else
               {"path": "random"} if config.init_from == "random" else teacher_source(config))

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from lalign import files
 from lalign.checkpoints.common import MODEL_FIELDS, STRUCTURAL, to_layout
-from lalign.checkpoints.load import (COMPUTE_FIELDS, contradictions, fit_posemb, guess_format,
-                                     load_any, records_model, vit_record)
+from lalign.checkpoints.load import fit_posemb, guess_format, load_any, records_model
+from lalign.checkpoints.records import COMPUTE_FIELDS, contradictions, vit_record
 from lalign.log import info
 from lalign.models.vit import decode_variant, vit_from_config
 from lalign.pretrain import pretrain_teacher

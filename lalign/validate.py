@@ -13,7 +13,8 @@ from etils import epath
 
 from lalign import config as config_lib
 from lalign import sharding, watch
-from lalign.checkpoints.load import AUTO_NORMALIZATION, COMPUTE_FIELDS, RESOLVED
+from lalign.checkpoints.normalization import AUTO_NORMALIZATION
+from lalign.checkpoints.records import COMPUTE_FIELDS, RESOLVED
 from lalign.data.images import NORMALIZATION
 from lalign.optim import peak_lr
 

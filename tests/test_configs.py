@@ -12,7 +12,7 @@ from conftest import ROOT, load_config
 from PIL import Image
 
 from lalign import maskembed, memory, pipeline
-from lalign.checkpoints.load import family_normalization
+from lalign.checkpoints.normalization import family_normalization
 from lalign.configs.demo_ablations import SETTINGS
 from lalign.models.vit import vit_from_config
 
@@ -24,7 +24,7 @@ EXPECTED = {  # name: (variant, image size, lr, pool, family)
     "clip_b16": ("B/16", 224, 3e-4, "tok", "clip"),
     "dinov2_b14": ("B/14", 224, 3e-4, "tok", "dinov2"),  # the reference's configs/dinov2-vit-b.yaml
 }
-# The normalization a teacher of each family gets where its checkpoint states none (checkpoints/load.py).
+# The normalization a teacher of each family gets where its checkpoint states none (checkpoints/normalization.py).
 FAMILY_NORMALIZATION = {"siglip": "siglip", "clip": "clip", "dinov2": "imagenet"}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lalign import export, files
-from lalign.checkpoints import bigvision, load
+from lalign.checkpoints import bigvision, load, manager
 from lalign.models.vit import ViT
 
 
@@ -145,7 +145,7 @@ def test_flipped_bytes_in_the_newest_checkpoint_fall_back_to_the_previous_step(t
     changed = _flip_bytes(latest / "6", seed=1)
     with pytest.raises(ValueError, match=rf"failed verification against .*checksums/latest/6.json: "
                                          rf"{re.escape(changed[0])} "):
-        load.restore_verified(str(latest / "6"))
+        manager.restore_verified(str(latest / "6"))
 
 
 def test_no_checkpoint_verifies_is_a_clear_error(tiny_config, teacher, tmp_path):

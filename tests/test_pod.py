@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lalign import config as config_lib, distributed, rehearse
-from lalign.checkpoints.load import restore_verified
+from lalign.checkpoints.manager import restore_verified
 
 CONFIG = "configs/siglip_so400m.py:smoke_folder"
 STEPS = 10

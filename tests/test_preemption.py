@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lalign import distributed
-from lalign.checkpoints.load import restore_verified
+from lalign.checkpoints.manager import restore_verified
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/demo.py:tiny", "--config.stages=('pretrain','maskembed')", "--config.total_steps=30",

@@ -13,7 +13,7 @@ import pytest
 
 from lalign import export
 from lalign.checkpoints import load, verify
-from lalign.checkpoints.manager import CheckpointError, Checkpoints
+from lalign.checkpoints.manager import CheckpointError, Checkpoints, restore_verified
 from lalign.models.vit import ViT
 
 VIT = dict(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(4, 4), pool_type="none")
@@ -64,7 +64,7 @@ def test_a_step_without_its_record_falls_back_and_the_note_says_what_a_restart_d
     ckpts = _saved(tmp_path, student)
     _record(tmp_path, 2).unlink()  # its bytes may be anything: nothing says what step 2 held
     with pytest.raises(ValueError, match=r"/2/default was saved with a checksum record, and the record is missing"):
-        load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))  # export refuses it too
+        restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))  # export refuses it too
     note = ckpts.resume_note()
     assert "step 1 " in note, note
     with pytest.warns(UserWarning, match=r"Resuming from step 1, the newest checkpoint that verifies; Step 2 .* "
@@ -80,7 +80,7 @@ def test_a_step_an_older_lalign_wrote_is_restored_unverified_and_the_note_says_s
     for step in (1, 2):  # as lalign wrote steps before checksums: no record, no marker in the step's metadata
         ckpts.latest.save(step, args=ocp.args.PyTreeSave(_state(step, student)), force=True)
     ckpts.wait()
-    assert int(load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))["step"]) == 2  # export reads it
+    assert int(restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))["step"]) == 2  # export reads it
     note = ckpts.resume_note()
     assert "step 2 " in note and "unverified" in note, note
     with pytest.warns(UserWarning, match=r"/2 has no checksum record \(saved by an older lalign\): restored "
@@ -94,7 +94,7 @@ def test_a_truncated_record_is_a_verification_failure_naming_the_file(tmp_path, 
     record = _record(tmp_path, 2)
     record.write_text(record.read_text()[:95])  # a torn write or copy
     with pytest.raises(ValueError, match=rf"{re.escape(str(record))} cannot be read"):
-        load.restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))
+        restore_verified(str(tmp_path / "checkpoints" / "latest" / "2"))
     with pytest.warns(UserWarning, match=rf"Step 2 .* failed verification .*: its checksum record "
                                          rf"{re.escape(str(record))} cannot be read \(JSONDecodeError"):
         _, state = _restart(tmp_path, student)
@@ -120,7 +120,7 @@ def test_damaged_steps_are_quarantined_not_deleted_and_their_params_export(tmp_p
 
     # the whole step refuses to load; its params alone verify and export
     with pytest.raises(ValueError, match=r"failed verification .*" + re.escape(damaged[2])):
-        load.restore_verified(str(quarantine / "2"))
+        restore_verified(str(quarantine / "2"))
     out = tmp_path / "student_params"
     assert export.cli(["--input", str(quarantine / "2"), "--output", str(out), "--to", "orbax", "--params-only",
                        "--num-heads", "2"]) == 0

@@ -13,7 +13,7 @@ from conftest import load_config
 from PIL import Image
 
 from lalign import export, pipeline, teacher as teacher_lib, validate
-from lalign.checkpoints import bigvision, load
+from lalign.checkpoints import bigvision, load, normalization
 from lalign.models.vit import ViT
 
 from interop import TOL, images, maxdiff, nchw, randomize_torch
@@ -96,7 +96,7 @@ def test_big_vision_npz_normalization_is_its_family(fields, expected, tmp_path):
     params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8, 8, 3)))["params"]
     bigvision.save_npz(str(tmp_path / "m.npz"), params)
     assert load.checkpoint_normalization(str(tmp_path / "m.npz"))[0] == expected
-    assert load.family_normalization(model)[0] == expected
+    assert normalization.family_normalization(model)[0] == expected
 
 
 def _image_folder(root):

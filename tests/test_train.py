@@ -148,7 +148,7 @@ def test_best_checkpoint_keeps_only_the_params_of_the_lowest_val_loss(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_checkpoint(tiny_config, teacher, tmp_path, monkeypatch):
     """Batches turn to NaN after step 2 (its checkpoint saved): the run stops naming the step, step 2 stays on disk,
     finite and verified, and a restart resumes from it."""
-    from lalign.checkpoints.load import restore_verified
+    from lalign.checkpoints.manager import restore_verified
 
     source = data_lib.image_source
 

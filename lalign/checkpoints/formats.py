@@ -7,7 +7,9 @@ A `Format` names its steps; `lalign.checkpoints.load` (`guess_format`, `load_any
 `records_model`, `checkpoint_normalization`) and `lalign.export` (--from, --to, the decoder's place, the head
 --head-from gives) are drivers that look a format up here and never name one. A new format is a record and its
 functions registered here (`register(Format(...))`; code that imports this module may register one too), its
-parameter names as a table of `mapping.Rule`s (as hf.py, timm.py, open_clip.py), and its tests.
+parameter names as a table of `mapping.Rule`s (as hf.py, timm.py, open_clip.py), and its tests. The records build on
+`records` (the model a checkpoint or its workdir records, and the fields given checked against it), `normalization`
+(lalign's names of the pixel statistics a checkpoint states) and `hub_files` (what an export writes beside weights).
 
 Detection tries the records in the order they are registered; a `fallback` record (orbax: any directory) only
 where no other claims the path.
@@ -25,9 +27,13 @@ import jax
 import numpy as np
 
 from lalign import log
-from lalign.checkpoints import bigvision, hf, hub_files, load, open_clip, timm, vlm
+from lalign.checkpoints import bigvision, hf, hub_files, open_clip, timm, vlm
 from lalign.checkpoints.common import check_params, flatten, infer_model, model_fields, open_safetensors, to_layout
-from lalign.checkpoints.manager import save_params
+from lalign.checkpoints.manager import restore_verified, save_params
+from lalign.checkpoints.normalization import (AUTO_NORMALIZATION, family_normalization, family_of_names,
+                                              named_normalization)
+from lalign.checkpoints.records import (RESOLVED, agree_with_record, read_json, unrecorded_fields, vit_record,
+                                        workdir_record)
 from lalign.files import write_atomically, write_text
 from lalign.models.vit import ViT
 
@@ -71,6 +77,8 @@ class Format:
     weights(path) -> the file read for `path` (a hub folder's weights file).
     records(path) -> what records the whole model of the checkpoint (None: the shapes and the fields given make it).
     normalization(path, *, tower) -> (lalign normalization name, where it comes from).
+    workdir(path) -> the record of the lalign run whose workdir holds the checkpoint (`records.workdir_record`;
+      {"kind": None, "config": {}} for a format no run writes): its preprocessing and training for the hub files.
     write(Export): writes the output (staged, renamed into place) and notes what it wrote.
     problems(model) -> why a ViT cannot be written as this format (empty: it can).
     holds_softcap: its attention can hold the MaskEmbed attention soft-cap (else measured and dropped first).
@@ -90,6 +98,7 @@ class Format:
     weights: Callable[[str], str] = lambda path: path
     records: Callable[[str], Optional[str]] = lambda path: None
     normalization: Optional[Callable[..., tuple]] = None
+    workdir: Callable[[str], dict] = lambda path: {"kind": None, "config": {}}
     write: Optional[Callable[[Export], None]] = None
     problems: Callable[[ViT], list] = lambda model: []
     holds_softcap: bool = False
@@ -206,18 +215,82 @@ def _lalign_metadata(path: str) -> Optional[str]:
 def _config_beside(path: str, name: str) -> tuple[str, dict]:
     """(path, contents or {}) of the file `name` beside the weights file `path`."""
     beside = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-    return beside, (load.read_json(beside) if os.path.isfile(beside) else {})
+    return beside, (read_json(beside) if os.path.isfile(beside) else {})
 
 
 # ------------------------------------------------------------------------------------------ orbax
+def _restore_orbax(path: str, params_only: bool = False):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No orbax checkpoint directory at {path}.")
+    return restore_verified(path, params_only)
+
+
+def _orbax_model(tree, path: str, fields: dict, quiet: bool, recorded_wins: bool = False) -> tuple[ViT, dict]:
+    """(ViT, params) of a restored orbax tree: a params tree, or a training checkpoint's aligned student."""
+    student = False
+    if "params" in tree and isinstance(tree["params"], dict):
+        tree = tree["params"]
+    if "student" in tree:
+        tree, student = tree["student"], True
+    rec = workdir_record(path)
+    recorded = None
+    if rec["kind"] == "sidecar":
+        recorded = rec["model"]
+    elif rec["kind"] == "resolved":
+        recorded = rec["record"].get("student" if student else "teacher")
+    if recorded is not None:
+        f = {k: v for k, v in recorded.items() if k != "scan"}  # the layout is the parameters'
+        f.update(agree_with_record(fields, recorded, rec["source"], recorded_wins, quiet))
+        if not quiet:
+            log.note(f"[load] model from {rec['source']}" + (" (the aligned student)" if student else ""))
+        return infer_model(tree, **f), tree
+    f = {}
+    if rec["kind"] == "config":
+        cfg = rec["config"]
+        f = _legacy_teacher_fields(cfg, rec["source"], quiet)
+        if f is None:
+            f = {k: v for k, v in cfg.get("model", {}).items() if k != "scan"}
+            if not quiet:
+                log.note(f"[load] model fields from {rec['source']}")
+        if student:
+            f["attn_softcap"] = (cfg.get("maskembed") or {}).get("attn_softcap")
+            f["pool_type"] = "none"
+    f.update(fields)
+    return infer_model(tree, **f), tree
+
+
+def _legacy_teacher_fields(cfg: dict, source: str, quiet: bool) -> Optional[dict]:
+    """For a workdir from before resolved.json: the teacher's own record where its checkpoint records the model
+    (a HF directory), whose config.json "model" section the run did not use; None where that section is what the
+    run used (or the teacher is not here to tell)."""
+    init = cfg.get("init_from") or ""
+    if not init or init == "random" or "pretrain" in (cfg.get("stages") or ()):
+        return None
+    if not os.path.exists(init):
+        if not quiet:
+            log.note(f"[load] WARNING: {source} is from before {RESOLVED} and its teacher {init} is not here: the "
+                     f"model fields are its config's, which a teacher that records its own model (a HF directory) "
+                     f"overrode in training; check act and ln_eps, or pass them (--model)")
+        return None
+    fmt = reader(cfg.get("init_format") or detect(init))
+    weights = fmt.weights(init)
+    if fmt.records(weights) is None:
+        return None
+    teacher, _ = fmt.read(weights, {}, quiet=True)
+    if not quiet:
+        log.note(f"[load] model fields from the teacher {init} that {source} names (its run took the model from "
+                 f"there, not from the config's model section)")
+    return {k: v for k, v in vit_record(teacher).items() if k not in ("scan", "pool_type", "num_classes")}
+
+
 def _read_orbax(path: str, fields: dict, *, tower: str = "img", quiet: bool = False, recorded_wins: bool = False):
-    return load.orbax_model(load.restore_orbax(path), path, fields, quiet, recorded_wins)
+    return _orbax_model(_restore_orbax(path), path, fields, quiet, recorded_wins)
 
 
 def _read_orbax_decoder(path: str, fields: dict, *, tower: str = "img", quiet: bool = False,
                         params_only: bool = False):
-    tree = load.restore_orbax(path, params_only)
-    model, params = load.orbax_model(tree, path, fields, quiet)
+    tree = _restore_orbax(path, params_only)
+    model, params = _orbax_model(tree, path, fields, quiet)
     params_tree = tree["params"] if isinstance(tree.get("params"), dict) else tree
     decoder = ({"proj": params_tree["proj"], "decoder": params_tree["decoder"]}
                if "decoder" in params_tree and "proj" in params_tree else None)
@@ -225,28 +298,28 @@ def _read_orbax_decoder(path: str, fields: dict, *, tower: str = "img", quiet: b
 
 
 def _orbax_records(path: str) -> Optional[str]:
-    rec = load.workdir_record(path)
+    rec = workdir_record(path)
     return rec["source"] if rec["kind"] in ("sidecar", "resolved") else None
 
 
 def _orbax_normalization(path: str, *, tower: str = "img") -> tuple[str, str]:
     """The normalization an orbax checkpoint's record states (its run trained with), else its family's."""
-    rec = load.workdir_record(path)
+    rec = workdir_record(path)
     if rec["kind"] == "sidecar":
         if rec.get("normalization"):
             return rec["normalization"], rec["source"]
-        return load.family_normalization(rec["model"])
+        return family_normalization(rec["model"])
     if rec["kind"] == "resolved":
         name = (rec["record"].get("data") or {}).get("normalization")
         if name:
             return name, f"{rec['source']} (what its run trained with)"
-        return load.family_normalization(rec["record"].get("teacher") or {})
+        return family_normalization(rec["record"].get("teacher") or {})
     cfg = rec["config"]
     name = (cfg.get("data") or {}).get("normalization")
-    if name and name not in load.AUTO_NORMALIZATION:
+    if name and name not in AUTO_NORMALIZATION:
         return name, f"{rec['source']} data.normalization (what its run trained with)"
     model, _ = _read_orbax(path, {}, quiet=True)
-    return load.family_normalization(model)
+    return family_normalization(model)
 
 
 def _model_json(output: str) -> str:
@@ -266,7 +339,7 @@ def _params_to_write(job: Export):
 
 def _write_orbax(job: Export) -> None:
     """A params dir, and OUTPUT.model.json: the model's fields and the normalization, read back by
-    `load.workdir_record` (the probe, a run's init_from)."""
+    `records.workdir_record` (the probe, a run's init_from)."""
     params, scan = _params_to_write(job)
     write_atomically(job.output, lambda stage: save_params(stage, params))
     record = dict(model_fields(job.model), scan=scan)
@@ -278,8 +351,8 @@ def _write_orbax(job: Export) -> None:
 
 
 register(Format("orbax", detect=os.path.isdir, fallback=True, read=_read_orbax, read_decoder=_read_orbax_decoder,
-                records=_orbax_records, normalization=_orbax_normalization, write=_write_orbax, holds_softcap=True,
-                sidecars=lambda output: [_model_json(output)]))
+                records=_orbax_records, normalization=_orbax_normalization, workdir=workdir_record, write=_write_orbax,
+                holds_softcap=True, sidecars=lambda output: [_model_json(output)]))
 
 
 # ------------------------------------------------------------------------------------------ big_vision
@@ -293,7 +366,7 @@ def _bigvision_normalization(path: str, *, tower: str = "img") -> tuple[str, str
     with np.load(path, allow_pickle=False) as npz:
         names = list(npz.files)
     tower_names = [n for n in names if n.startswith((f"params/{tower}/", f"{tower}/"))]
-    return load.family_normalization(load.family_of_names(tower_names or names))
+    return family_normalization(family_of_names(tower_names or names))
 
 
 def _write_bigvision(job: Export) -> None:
@@ -313,16 +386,16 @@ def _is_timm(path: str) -> bool:
     "architecture")."""
     files = _hub_folder_files(path, "timm")
     if files:
-        return "architecture" in load.read_json(files[0])
+        return "architecture" in read_json(files[0])
     return _is_safetensors(path, open_clip_names=False)
 
 
 def _read_timm(path: str, fields: dict, *, tower: str = "img", quiet: bool = False, recorded_wins: bool = False):
     if "lalign_vit" in timm.read_metadata(path):  # written by lalign: the file records the model
         model, params = timm.from_timm(path)
-        load.agree_with_record(fields, load.vit_record(model), f"{path} (its lalign metadata)", recorded_wins, quiet)
+        agree_with_record(fields, vit_record(model), f"{path} (its lalign metadata)", recorded_wins, quiet)
         return model, params
-    return timm.from_timm(path, **load.unrecorded_fields(fields))
+    return timm.from_timm(path, **unrecorded_fields(fields))
 
 
 def _timm_normalization(path: str, *, tower: str = "img") -> tuple[str, str]:
@@ -330,12 +403,12 @@ def _timm_normalization(path: str, *, tower: str = "img") -> tuple[str, str]:
     beside, cfg = _config_beside(path, "config.json")
     pc = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else cfg
     if "architecture" in cfg and "mean" in pc and "std" in pc:  # the layout of timm's hub repositories
-        return load.named_normalization(pc["mean"], pc["std"], beside), f"{beside} pretrained_cfg mean/std"
+        return named_normalization(pc["mean"], pc["std"], beside), f"{beside} pretrained_cfg mean/std"
     meta = timm.read_metadata(path)
     if "lalign_vit" in meta:
-        return load.family_normalization(json.loads(meta["lalign_vit"]))
+        return family_normalization(json.loads(meta["lalign_vit"]))
     with open_safetensors(path) as f:
-        return load.family_normalization(load.family_of_names(f.keys()))
+        return family_normalization(family_of_names(f.keys()))
 
 
 def _write_timm(job: Export) -> None:
@@ -360,14 +433,14 @@ def _is_open_clip(path: str) -> bool:
 
 def _read_open_clip(path: str, fields: dict, *, tower: str = "img", quiet: bool = False,
                     recorded_wins: bool = False):
-    return open_clip.from_open_clip(path, **load.unrecorded_fields(fields, "pool_type"))
+    return open_clip.from_open_clip(path, **unrecorded_fields(fields, "pool_type"))
 
 
 def _open_clip_normalization(path: str, *, tower: str = "img") -> tuple[str, str]:
     beside, cfg = _config_beside(path, open_clip.CONFIG_FILE)
     pc = cfg.get("preprocess_cfg") or {}
     if "mean" in pc and "std" in pc:
-        return load.named_normalization(pc["mean"], pc["std"], beside), f"{beside} preprocess_cfg mean/std"
+        return named_normalization(pc["mean"], pc["std"], beside), f"{beside} preprocess_cfg mean/std"
     return "clip", "open_clip's default (OpenAI CLIP statistics)"
 
 
@@ -395,7 +468,7 @@ def _is_hf(path: str) -> bool:
 
 def _read_hf(path: str, fields: dict, *, tower: str = "img", quiet: bool = False, recorded_wins: bool = False):
     model, params = hf.from_hf(path)
-    load.agree_with_record(fields, load.vit_record(model), os.path.join(path, "config.json"), recorded_wins, quiet)
+    agree_with_record(fields, vit_record(model), os.path.join(path, "config.json"), recorded_wins, quiet)
     return model, params
 
 
@@ -407,12 +480,12 @@ def _hf_normalization(path: str, *, tower: str = "img") -> tuple[str, str]:
     """preprocessor_config.json's image_mean / image_std, else the model_type's family's."""
     pre = os.path.join(path, "preprocessor_config.json")
     if os.path.isfile(pre):
-        p = load.read_json(pre)
+        p = read_json(pre)
         if p.get("do_normalize", True) is False:
-            return load.named_normalization(0.0, 1.0, f"{pre} (do_normalize false)"), pre
+            return named_normalization(0.0, 1.0, f"{pre} (do_normalize false)"), pre
         if "image_mean" in p and "image_std" in p:
-            return load.named_normalization(p["image_mean"], p["image_std"], pre), f"{pre} image_mean/image_std"
-    mt = load.read_json(os.path.join(path, "config.json")).get("model_type", "")
+            return named_normalization(p["image_mean"], p["image_std"], pre), f"{pre} image_mean/image_std"
+    mt = read_json(os.path.join(path, "config.json")).get("model_type", "")
     for family, name in HF_FAMILY_NORMALIZATION:
         if mt.startswith(family):
             return name, f"{path}: model_type {mt!r} (no preprocessor_config.json)"

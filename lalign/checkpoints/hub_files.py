@@ -10,7 +10,7 @@ and to build the model, and a model card.
 
 Preprocessing is lalign's evaluation preprocessing (lalign/data/images.py): a centre square of `val_crop_fraction`
 of the short side, resized to the model's size with `interpolation` (bicubic by default), scaled by 1/255 and
-normalized with the statistics the run trained with (`checkpoint_normalization`: a workdir's record, a HF
+normalized with the statistics the run trained with (`load.checkpoint_normalization`: a workdir's record, a HF
 preprocessor_config.json, a timm/open_clip config beside the file). Where the checkpoint states none (synthetic
 scenes, a big_vision npz) it is the family's default (SigLIP [-1, 1], CLIP's, DINOv2's ImageNet statistics), and
 the export says so in one line and in the card. SiglipImageProcessor resizes the whole image to a square (as the
@@ -23,11 +23,11 @@ import json
 import math
 import os
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 from lalign import log
 from lalign.checkpoints import open_clip, timm
-from lalign.checkpoints.load import checkpoint_normalization, family_normalization, guess_format, workdir_record
+from lalign.checkpoints.normalization import family_normalization
 from lalign.data.images import COMMON_OPTIONS, INTERPOLATIONS, NORMALIZATION
 from lalign.files import write_text
 from lalign.metric_writer import read_records
@@ -77,10 +77,13 @@ class Source:
         return list(NORMALIZATION[self.normalization][1])
 
 
-def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img", output: str = "EXPORT_DIR") -> Source:
-    """The preprocessing and run of the checkpoint at `path` (read from its records, no weights)."""
+def describe_source(path: str, fmt, normalization: Callable[[], tuple[str, str]], model, *,
+                    output: str = "EXPORT_DIR") -> Source:
+    """The preprocessing and run of the checkpoint at `path` (read from its records, no weights). `fmt`: its input
+    format's record (`formats.Format`), whose `workdir` finds the run that wrote it; `normalization()`: what the
+    checkpoint states (`load.checkpoint_normalization`), `model`'s family's where that has no lalign name."""
     try:
-        name, why = checkpoint_normalization(path, fmt, tower=tower)
+        name, why = normalization()
     except ValueError as e:  # statistics with no lalign name
         name, why = family_normalization(model)
         why = f"{why}; {e}"
@@ -89,28 +92,27 @@ def describe_source(path: str, fmt: Optional[str], model, *, tower: str = "img",
         log.note(f"[export] {path} states no pixel normalization: the hub files use the family default "
                  f"{name!r} ({why})")
     src = Source(input=path, normalization=name, normalization_source=why, stated=stated, output=output)
-    if (fmt or guess_format(path)) == "orbax":
-        rec = workdir_record(path)
+    rec = fmt.workdir(path)
+    if rec["kind"] in ("resolved", "config"):  # in a lalign run's workdir
         # a training checkpoint step (WORKDIR/checkpoints/KIND/STEP) is the run's aligned student; other params in
         # a workdir (its teacher/params) take the run's preprocessing but not its training record
-        step_dir = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(rec.get("source") or path)))
-        if rec["kind"] in ("resolved", "config"):
-            if step_dir.split(os.sep)[0] == "checkpoints":
-                src.workdir = os.path.dirname(rec["source"])
-            src.config = rec["config"]
-            data = src.config.get("data") or {}
-            src.interpolation = data.get("interpolation") or COMMON_OPTIONS["interpolation"]
-            src.crop_fraction = float(data.get("val_crop_fraction") or COMMON_OPTIONS["val_crop_fraction"])
-            # the teacher as the run was given it (a hub id, not its local copy)
-            init = ((rec.get("record") or {}).get("init_from") or {}).get("source") or src.config.get("init_from")
-            if "pretrain" in (src.config.get("stages") or ()) or init in (None, "", "pretrain"):
-                src.teacher_note = "pretrained from scratch by the same run (lalign's pretrain stage)"
-            elif init == "random":
-                src.teacher_note = "randomly initialized"
-            else:
-                src.teacher = init
-            base = os.path.basename(os.path.normpath(path))
-            src.step = int(base) if base.isdigit() and src.workdir else None
+        step_dir = os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.abspath(rec["source"])))
+        if step_dir.split(os.sep)[0] == "checkpoints":
+            src.workdir = os.path.dirname(rec["source"])
+        src.config = rec["config"]
+        data = src.config.get("data") or {}
+        src.interpolation = data.get("interpolation") or COMMON_OPTIONS["interpolation"]
+        src.crop_fraction = float(data.get("val_crop_fraction") or COMMON_OPTIONS["val_crop_fraction"])
+        # the teacher as the run was given it (a hub id, not its local copy)
+        init = ((rec.get("record") or {}).get("init_from") or {}).get("source") or src.config.get("init_from")
+        if "pretrain" in (src.config.get("stages") or ()) or init in (None, "", "pretrain"):
+            src.teacher_note = "pretrained from scratch by the same run (lalign's pretrain stage)"
+        elif init == "random":
+            src.teacher_note = "randomly initialized"
+        else:
+            src.teacher = init
+        base = os.path.basename(os.path.normpath(path))
+        src.step = int(base) if base.isdigit() and src.workdir else None
     return src
 
 

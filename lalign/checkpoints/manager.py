@@ -312,6 +312,35 @@ def restore_arrays(path: str, only: Optional[str] = None):
             item=tree if only is not None else None, restore_args=args, partial_restore=only is not None))
 
 
+def restore_verified(path: str, params_only: bool = False):
+    """An orbax tree as numpy arrays; a training checkpoint step is verified against its checksum record.
+    `params_only`: `{'params': ...}` of a training checkpoint step alone, verified against the record's entries for
+    it, whatever the rest of the step holds (a quarantined step whose optimizer state is damaged)."""
+    path = absolute(path)
+    if os.path.isdir(os.path.join(path, "default")):  # a CheckpointManager step dir
+        path = os.path.join(path, "default")
+    record = verify.for_step_dir(path)
+    if params_only and record is None:
+        raise ValueError(f"--params-only: {path} has no checksum record to verify its params against (a training "
+                         f"checkpoint step has checksums/<latest|best>/STEP.json, a quarantined one checksums.json).")
+    if record is None and verify.saved_with_record(os.path.dirname(path)):
+        raise ValueError(f"{path} was saved with a checksum record, and the record is missing: it cannot be verified "
+                         f"(treated as damaged, as a resuming run treats it). Use another step.")
+    tree = restore_arrays(path, only="params" if params_only else None)
+    if record is not None:
+        try:
+            expected = verify.read(record)
+            if params_only and expected is not None:
+                expected = {k: v for k, v in expected.items() if k.startswith("params/")}
+            problems = verify.mismatches(expected, verify.host_record(tree))
+            why = "Its bytes changed after it was saved; use another step."
+        except verify.RecordError as e:
+            problems, why = [str(e)], "Nothing says what the step held; use another step."
+        if problems:
+            raise ValueError(f"{path} failed verification against {record}: {'; '.join(problems[:5])}. {why}")
+    return tree
+
+
 def load_params(path: str, like=None):
     """Restores a params pytree saved by `save_params`; with `like`, shapes are checked against it."""
     path = absolute(path)

@@ -12,8 +12,8 @@ import numpy as np
 
 from lalign.checkpoints import hub
 from lalign.checkpoints.common import grid_of, patch_rows, square_grid
-from lalign.checkpoints.load import (AUTO_NORMALIZATION, POSEMB_RESIZE, checkpoint_normalization,
-                                    family_normalization, fit_posemb, guess_format, load_any)
+from lalign.checkpoints.load import POSEMB_RESIZE, checkpoint_normalization, fit_posemb, guess_format, load_any
+from lalign.checkpoints.normalization import AUTO_NORMALIZATION, family_normalization
 from lalign.data.images import device_normalize
 from lalign.data.probe_splits import ProbeSplit
 from lalign.log import info
