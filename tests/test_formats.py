@@ -1,6 +1,7 @@
 """Formats are records in one table (lalign/checkpoints/formats.py): a format registered there is detected, read,
 normalized and written by the drivers (lalign.checkpoints.load, lalign.export) with no other change."""
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from interop import SIGLIP, assert_same_tree, make
 from lalign import export
-from lalign.checkpoints import bigvision, formats, load
+from lalign.checkpoints import bigvision, formats, load, records
 from lalign.checkpoints.common import flatten, infer_model, to_layout, unflatten
 from lalign.files import write_atomically
 
@@ -73,3 +74,27 @@ def test_a_directory_format_is_tried_before_the_orbax_fallback(monkeypatch, tmp_
     monkeypatch.setitem(formats.FORMATS, "toydir", formats.Format(
         "toydir", detect=lambda path: os.path.isfile(os.path.join(path, "toy.json")), read=_read_toy))
     assert load.guess_format(str(tmp_path)) == "toydir"
+
+
+def test_a_format_whose_record_finds_its_workdir_is_carded_with_its_runs_preprocessing(toy, tmp_path, monkeypatch):
+    """The hub files take a run's preprocessing and teacher from the checkpoint's workdir where the input format's
+    record finds one (`Format.workdir`), whatever the format's name."""
+    model, params = make(SIGLIP)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {}, "init_from": "google/siglip-base-patch16-224",
+                                                 "data": {"interpolation": "bilinear", "val_crop_fraction": 0.875}}))
+    npz, ckpt = str(tmp_path / "teacher.npz"), str(run / "params.toyvit")
+    bigvision.save_npz(npz, params)
+    assert export.cli(["--input", npz, "--output", ckpt, "--to", "toy"]) == 0
+
+    def pretrained_cfg(out):
+        assert export.cli(["--input", ckpt, "--output", str(tmp_path / out), "--to", "timm"]) == 0
+        return json.loads((tmp_path / out / "config.json").read_text())["pretrained_cfg"]
+
+    cfg = pretrained_cfg("plain")  # the record's default: no run, the defaults' preprocessing
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["license"]) == ("bicubic", 1.0, "other")
+    monkeypatch.setitem(formats.FORMATS, "toy", dataclasses.replace(TOY, workdir=records.workdir_record))
+    cfg = pretrained_cfg("in_run")
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["license"]) == ("bilinear", 0.875, "apache-2.0")
+    assert "base_model: google/siglip-base-patch16-224" in (tmp_path / "in_run" / "README.md").read_text()
