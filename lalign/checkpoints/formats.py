@@ -272,11 +272,11 @@ def _legacy_teacher_fields(cfg: dict, source: str, quiet: bool) -> Optional[dict
                      f"model fields are its config's, which a teacher that records its own model (a HF directory) "
                      f"overrode in training; check act and ln_eps, or pass them (--model)")
         return None
-    fmt = reader(cfg.get("init_format") or detect(init))
+    fmt = reader(cfg.get("init_format") or detect(init))  # the teacher may be of any format in the table
     weights = fmt.weights(init)
     if fmt.records(weights) is None:
         return None
-    teacher, _ = fmt.read(weights, {}, quiet=True)
+    teacher, _ = fmt.read(weights, {}, tower="img", quiet=True, recorded_wins=False)
     if not quiet:
         log.note(f"[load] model fields from the teacher {init} that {source} names (its run took the model from "
                  f"there, not from the config's model section)")
