@@ -30,7 +30,7 @@ import ml_collections
 from ml_collections import config_dict
 
 # Only modules that never import this one (see keys_of for those that do).
-from lalign import maskembed, optim
+from lalign import data, maskembed, optim
 from lalign.checkpoints.load import POSEMB_RESIZE
 from lalign.data.segmentation import LABEL_RULES
 
@@ -127,9 +127,11 @@ class Field:
 
 @dataclasses.dataclass(frozen=True)
 class Open:
-    """A section whose keys belong to someone else (the ViT's fields, a data source's options)."""
+    """A section whose keys belong to someone else (the ViT's fields, a data source's options). `choices`, if
+    given, returns {kind: its fields at their defaults}, keyed by the section's `name` (the data sources)."""
     doc: str
     default: dict = dataclasses.field(default_factory=dict)
+    choices: Optional[Callable[[], dict]] = None
 
 
 # ------------------------------------------------------------------------------------------------------ schema
@@ -222,7 +224,8 @@ SCHEMA: dict = dict(
     init_posemb_resize=Field("bicubic_antialias", one_of(*POSEMB_RESIZE),
                              "a checkpoint trained at another grid: its position table resized as timm does; "
                              "'none' refuses"),
-    data=Open("the data source: `name` (scenes | image_folder | tfds) and that source's options"),
+    data=Open("the data source: `name` and that source's options, their defaults in the table beside its reader "
+              "(lalign/data/__init__.py, SOURCES)", choices=lambda: {n: s.options for n, s in data.SOURCES.items()}),
     model=Open("ViT fields a checkpoint cannot tell (layout, rematerialization, attention implementation) or, for a "
                "random or pre-trained teacher, its whole architecture (lalign/models/vit.py, ViT)"),
     pretrain=dict(
@@ -463,8 +466,8 @@ def describe(config=None, schema: Optional[dict] = None) -> str:
                 walk(spec, here, f"{path}{name}.")
                 continue
             if isinstance(spec, Open):
-                shown = "" if here is None else f" = {here!r}"
-                lines.append(f"{path}{name}{shown}\n    {spec.doc}")
+                lines.append(f"\n{path}{name}:  {spec.doc}")
+                open_section(spec, here, f"{path}{name}.")
                 continue
             text = f"{path}{name} = {spec.default!r}"
             if given is not None and name in given and here != spec.default and not (
@@ -472,6 +475,21 @@ def describe(config=None, schema: Optional[dict] = None) -> str:
                 text += f"   * {here!r}"
             lines.append(f"{text}\n    {spec.doc}" + (f" ({spec.rule.says.replace('must be ', '')})"
                                                        if spec.rule.says else ""))
+
+    def open_section(spec: Open, given, path: str):
+        kinds = spec.choices() if spec.choices else {}
+        name = given.get("name") if isinstance(given, dict) else None
+        if name in kinds:  # the config's own kind: each option at its default, the config's value marked
+            lines.append(f"{path}name = {name!r}")
+            for key, default in kinds[name].items():
+                mark = f"   * {given[key]!r}" if key in given and given[key] != default and not (
+                    isinstance(default, tuple) and tuple(given[key] or ()) == default) else ""
+                lines.append(f"{path}{key} = {default!r}{mark}")
+        elif kinds:
+            for kind, options in kinds.items():
+                lines.append(f"  name={kind!r}: " + ", ".join(f"{k}={v!r}" for k, v in options.items()))
+        elif isinstance(given, dict):
+            lines.extend(f"{path}{k} = {v!r}" for k, v in given.items())
 
     walk(schema, values, "")
     return "\n".join(lines).lstrip("\n")

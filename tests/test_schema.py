@@ -117,6 +117,9 @@ def test_the_config_command_lists_every_field_with_its_default_meaning_and_the_c
         assert f"{path} = {field.default!r}" in out.stdout, path
     assert "maskembed.target_layer = 'penultimate'   * 'last'" in out.stdout  # the demo's deviation, marked
     assert "Deviation: the epoch is chosen by validation mIoU" in out.stdout  # a field's meaning, its reason
+    real = _cli("configs/siglip_b16.py")  # an open section: the data source's options from its table
+    assert real.returncode == 0, real.stderr
+    assert "data.num_val = 10000   * 10240" in real.stdout and "data.train_crop_mode = 'rkrc'\n" in real.stdout
 
 
 def test_the_config_command_reports_bad_values_and_missing_files_in_one_line(tmp_path):

@@ -10,15 +10,25 @@ uint8 pixels, the scenes' float32 pixels already in [-1, 1]; every consumer pass
 """
 from __future__ import annotations
 
-from lalign.data import scenes
-from lalign.data.image_folder import ImageFolder
-from lalign.data.tfds import TfdsArrayRecord
+import dataclasses
+from typing import Callable, NamedTuple
 
-# config.data.name -> (data_cfg, split, seed) -> source: a new source is one entry here
+from lalign.data import image_folder, images, scenes, tfds
+
+
+class Source(NamedTuple):
+    make: Callable  # (data_cfg, split, seed) -> the source
+    options: dict  # config.data's fields beside `name`, at their defaults (the tables beside each reader)
+
+
+# config.data.name -> its record: a new source is one entry here
 SOURCES = {
-    "scenes": lambda data_cfg, split, seed: scenes.scenes_from_config(data_cfg, split, seed=seed),
-    "image_folder": lambda data_cfg, split, seed: ImageFolder(data_cfg, split, seed=seed),
-    "tfds": lambda data_cfg, split, seed: TfdsArrayRecord(data_cfg, split, seed=seed),
+    "scenes": Source(lambda data_cfg, split, seed: scenes.scenes_from_config(data_cfg, split, seed=seed),
+                     {**dataclasses.asdict(scenes.SceneSpec()), "seed": 0}),
+    "image_folder": Source(lambda data_cfg, split, seed: image_folder.ImageFolder(data_cfg, split, seed=seed),
+                           {**images.COMMON_OPTIONS, **image_folder.OPTIONS}),
+    "tfds": Source(lambda data_cfg, split, seed: tfds.TfdsArrayRecord(data_cfg, split, seed=seed),
+                   {**images.COMMON_OPTIONS, **tfds.OPTIONS}),
 }
 
 
@@ -28,7 +38,7 @@ def image_source(data_cfg, split: str, seed: int = 0):
     name = data_cfg.get("name") if hasattr(data_cfg, "get") else None
     if name not in SOURCES:
         raise ValueError(f"Unknown config.data.name {name!r}; available: {tuple(SOURCES)}.")
-    return SOURCES[name](data_cfg, split, seed)
+    return SOURCES[name].make(data_cfg, split, seed)
 
 
 def fixed_batches(data_cfg, split: str, num_batches: int, batch_size: int, seed: int = 0,
