@@ -76,7 +76,9 @@ def smoke(c: ml_collections.ConfigDict, *, image_size: int, patch_size: int, mod
 def smoke_folder(c: ml_collections.ConfigDict) -> None:
     """`smoke`'s model on real image files (--config.data.path=DIR), 30 steps with checkpoints: what
     `lalign.rehearse` (the pod rehearsal) runs."""
-    c.data = image_folder(c.data.image_size, "siglip", num_val=16, num_workers=2)
+    # Decoding by threads of each host process (num_workers 0): a localhost rehearsal of several hosts shares its
+    # few cores; grain worker processes are tested on their own (tests/test_data.py).
+    c.data = image_folder(c.data.image_size, "siglip", num_val=16)
     c.total_steps = 30
     c.eval_every = 10
     c.checkpoint_every = 5
