@@ -24,6 +24,8 @@ decoder 21%.
 """
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
 import re
@@ -32,7 +34,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import flags, logging
+from jax.profiler import ProfileData
 from ml_collections import config_flags
 
 from lalign import allocator, cli, sharding
@@ -152,11 +155,6 @@ def time_breakdown(step_fn, args, hlo_text: str, trace_dir: str) -> dict:
     shares of the total op time (summed over threads). Events that are not ops of this module (runtime
     bookkeeping) are left out. Tracing adds a fixed cost per op, so for a step of many tiny ops (the demo
     model) the shares lean towards the parts with the most ops; against ViT-B/16's large ops it is small."""
-    import collections
-    import glob
-
-    from jax.profiler import ProfileData
-
     traces = lambda: set(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))  # noqa: E731
     earlier = traces()  # a reused directory keeps earlier runs' traces: read only this one's
     jax.profiler.start_trace(trace_dir)
@@ -288,8 +286,6 @@ def run_with_data(config, steps: int = 10, warmup: int = 2, profile_dir: str = "
 
 def main(argv):
     del argv
-    from absl import logging
-
     logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     print(json.dumps((run_with_data if f.data else run)(f.config, f.steps, f.warmup, f.profile)))

@@ -347,7 +347,7 @@ def _import_timm():
     install command."""
     try:
         import timm  # optional (torch, timm): only where a timm model is built
-        from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer import VisionTransformer  # optional, as the line above
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] == "torchvision":
             raise ImportError(torchvision_hint("timm")) from None

@@ -50,6 +50,8 @@ import zlib
 from typing import Sequence
 
 import numpy as np
+from absl import flags
+from PIL import Image
 
 NORMALIZATION = {  # name -> (mean, std) of [0, 1] pixels
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # -> [-1, 1]
@@ -238,8 +240,6 @@ def train_resample(rng: np.random.Generator, opts: dict) -> int:
 
 def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generator, opts: dict) -> np.ndarray:
     """Encoded image bytes -> (size, size, 3) uint8, cropped and resized (and flipped) as described above."""
-    from PIL import Image
-
     resample = INTERPOLATIONS[opts.get("interpolation", "bicubic")]
     pad = None
     with Image.open(io.BytesIO(data)) as img:
@@ -277,8 +277,6 @@ def decode_and_crop(data: bytes, size: int, train: bool, rng: np.random.Generato
 def to_rgb(img):
     """A PIL image as 8-bit RGB. 16- and 32-bit greyscale (PNG 'I;16', 'I') are scaled from their full range:
     PIL's own convert clips them at 255, which turns almost every 16-bit pixel white."""
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or values.max() <= 65535 else float(2 ** 32 - 1)
@@ -499,18 +497,13 @@ _MAX_POSITION = 1 << 62  # global positions a grain dataset spans: unbounded in 
 
 
 def _grain():
-    try:
-        import grain
-    except ImportError as e:
-        raise ImportError("The real-image sources read through grain: pip install 'lalign[data]' "
-                          "(or pip install grain).") from e
+    import grain  # lazy: seconds to import, and only the real-image sources read through it
+
     return grain
 
 
 def _absl_flags_readable() -> None:
     """grain's worker processes read its absl flags; outside an absl app (a library call, a test) nothing has
     parsed them, and reading one raises. Their defaults are then what is meant."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()

@@ -44,6 +44,7 @@ import warnings
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+from PIL import Image
 
 from lalign.data import images
 
@@ -198,8 +199,6 @@ def list_pairs(image_dir: str, label_dir: str) -> tuple[list[tuple[str, str, str
 
 
 def _read_image(path: str):
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -209,8 +208,6 @@ def _read_image(path: str):
 
 
 def _read_label(path: str) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -288,8 +285,6 @@ class SegmentationFolder:
             values = np.unique(labels[bad | (labels < 0)])[:8].tolist()
             raise ValueError(f"Label PNG {label_path} holds values {values} that are neither class ids "
                              f"0..{self.num_classes - 1} nor the ignore_index {self.ignore_index}.")
-        from PIL import Image
-
         s = self.image_size
         new_h, new_w, top, left = resize_crop_geometry(image.height, image.width, s)
         resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
@@ -310,7 +305,7 @@ class SegmentationFolder:
     def iterate(self, indices: Optional[Iterable[int]] = None, num_threads: int = 8) -> Iterator[dict]:
         """Examples in the order of `indices` (default: all), read by `num_threads` threads; corrupt ones are
         skipped with a warning naming the file and recorded in `self.skipped`."""
-        import grain
+        import grain  # lazy: seconds to import, only when a set is read
 
         indices = list(range(len(self)) if indices is None else indices)
         ds = grain.MapDataset.source(indices).map(self._safe)
