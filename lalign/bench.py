@@ -11,16 +11,7 @@ alone (`data_throughput`: this process's rows of each global batch, decoded by i
 worker processes) and adds `bound_by`: "data" where the host builds batches more slowly than the step consumes
 them, else "step".
 
-FLOP model (multiply-add = 2 FLOPs; norms, softmax, activations and the optimizer are not counted), per image,
-for T tokens of width D, MLP width F, N patches of P pixels, M masks:
-    block(T, D, F)  = 8 T D^2 (q, k, v, out) + 4 T^2 D (logits, weights x values) + 4 T D F (MLP)
-    vit(depth)      = 2 N P*3 D (patch embedding) + depth * block
-    teacher         = M * vit(target blocks)                          forward only, no gradient tape
-    student         = 3 * vit(depth) - 2 N P*3 D                      forward + backward (no input gradient)
-    projection      = 3 * 2 T D_s D_t
-    decoder         = M * 3 * (depth_dec * block(T, D_t, 4 D_t) + 2 T D_t^2)
-For ViT-B/16 at 224 (penultimate target, 3 masks) this gives 255.4 GFLOP per image: teacher 38%, student 41%,
-decoder 21%.
+FLOP model: lalign/cost_model.py.
 """
 from __future__ import annotations
 
@@ -40,38 +31,9 @@ from ml_collections import config_flags
 
 from lalign import allocator, cli, sharding
 from lalign import data as data_lib
-from lalign.maskembed import num_masks, patch_grid, target_num_blocks
+from lalign.cost_model import PEAK_TFLOPS, maskembed_flops_per_image
 from lalign.models.vit import vit_from_config
 from lalign.train import build_step
-
-# Peak dense bf16 TFLOP/s per chip, from the vendors' data sheets.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
-               "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0}
-
-
-def block_flops(tokens: int, width: int, mlp_dim: int) -> float:
-    return 8 * tokens * width**2 + 4 * tokens**2 * width + 4 * tokens * width * mlp_dim
-
-
-def maskembed_flops_per_image(teacher, image_size: int, cfg, decoder_depth: int) -> dict[str, float]:
-    """The analytic model of the module docstring; returns the parts and their total."""
-
-    gh, gw = patch_grid((image_size, image_size), teacher.patch_size)
-    n = gh * gw
-    t = n + teacher.num_prefix_tokens
-    d, f = teacher.width, teacher.mlp_dim or 4 * teacher.width
-    embed = 2 * n * teacher.patch_size[0] * teacher.patch_size[1] * 3 * d
-    m = num_masks(cfg)
-    k = target_num_blocks(teacher.depth, cfg.target_layer)
-    parts = {
-        "teacher": m * (embed + k * block_flops(t, d, f)),
-        "student": 3 * (embed + teacher.depth * block_flops(t, d, f)) - 2 * embed,
-        "projection": 3 * 2 * t * d * d,
-        "decoder": m * 3 * (decoder_depth * block_flops(t, d, 4 * d) + 2 * t * d * d),
-    }
-    parts["total"] = sum(parts.values())
-    return parts
-
 
 def measured_cpu_peak_tflops(n: int = 2048, repeats: int = 5) -> float:
     """Float32 matmul throughput of this host, measured: the CPU's practical peak."""

@@ -39,7 +39,7 @@ depth-4 ViT at 64 px, batch 8, float32, one device): XLA's temporaries were 99 M
 factor 1.4-1.7; read the activation row as a lower bound and keep headroom (TPU buffer assignment is usually
 tighter than CPU's, and bf16 halves what float32 needs on CPU, where XLA computes bf16 in float32).
 
-Runtime: `lalign.bench.maskembed_flops_per_image` (analytic model FLOPs; rematerialized recomputation is not
+Runtime: `lalign.cost_model.maskembed_flops_per_image` (analytic model FLOPs; rematerialized recomputation is not
 counted, as MFU conventionally excludes it) x total_steps x batch_size / (devices x peak bf16 FLOP/s x MFU), with
 an assumed MFU (`config.estimate.mfu`, 40% unless stated). An estimate, not a measurement.
 """
@@ -58,13 +58,11 @@ from ml_collections import config_flags
 
 from lalign import cli, maskembed, sharding
 from lalign import config as config_lib
-from lalign.bench import PEAK_TFLOPS, maskembed_flops_per_image
+from lalign.cost_model import HBM_GIB, PEAK_TFLOPS, block_saved, maskembed_flops_per_image
 from lalign.models.vit import vit_from_config
 from lalign.optim import make_optimizer
 from lalign.train import _dtype, make_init_state
 
-HBM_GIB = {"TPU v4": 32, "TPU v5e": 16, "TPU v5 lite": 16, "TPU v5p": 95, "TPU v6 lite": 32, "NVIDIA H100": 80,
-           "NVIDIA H200": 141, "NVIDIA A100": 80}
 GIB, MIB = 2**30, 2**20
 BEGIN, END = "--- memory and runtime estimate", "--- end of estimate ---"
 
@@ -108,10 +106,6 @@ def abstract_state(config):
     tx, _ = make_optimizer(config.optimizer, config.total_steps)
     init_state = make_init_state(model, tx, cfg, jnp.zeros((2, size, size, 3)))
     return teacher, full, target, jax.eval_shape(init_state, full, key)
-
-
-def block_saved(t, d, f, h, b, tp):
-    return b * t * (4 * d + (4 * d + 2 * f) / tp) + h / tp * t * t * (4 + b)
 
 
 def activation_bytes_per_image(config, teacher, mesh_sizes) -> dict[str, float]:

@@ -58,12 +58,12 @@ def build_teacher(name: str) -> tuple[nn.Module, str, str]:
 
 
 def block_flops(t: int, d: int, f: int) -> float:
-    """lalign/bench.py's block model: q, k, v, out projections + attention logits and mixing + MLP (MAC = 2)."""
+    """lalign/cost_model.py's block model: q, k, v, out projections + attention logits and mixing + MLP (MAC = 2)."""
     return 8 * t * d**2 + 4 * t**2 * d + 4 * t * d * f
 
 
 def flops_per_image(n: int, prefix: int, patch: int, d: int, f: int, depth: int, target_blocks: int) -> dict:
-    """lalign/bench.py's maskembed_flops_per_image: teacher forward on M masked copies, student forward+backward
+    """lalign/cost_model.py's maskembed_flops_per_image: teacher forward on M masked copies, student forward+backward
     (3x, no input gradient for the patch embedding), projection 3x, decoder 3x on M copies."""
     t, embed = n + prefix, 2 * n * patch * patch * 3 * d
     parts = {"teacher": NUM_MASKS * (embed + target_blocks * block_flops(t, d, f)),

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 import pytest
 
-from lalign import bench
+from lalign import bench, cost_model
 from lalign.models.vit import make_vit
 from lalign.train import build_step
 
@@ -21,7 +21,7 @@ def _cfg(**kw):
 
 
 def test_vit_b16_breakdown_matches_the_paper_scale_numbers():
-    parts = bench.maskembed_flops_per_image(make_vit("B/16", pool_type="map"), 224, _cfg(), 2)
+    parts = cost_model.maskembed_flops_per_image(make_vit("B/16", pool_type="map"), 224, _cfg(), 2)
     assert 245e9 < parts["total"] < 262e9  # ~257 GFLOP per image
     share = {k: parts[k] / parts["total"] for k in ("teacher", "student", "decoder")}
     assert abs(share["teacher"] - 0.38) < 0.02 and abs(share["student"] - 0.41) < 0.02
@@ -42,7 +42,7 @@ def test_flop_model_agrees_with_xla_cost_analysis(tiny_config):
     xla = bench.xla_flops(s.train_step.lower(state, s.teacher_params, images).compile())
     if xla is None:
         pytest.skip("this backend has no cost analysis")
-    model = bench.maskembed_flops_per_image(teacher, 32, c.maskembed, c.maskembed.decoder_depth)["total"]
+    model = cost_model.maskembed_flops_per_image(teacher, 32, c.maskembed, c.maskembed.decoder_depth)["total"]
     assert abs(model * c.batch_size / xla - 1) < 0.10, (model * c.batch_size, xla)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from lalign import config as config_lib
+from lalign.cost_model import block_saved
 from lalign.log import info
 from lalign.models.token_heads import PatchProbe
 from lalign.probe.metrics import (add_counts, improves, metrics_from_counts, patch_counts,
@@ -56,7 +57,6 @@ def probe_memory(num_patches: int, width: int, num_heads: int, num_classes: int,
     'chunk' = `eval_chunk` of the `eval_sizes` splits, limited to the rows whose activations fit in the larger of
     a training step's and `EVAL_BUDGET`, so evaluating never needs much more than training does. An estimate:
     XLA:CPU's temporaries run 1.4-1.7x above this model (lalign/memory.py)."""
-    from lalign.memory import block_saved  # cycle: lalign.memory imports lalign.train, which imports lalign.probe
 
     cfg = config_lib.completed(cfg, config_lib.PROBE)
 
