@@ -32,6 +32,7 @@ from ml_collections import config_dict
 # Only modules that never import this one (see keys_of for those that do).
 from lalign import data, maskembed, optim
 from lalign.checkpoints.load import POSEMB_RESIZE
+from lalign.data import probe_splits
 from lalign.data.segmentation import LABEL_RULES
 
 # The checkout (or installed package) lalign runs from: a relative config path that is not found from the current
@@ -328,8 +329,9 @@ PROBE_SCHEMA: dict = dict(
     posemb_resize=Field("bicubic_antialias", one_of(*POSEMB_RESIZE),
                         "a checkpoint of another grid than data.image_size's (DINOv2: 37x37 at 518 px): its position "
                         "table resized as training resizes a teacher; 'none' refuses"),
-    data=Open("the segmentation data: `name` (coco_stuff | ade20k | folder | scenes) and its options "
-              "(lalign/data/probe_splits.py)"),
+    data=Open("the segmentation data: `name` and its options, their defaults in the table beside its reader "
+              "(lalign/data/probe_splits.py, DATASETS)",
+              choices=lambda: {n: d.options for n, d in probe_splits.DATASETS.items()}),
     features=dict(
         batch_size=Field(64, POSITIVE_INT, "images per feature-extraction batch"),
         store=Field("memory", one_of("memory", "disk"), "memory | disk (WORKDIR/features/*.npy memmaps)"),

@@ -87,8 +87,10 @@ def test_a_checkpoint_grid_kept_or_an_unknown_resize_is_a_clear_error(dinov2_518
     with pytest.raises(ValueError, match=r"posemb_resize='none' keeps the backbone's 37x37 .* needs 16x16"):
         probe.run(cfg, str(root / "none"))
     cfg.posemb_resize = "lanczos"
-    with pytest.raises(ValueError, match=r"config.posemb_resize='lanczos'; choose from"):
+    with pytest.raises(ValueError, match=r"Invalid probe config \(nothing was written\): config.posemb_resize must be "
+                                         r"one of \('bicubic_antialias', .*'none'\), got 'lanczos'"):
         probe.run(cfg, str(root / "lanczos"))
+    assert not (root / "lanczos").exists()
     # Without image_size the probe runs at the checkpoint's own size (37 x 14 px), nothing resized.
     model, params, _, _ = probe.load_backbone(str(root / "hf"))
     assert probe.backbone_image_size(model, params) == 518

@@ -10,6 +10,7 @@ from conftest import ROOT, load_config
 
 from lalign import config as config_lib
 from lalign import validate
+from lalign.data import probe_splits
 
 SHIPPED = ["configs/demo.py", "configs/demo.py:smoke", "configs/demo.py:tiny", "configs/demo_ablations.py",
            "configs/siglip_so400m.py", "configs/siglip_so400m.py:smoke", "configs/siglip_b16.py",
@@ -93,13 +94,16 @@ def test_a_stage_without_its_section_is_named():
 
 
 READERS = ["train.py", "pretrain.py", "optim.py", "memory.py", "teacher.py", "pipeline.py", "validate.py", "watch.py",
-           "maskembed.py"]
+           "maskembed.py", "probe/heads.py", "probe/evaluate.py", "probe/run.py", "data/probe_splits.py"]
 
 
 @pytest.mark.parametrize("module", READERS)
 def test_the_loop_reads_fields_without_defaults_of_its_own(module):
     """`config.get("log_every", 1)` restates a default the schema holds; the code reads `config.log_every`."""
-    names = {path.rsplit(".", 1)[-1] for path in _fields(config_lib.SCHEMA)} - {"name", "normalization", "image_size"}
+    names = ({path.rsplit(".", 1)[-1] for path in _fields(config_lib.SCHEMA)}
+             | {path.rsplit(".", 1)[-1] for path in _fields(config_lib.PROBE_SCHEMA)}
+             | {key for d in probe_splits.DATASETS.values() for key in d.options}) - {"name", "normalization"}
+    # (a run's data.normalization may be absent: "" = the teacher's, pipeline.resolve_normalization)
     source = open(os.path.join(ROOT, "lalign", module)).read()
     restated = [m.group(0) for m in re.finditer(r"""\.get\(["'](\w+)["'],[^)]*\)""", source) if m.group(1) in names]
     assert restated == [], f"lalign/{module} restates schema defaults: {restated}"
@@ -120,6 +124,9 @@ def test_the_config_command_lists_every_field_with_its_default_meaning_and_the_c
     real = _cli("configs/siglip_b16.py")  # an open section: the data source's options from its table
     assert real.returncode == 0, real.stderr
     assert "data.num_val = 10000   * 10240" in real.stdout and "data.train_crop_mode = 'rkrc'\n" in real.stdout
+    probe = _cli("configs/probe/coco_stuff.py:smoke")  # a probe config: its data set's options from its table
+    assert probe.returncode == 0, probe.stderr
+    assert "data.num_val = 5000   * 16" in probe.stdout and "data.label_rule = 'union'\n" in probe.stdout
 
 
 def test_the_config_command_reports_bad_values_and_missing_files_in_one_line(tmp_path):

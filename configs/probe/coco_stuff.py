@@ -29,6 +29,7 @@ runs 5 x 3,540 steps. `:smoke` runs the same code on 64/16/32 images for a quick
 from ml_collections import config_dict
 
 from lalign import config
+from lalign.data import probe_splits
 
 
 def get_config(arg: str = "full"):
@@ -43,19 +44,10 @@ def get_config(arg: str = "full"):
     c.model = dict(variant=config_dict.placeholder(str), act=config_dict.placeholder(str),
                    ln_eps=config_dict.placeholder(float), num_heads=config_dict.placeholder(int))
 
-    c.data = dict(
-        name="coco_stuff",
-        root="",  # required: the directory holding images/ and stuffthingmaps/
-        image_size=0,  # 0 = the backbone's (learned position embedding grid x patch size)
-        normalization="",  # siglip | clip | imagenet | none; "" = guessed from the backbone
-        label_rule="union",  # union | majority | global_union
-        min_pixels=1,  # union: a class is in a patch when it covers at least this many of its pixels
-        num_train=-1,  # -1 = all of train2017 minus the validation images
-        num_val=5000,  # carved out of train2017 (seeded by split_seed)
-        num_test=-1,  # -1 = all of val2017
-        split_seed=0,
-        num_threads=16,  # image decoding threads
-    )
+    # data.root (required): the directory holding images/ and stuffthingmaps/. The options and their defaults
+    # (lalign/data/probe_splits.py, DATASETS): image_size 0 = the backbone's, normalization "" = the backbone's,
+    # 5,000 validation images carved out of train2017 (seeded by split_seed), all of val2017 the test split.
+    c.data = dict(name="coco_stuff", **probe_splits.DATASETS["coco_stuff"].options)
     c.features.update(store="disk", dtype="float16")  # DIR/features/*.npy: COCO's features exceed memory
     # Deviation for small data only: warm-up = min(warmup_steps, warmup_fraction x all steps). The paper's 500 steps
     # stay exactly as they are on COCO-Stuff (17,705 steps) and ADE20K (2,850); 5 epochs of CamVid's 367 images

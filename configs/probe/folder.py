@@ -13,6 +13,7 @@ configs/probe/coco_stuff.py (the paper's probe settings; on a small data set war
 from ml_collections import config_dict
 
 from lalign import config
+from lalign.data import probe_splits
 
 
 def get_config(arg: str = "full"):
@@ -22,10 +23,7 @@ def get_config(arg: str = "full"):
     c = config.probe_defaults()  # the paper's probe (lalign/config.py, PROBE_SCHEMA); what follows changes it
     c.model = dict(variant=config_dict.placeholder(str), act=config_dict.placeholder(str),
                    ln_eps=config_dict.placeholder(float), num_heads=config_dict.placeholder(int))
-    c.data = dict(name="folder", train_images="", train_labels="", val_images="", val_labels="",
-                  test_images="", test_labels="", num_classes=0, ignore_index=255, class_names=(),
-                  image_size=0, normalization="", label_rule="union", min_pixels=1,
-                  num_train=-1, num_val=1000, num_test=-1, split_seed=0, num_threads=16)
+    c.data = dict(name="folder", **probe_splits.DATASETS["folder"].options)  # lalign/data/probe_splits.py
     c.features.update(store="disk", dtype="float16")
     c.probe.warmup_fraction = 0.2  # as configs/probe/coco_stuff.py: the paper's 500 warm-up steps fill a small set
     if arg == "smoke":

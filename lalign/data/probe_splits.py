@@ -3,11 +3,12 @@ of images + label PNGs, with a validation split carved out of the training image
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
+import ml_collections
 import numpy as np
 
-from lalign.data import image_source, segmentation as seg
+from lalign.data import SOURCES, image_source, segmentation as seg
 
 
 @dataclasses.dataclass
@@ -38,10 +39,10 @@ def folder_split(name: str, dataset, indices, num_threads: int, note: str = "") 
 
 def _scenes(config, image_size: int, patch_size: int, normalization: str, seed) -> tuple[dict, list]:
     """The embedded scenes' splits (probe_train / probe_val / probe_test of config.probe's sizes)."""
-    d, p = config.data, config.probe
+    d, p = data_options(config.data), config.probe
     sizes = {"train": ("probe_train", p.num_train), "val": ("probe_val", p.num_val),
              "test": ("probe_test", p.num_test)}
-    seed = d.get("seed", 0) if seed is None else seed
+    seed = d.seed if seed is None else seed
     splits = {}
     for name, (split, n) in sizes.items():
         source = image_source(d, split, seed=seed)
@@ -71,10 +72,10 @@ def _ade20k(d, kw: dict) -> tuple:
 
 def _folder(d, kw: dict) -> tuple:
     def folder(split):
-        images, labels = d.get(f"{split}_images"), d.get(f"{split}_labels")
+        images, labels = d[f"{split}_images"], d[f"{split}_labels"]
         if not images:
             return None
-        names = list(d.class_names) if d.get("class_names") else None
+        names = list(d.class_names) if d.class_names else None
         return seg.SegmentationFolder(images, labels, num_classes=d.num_classes, ignore_index=d.ignore_index,
                                       class_names=names, name=f"folder/{split}", **kw)
 
@@ -87,23 +88,36 @@ def _folder(d, kw: dict) -> tuple:
 
 FOLDER_DATASETS = {"coco_stuff": _coco_stuff, "ade20k": _ade20k, "folder": _folder}
 
+# The options every folder data set takes (config.data of a `lalign.probe` config), at their defaults.
+FOLDER_OPTIONS = dict(
+    image_size=0,  # 0 = the backbone's (its position grid x patch size)
+    normalization="",  # siglip | clip | imagenet | none; "" = the backbone's
+    label_rule="union",  # union | majority | global_union (lalign.data.segmentation)
+    min_pixels=1,  # union: a class is in a patch when it covers at least this many of its pixels
+    num_train=-1,  # -1 = all (less the carved-out validation images)
+    num_val=1000,  # carved out of train where the data set has no validation split (seeded by split_seed)
+    num_test=-1,  # -1 = all
+    split_seed=0,
+    num_threads=16,  # image decoding threads
+)
+
 
 def _folder_splits(config, image_size: int, patch_size: int, normalization: str, seed) -> tuple[dict, list]:
     """The splits of a FOLDER_DATASETS data set, with a validation split carved out of train where it has none."""
-    d = config.data
+    d = data_options(config.data)
     kw = dict(image_size=image_size, patch_size=patch_size, normalization=normalization,
-              label_rule=d.label_rule, min_pixels=d.get("min_pixels", 1))
-    threads = d.get("num_threads", 8)
+              label_rule=d.label_rule, min_pixels=d.min_pixels)
+    threads = d.num_threads
     train_ds, val_ds, test_ds = FOLDER_DATASETS[d.name](d, kw)
-    num_train, num_test = d.get("num_train", -1), d.get("num_test", -1)
+    num_train, num_test = d.num_train, d.num_test
     note = ""
     if val_ds is None:  # carve a validation split out of train; the data set's own val split is the test split
-        train_idx, val_idx = seg.carve_validation(len(train_ds), d.num_val, d.get("split_seed", 0), num_train)
-        val_ds, note = train_ds, f", carved out with split_seed {d.get('split_seed', 0)}"
+        train_idx, val_idx = seg.carve_validation(len(train_ds), d.num_val, d.split_seed, num_train)
+        val_ds, note = train_ds, f", carved out with split_seed {d.split_seed}"
     else:
         train_idx, val_idx = np.arange(len(train_ds)), np.arange(len(val_ds))
         if 0 <= num_train < len(train_idx):
-            train_idx = np.sort(np.random.default_rng(d.get("split_seed", 0)).permutation(len(train_ds))[:num_train])
+            train_idx = np.sort(np.random.default_rng(d.split_seed).permutation(len(train_ds))[:num_train])
     test_idx = np.arange(len(test_ds) if num_test < 0 else min(num_test, len(test_ds)))
     splits = {"train": folder_split("train", train_ds, train_idx, threads),
               "val": folder_split("val", val_ds, val_idx, threads, note),
@@ -112,16 +126,35 @@ def _folder_splits(config, image_size: int, patch_size: int, normalization: str,
     return splits, names
 
 
-# config.data.name -> (config, image_size, patch_size, normalization, seed) -> (splits, class names)
-DATASETS = {**{name: _folder_splits for name in FOLDER_DATASETS}, "scenes": _scenes}
+class DataSet(NamedTuple):
+    splits: Callable  # (config, image_size, patch_size, normalization, seed) -> (splits, class names)
+    options: dict  # config.data's fields beside `name`, at their defaults
+
+
+# config.data.name -> its record: a new data set is one entry here
+DATASETS = {
+    "coco_stuff": DataSet(_folder_splits, {**FOLDER_OPTIONS, "root": "", "num_val": 5000}),
+    "ade20k": DataSet(_folder_splits, {**FOLDER_OPTIONS, "root": "", "num_val": 2000}),
+    "folder": DataSet(_folder_splits, {**FOLDER_OPTIONS, **{f"{s}_{k}": "" for s in ("train", "val", "test")
+                                                           for k in ("images", "labels")},
+                                       "num_classes": 0, "ignore_index": 255, "class_names": ()}),
+    "scenes": DataSet(_scenes, SOURCES["scenes"].options),
+}
+
+
+def data_options(data_cfg) -> ml_collections.ConfigDict:
+    """`config.data` over its data set's defaults (DATASETS[name].options): what the readers read."""
+    given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+    name = given.get("name")
+    if name not in DATASETS:
+        *others, last = (repr(n) for n in DATASETS)
+        raise ValueError(f"Unknown config.data.name {name!r}; choose {', '.join(others)} or {last}.")
+    return ml_collections.ConfigDict({**DATASETS[name].options, **given})
 
 
 def probe_splits(config, image_size: int, patch_size: int, normalization: str,
                  seed: int | None = None) -> tuple[dict, list]:
     """({'train', 'val', 'test'}: ProbeSplit, class names) for `config.data`. `seed`: the embedded scenes' seed
     (a training run's `config.seed`; default `config.data.seed`, else 0)."""
-    name = config.data.name
-    if name not in DATASETS:
-        *others, last = (repr(n) for n in DATASETS)
-        raise ValueError(f"Unknown config.data.name {name!r}; choose {', '.join(others)} or {last}.")
-    return DATASETS[name](config, image_size, patch_size, normalization, seed)
+    name = data_options(config.data).name
+    return DATASETS[name].splits(config, image_size, patch_size, normalization, seed)

@@ -10,7 +10,7 @@ import numpy as np
 
 from lalign import config as config_lib
 from lalign import files
-from lalign.data.probe_splits import probe_splits
+from lalign.data.probe_splits import data_options, probe_splits
 from lalign.log import info
 from lalign.probe.evaluate import evaluate_backbone
 from lalign.probe.features import (backbone_image_size, fit_to_image_size, load_backbone, make_features_fn,
@@ -29,13 +29,14 @@ def run(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     model, params, path, fmt = load_backbone(config.backbone, config.backbone_format, dict(config.model))
-    image_size = backbone_image_size(model, params, config.data.get("image_size", 0))
+    data = data_options(config.data)  # config.data over its data set's defaults
+    image_size = backbone_image_size(model, params, data.image_size)
     patch = int(model.patch_size[0])
     # Another image size than the checkpoint's: its position table resized as training resizes a teacher's.
     posemb_resize = config.posemb_resize
     params, resized_from = fit_to_image_size(model, params, image_size, posemb_resize)
-    normalization = normalization_for(model, config.data.get("normalization", ""), path, fmt)
-    size_note = ("config.data.image_size" if config.data.get("image_size", 0)
+    normalization = normalization_for(model, data.normalization, path, fmt)
+    size_note = ("config.data.image_size" if data.image_size
                  else "the checkpoint's own: its position grid x patch; config.data.image_size sets another")
     info(f"[probe] backbone {path} ({fmt}): ViT width {model.width}, depth {model.depth}, patch {patch}, "
          f"{image_size}px ({size_note}), normalization '{normalization}'")
@@ -52,7 +53,7 @@ def run(config, workdir: str) -> dict:
                      "num_prefix_tokens": model.num_prefix_tokens,
                      "posemb_resized_from": None if resized_from is None else list(resized_from),
                      "posemb_resize": posemb_resize},
-        "data": {"name": config.data.name, "label_rule": config.data.get("label_rule", "union"),
+        "data": {"name": config.data.name, "label_rule": data.label_rule,
                  "num_classes": len(class_names),
                  "splits": {name: {"source": splits[name].source, "count": e["count"],
                                    "skipped": [{"file": f, "reason": r} for f, r in e["skipped"]]}
