@@ -10,8 +10,10 @@ from lalign.models.vit import make_vit
 
 
 def mask_cfg(**kw):
+    # The maskembed fields these functions read (lalign/config.py); decoder_ln_eps None: the teacher's eps.
     base = dict(sampler="uniform", keep_prob=0.5, num_blocks=1, antithetic=True, include_ones=True,
-                target_layer="penultimate", loss="mse", decoder_depth=2, attn_softcap=None, student_dtype="")
+                target_layer="penultimate", loss="mse", decoder_depth=2, decoder_ln_eps=None, attn_softcap=None,
+                student_dtype="")
     base.update(kw)
     return ml_collections.ConfigDict(base)
 
