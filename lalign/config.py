@@ -82,7 +82,6 @@ BOOL = Rule(lambda v: isinstance(v, bool), "must be True or False")
 TEXT = Rule(lambda v: isinstance(v, str), "must be a string")
 POSITIVE = Rule(lambda v: _is_number(v) and v > 0, "must be a positive number")
 NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, "must be >= 0")
-ANY = Rule(lambda v: True, "")
 
 
 def one_of(*choices) -> Rule:
@@ -108,8 +107,7 @@ def or_none(rule: Rule, what: str) -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"{rule.says} or None ({what})")
 
 
-def ints_or_empty(rule: Rule = INT) -> Rule:
-    return Rule(lambda v: isinstance(v, (tuple, list)) and all(rule.ok(x) for x in v), "must be a tuple of integers")
+INT_TUPLE = Rule(lambda v: isinstance(v, (tuple, list)) and all(_is_int(x) for x in v), "must be a tuple of integers")
 
 
 def pair(lo: float, hi: float) -> Rule:
@@ -193,7 +191,7 @@ PROBE_HEAD = dict(
                           "warm-up = min(warmup_steps, warmup_fraction x all steps), for small data sets whose "
                           "schedule the paper's 500 steps would fill (lalign/probe/heads.py, probe_schedule)"),
     wd=Field(0.01, NON_NEGATIVE, "probe weight decay"),
-    seeds=Field((0,), ints_or_empty(), "one probe per seed, trained side by side in one program"),
+    seeds=Field((0,), INT_TUPLE, "one probe per seed, trained side by side in one program"),
     select_by=Field("miou", keys_of("lalign.probe.metrics", "SELECT_BY"),
                     "Deviation: the epoch is chosen by validation mIoU, not by the paper's validation macro recall "
                     "(still the reported metric): recall is won by a probe that predicts every class everywhere "
@@ -362,15 +360,14 @@ def _config_dict(section: dict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
-# Sections only a stage reads: present in a config that runs the stage.
-STAGE_SECTIONS = {"pretrain": "pretrain", "probe": "probe"}
+# Sections only their stage (of the same name) reads: present in a config that runs the stage.
+STAGE_SECTIONS = ("pretrain", "probe")
 
 
 def _for_stages(schema: dict, stages) -> dict:
     if schema is not SCHEMA:
         return schema
-    return {k: v for k, v in schema.items() if k not in STAGE_SECTIONS.values()
-            or any(STAGE_SECTIONS.get(s) == k for s in stages)}
+    return {k: v for k, v in schema.items() if k not in STAGE_SECTIONS or k in stages}
 
 
 def defaults(stages=("maskembed",)) -> ml_collections.ConfigDict:
@@ -394,9 +391,9 @@ def schema_of(config) -> dict:
     return PROBE_SCHEMA if "backbone" in config else SCHEMA
 
 
-def errors(config, schema: Optional[dict] = None, prefix: str = "config.") -> list[str]:
-    """Every field of `config` that breaks its rule or is not a field (empty: fine). `schema` may be a section
-    (PROBE_HEAD) with `prefix` naming where it sits."""
+def errors(config, schema: Optional[dict] = None) -> list[str]:
+    """Every field of `config` that breaks its rule or is not a field (empty: fine); `schema`: SCHEMA or
+    PROBE_SCHEMA (default: the one `config` follows)."""
     schema = schema_of(config) if schema is None else schema
     out = []
 
@@ -419,12 +416,12 @@ def errors(config, schema: Optional[dict] = None, prefix: str = "config.") -> li
                 out.append(f"{path}{name} {spec.rule.says}, got {values[name]!r}")
 
     values = _as_dict(config)
-    walk(schema, values, prefix)
+    walk(schema, values, "config.")
     if schema is SCHEMA:
         stages = values.get("stages") if isinstance(values.get("stages"), (tuple, list)) else ()
-        for stage, section in STAGE_SECTIONS.items():
-            if stage in stages and section not in values:
-                out.append(f"config.{section} is needed by the {stage!r} stage (python -m lalign.config lists its "
+        for stage in STAGE_SECTIONS:
+            if stage in stages and stage not in values:
+                out.append(f"config.{stage} is needed by the {stage!r} stage (python -m lalign.config lists its "
                            f"fields)")
     return out
 
