@@ -138,7 +138,9 @@ DATASETS = {
     "folder": DataSet(_folder_splits, {**FOLDER_OPTIONS, **{f"{s}_{k}": "" for s in ("train", "val", "test")
                                                            for k in ("images", "labels")},
                                        "num_classes": 0, "ignore_index": 255, "class_names": ()}),
-    "scenes": DataSet(_scenes, SOURCES["scenes"].options),
+    # The scenes' own options; their pixels are already normalized and their patch labels made by their generator,
+    # so normalization "" (the backbone's, unused) and label_rule "union" only say so in results.json.
+    "scenes": DataSet(_scenes, {**SOURCES["scenes"].options, "normalization": "", "label_rule": "union"}),
 }
 
 
