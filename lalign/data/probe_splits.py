@@ -3,6 +3,7 @@ of images + label PNGs, with a validation split carved out of the training image
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, NamedTuple
 
 import ml_collections
@@ -56,8 +57,8 @@ def _scenes(config, image_size: int, patch_size: int, normalization: str, seed) 
 
 
 # ------------------------------------------------------------------------------------------ folder data sets
-# Each: (config.data, SegmentationFolder keywords) -> (train, val or None, test) data sets; val None: carved out of
-# train.
+# Each reads (config.data, SegmentationFolder keywords) -> (train, val or None, test) data sets; val None: carved out
+# of train.
 def _coco_stuff(d, kw: dict) -> tuple:
     if not d.root:
         raise ValueError("config.data.root must name the COCO-Stuff directory (images/, stuffthingmaps/).")
@@ -86,8 +87,6 @@ def _folder(d, kw: dict) -> tuple:
     return train_ds, val_ds, test_ds
 
 
-FOLDER_DATASETS = {"coco_stuff": _coco_stuff, "ade20k": _ade20k, "folder": _folder}
-
 # The options every folder data set takes (config.data of a `lalign.probe` config), at their defaults.
 FOLDER_OPTIONS = dict(
     image_size=0,  # 0 = the backbone's (its position grid x patch size)
@@ -102,13 +101,15 @@ FOLDER_OPTIONS = dict(
 )
 
 
-def _folder_splits(config, image_size: int, patch_size: int, normalization: str, seed) -> tuple[dict, list]:
-    """The splits of a FOLDER_DATASETS data set, with a validation split carved out of train where it has none."""
+def _folder_splits(read: Callable, config, image_size: int, patch_size: int, normalization: str,
+                   seed) -> tuple[dict, list]:
+    """The splits of the folder data set `read` reads, with a validation split carved out of train where it has
+    none."""
     d = data_options(config.data)
     kw = dict(image_size=image_size, patch_size=patch_size, normalization=normalization,
               label_rule=d.label_rule, min_pixels=d.min_pixels)
     threads = d.num_threads
-    train_ds, val_ds, test_ds = FOLDER_DATASETS[d.name](d, kw)
+    train_ds, val_ds, test_ds = read(d, kw)
     num_train, num_test = d.num_train, d.num_test
     note = ""
     if val_ds is None:  # carve a validation split out of train; the data set's own val split is the test split
@@ -133,11 +134,13 @@ class DataSet(NamedTuple):
 
 # config.data.name -> its record: a new data set is one entry here
 DATASETS = {
-    "coco_stuff": DataSet(_folder_splits, {**FOLDER_OPTIONS, "root": "", "num_val": 5000}),
-    "ade20k": DataSet(_folder_splits, {**FOLDER_OPTIONS, "root": "", "num_val": 2000}),
-    "folder": DataSet(_folder_splits, {**FOLDER_OPTIONS, **{f"{s}_{k}": "" for s in ("train", "val", "test")
-                                                           for k in ("images", "labels")},
-                                       "num_classes": 0, "ignore_index": 255, "class_names": ()}),
+    "coco_stuff": DataSet(functools.partial(_folder_splits, _coco_stuff),
+                          {**FOLDER_OPTIONS, "root": "", "num_val": 5000}),
+    "ade20k": DataSet(functools.partial(_folder_splits, _ade20k), {**FOLDER_OPTIONS, "root": "", "num_val": 2000}),
+    "folder": DataSet(functools.partial(_folder_splits, _folder),
+                      {**FOLDER_OPTIONS, **{f"{s}_{k}": "" for s in ("train", "val", "test")
+                                            for k in ("images", "labels")},
+                       "num_classes": 0, "ignore_index": 255, "class_names": ()}),
     # The scenes' own options; their pixels are already normalized and their patch labels made by their generator,
     # so normalization "" (the backbone's, unused) and label_rule "union" only say so in results.json.
     "scenes": DataSet(_scenes, {**SOURCES["scenes"].options, "normalization": "", "label_rule": "union"}),
